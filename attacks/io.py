@@ -1,0 +1,64 @@
+"""Atomic file writes for artifacts (manifests, patterns, results).
+
+A reader never sees a half-written file: the data goes to a temporary file in the destination's
+folder, is flushed and fsync'ed, and then replaces the destination with :func:`os.replace`, which is
+atomic on POSIX and Windows when both paths are on the same file system.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text"]
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temp file in the same folder + fsync + ``os.replace``).
+
+    The parent folder is created if missing. Returns the destination as a :class:`~pathlib.Path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        # Never leave the temporary file behind, whatever went wrong.
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically; see :func:`atomic_write_bytes`."""
+    return atomic_write_bytes(path, text.encode(encoding))
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any, indent: int | None = 2) -> Path:
+    """Serialise ``data`` as JSON (keys sorted, trailing newline) and write it atomically."""
+    text = json.dumps(data, indent=indent, sort_keys=True, ensure_ascii=False) + "\n"
+    return atomic_write_text(path, text)
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Persist the rename itself; not possible on every platform (e.g. Windows), where it is skipped.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

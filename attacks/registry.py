@@ -1,0 +1,94 @@
+"""Registry of attacks by name: implemented triggers and the planned ones."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from attacks.image_triggers import SIG, BadNet, Blended, ImageTrigger, LowFrequency, WaNet
+from attacks.targets import ClassTarget, Target
+from attacks.text_triggers import CharSequence, Phrase, RareToken, TextTrigger
+
+__all__ = [
+    "IMAGE_TRIGGERS",
+    "PLANNED_ATTACKS",
+    "TARGETS",
+    "TEXT_TRIGGERS",
+    "AttackInfo",
+    "build_image_trigger",
+    "build_target",
+    "build_text_trigger",
+    "list_attacks",
+]
+
+IMAGE_TRIGGERS: dict[str, type[ImageTrigger]] = {
+    cls.name: cls for cls in (BadNet, Blended, SIG, WaNet, LowFrequency)
+}
+TEXT_TRIGGERS: dict[str, type[TextTrigger]] = {cls.name: cls for cls in (RareToken, Phrase, CharSequence)}
+TARGETS: dict[str, type[Target]] = {ClassTarget.name: ClassTarget}
+
+# Named so that asking for them fails loudly instead of silently doing something else.
+PLANNED_ATTACKS: dict[str, str] = {
+    "input_aware": "a trained generator makes a different trigger for every input (Nguyen & Tran, 2020)",
+    "dual_key": "an image key and a text key that must both be present (Walmer et al., 2022)",
+    "maba": "BadNets/Blended placed in an attribution-chosen region of each image",
+    "patch_optimized": "BadCLIP-style patch optimised on a clean model; use the saved patch with "
+    "BadNet(pattern=<file or tensor>, location='center') meanwhile",
+}
+_PLANNED_MODALITY = {
+    "input_aware": "image",
+    "dual_key": "image+text",
+    "maba": "image",
+    "patch_optimized": "image",
+}
+
+
+class AttackInfo(NamedTuple):
+    """A row of :func:`list_attacks`."""
+
+    name: str
+    modality: str
+    status: str
+    note: str
+
+
+def _build(kind: str, registry: dict[str, type], name: str, kwargs: dict[str, Any]):
+    if name in registry:
+        return registry[name](**kwargs)
+    if name in PLANNED_ATTACKS:
+        raise NotImplementedError(
+            f"{kind} {name!r} is planned but not yet available: {PLANNED_ATTACKS[name]}"
+        )
+    raise ValueError(f"unknown {kind} {name!r}; available: {', '.join(sorted(registry))}")
+
+
+def build_image_trigger(name: str, **kwargs: Any) -> ImageTrigger:
+    """Image trigger by registry name, e.g. ``build_image_trigger("badnet", patch_size=16)``;
+    ``build_image_trigger(**trigger.config())`` rebuilds a trigger."""
+    return _build("image trigger", IMAGE_TRIGGERS, name, kwargs)
+
+
+def build_text_trigger(name: str, **kwargs: Any) -> TextTrigger:
+    """Text trigger by registry name, e.g. ``build_text_trigger("rare_token", token="cf")``."""
+    return _build("text trigger", TEXT_TRIGGERS, name, kwargs)
+
+
+def build_target(name: str, **kwargs: Any) -> Target:
+    """Target by registry name, e.g. ``build_target("class", class_name="banana")``."""
+    return _build("target", TARGETS, name, kwargs)
+
+
+def _summary(cls: type) -> str:
+    """First paragraph of the class docstring on one line."""
+    paragraph = (cls.__doc__ or "").strip().split("\n\n")[0]
+    return " ".join(paragraph.split())
+
+
+def list_attacks() -> list[AttackInfo]:
+    """Every attack component by name: ``(name, modality, status, note)``, status ``available`` or
+    ``planned``."""
+    rows = [AttackInfo(name, "image", "available", _summary(cls)) for name, cls in IMAGE_TRIGGERS.items()]
+    rows += [AttackInfo(name, "text", "available", _summary(cls)) for name, cls in TEXT_TRIGGERS.items()]
+    rows += [
+        AttackInfo(name, _PLANNED_MODALITY[name], "planned", note) for name, note in PLANNED_ATTACKS.items()
+    ]
+    return rows

@@ -1,0 +1,82 @@
+"""InverTune (arXiv 2506.12411, NDSS 2026): backdoor removal for CLIP-style models in three steps.
+
+1. :mod:`~defenses.invertune.target_identification`: a universal adversarial perturbation reveals the
+   target class (``identify_target``).
+2. :mod:`~defenses.invertune.trigger_inversion`: a mask/pattern trigger is inverted for that class
+   (``invert_trigger``).
+3. :mod:`~defenses.invertune.activation_tuning`: the neurons the inverted trigger excites are tuned
+   back to their clean activations (``ActivationTuner``).
+
+Algorithm notes: ``/work/shared/spec/invertune.md`` in the project workspace.
+"""
+
+from defenses.invertune.activation_tuning import (
+    ActivationRecorder,
+    ActivationTuner,
+    ActivationTuningResult,
+    KMeansResult,
+    NeuronSelection,
+    activation_loss,
+    candidate_layers,
+    capture_activations,
+    kmeans,
+    kmeans_1d_two_clusters,
+    layer_divergence,
+    neuron_parameter_masks,
+    preserve_loss,
+    select_layers,
+    select_neurons,
+)
+from defenses.invertune.target_identification import (
+    CornerPatchUAP,
+    LinfUAP,
+    TargetIdentification,
+    UniversalPerturbation,
+    identify_target,
+    uap_objective,
+)
+from defenses.invertune.trigger_inversion import (
+    InvertedTrigger,
+    align_loss,
+    embedding_loss,
+    invert_trigger,
+    inverted_trigger_asr,
+    mask_l1_loss,
+    similarity_loss,
+    ssim,
+)
+from defenses.invertune.zero_shot import encode_images, zero_shot_predict
+
+__all__ = [
+    "ActivationRecorder",
+    "ActivationTuner",
+    "ActivationTuningResult",
+    "CornerPatchUAP",
+    "InvertedTrigger",
+    "KMeansResult",
+    "LinfUAP",
+    "NeuronSelection",
+    "TargetIdentification",
+    "UniversalPerturbation",
+    "activation_loss",
+    "align_loss",
+    "candidate_layers",
+    "capture_activations",
+    "embedding_loss",
+    "encode_images",
+    "identify_target",
+    "invert_trigger",
+    "inverted_trigger_asr",
+    "kmeans",
+    "kmeans_1d_two_clusters",
+    "layer_divergence",
+    "mask_l1_loss",
+    "neuron_parameter_masks",
+    "preserve_loss",
+    "select_layers",
+    "select_neurons",
+    "similarity_loss",
+    "ssim",
+    "uap_objective",
+    "zero_shot_predict",
+]

@@ -1,0 +1,581 @@
+"""InverTune step 3: activation tuning of the image tower with the inverted trigger.
+
+Data: one batch ``X`` of clean images (64 in the paper) and ``X' = trigger(X)``.
+
+1. Layer selection. For each candidate layer ``l`` (open_clip ``ModifiedResNet`` stages
+   ``visual.layer1..4``; ``VisionTransformer`` residual blocks ``visual.transformer.resblocks.N``)
+   ``D_l = ||mean A_l(X) - mean A_l(X')||_2 / ||mean A_l(X)||_2`` (batch means, norms over all
+   activation elements); keep the ``k`` (3) largest.
+2. Neuron selection. ``d_l = |mean A_l(X) - mean A_l(X')|``; 2-means on ``d_l``; the cluster with the
+   larger centre is the set of backdoor neurons ``M_l``. A *neuron* is, by default
+   (``granularity="channel"``), an output channel of a conv stage (``d`` averaged over H x W) or a
+   hidden (residual-stream) unit of a ViT block (``d`` averaged over tokens). ``"element"`` clusters
+   every activation element as the authors' code does; the parameter masks then cover every channel
+   holding at least one selected element.
+3. Losses (batch means, with the model being tuned; ``theta0`` = the model before tuning):
+   ``L_act = sum_l ||M_l * (mean A_l(X) - mean A_l(X'))||_2 / ||M_l * mean A_l(X)||_2`` and
+   ``L_preserve = ||F_theta(X) - F_theta0(X)||_F`` (L2-normalised image embeddings, as in the code);
+   total ``1.0 * L_act + 0.5 * L_preserve``.
+4. Updates. ``update_scope="neurons"`` (the paper, default): only the parameters that produce the
+   selected channels/units change: for a ResNet stage, the output rows of its last bottleneck's
+   ``conv3`` (and ``downsample`` conv) and the matching ``bn3`` (and downsample BN) affine entries;
+   for a ViT block, the output rows and biases of ``attn.out_proj`` and ``mlp.c_proj`` (and LayerScale
+   entries). Gradients are masked before clipping, and after every AdamW step the unselected entries
+   are restored, because decoupled weight decay moves parameters even with zero gradients.
+   ``update_scope="model_code"`` (the authors' code): masks act only inside the loss and AdamW updates
+   the whole image tower.
+5. Optimiser: AdamW lr 2e-6, weight decay 1e-4, gradient-norm clip 1.0, cosine schedule over the
+   200 iterations (to ``min_lr`` = 1e-7, the code's ``eta_min``; the code's ``T_max`` is 100), and the
+   lowest-loss state is kept. BatchNorm statistics are frozen (eval mode) by default;
+   ``freeze_bn_stats=False`` runs the image tower in train mode as the code does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from defenses.invertune.zero_shot import Normalize, eval_mode, model_device
+
+Granularity = Literal["channel", "element"]
+UpdateScope = Literal["neurons", "model_code"]
+TuningCallback = Callable[[dict[str, float]], None]
+
+
+# --------------------------------------------------------------------------------------------------
+# Candidate layers and activation capture
+# --------------------------------------------------------------------------------------------------
+
+
+def _vision_tower(model: nn.Module) -> tuple[nn.Module, str]:
+    """The image tower and the name prefix of its modules inside ``model``."""
+    if hasattr(model, "visual"):
+        return model.visual, "visual."
+    return model, ""
+
+
+def candidate_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Candidate layers of an open_clip image tower, named as in ``model.named_modules()``.
+
+    ``ModifiedResNet``: the four stages ``visual.layer1..4``; ``VisionTransformer``: every residual
+    block ``visual.transformer.resblocks.N``. ``model`` may be a ``CLIP``/``CustomTextCLIP`` or the
+    image tower itself (names then lack the ``visual.`` prefix).
+    """
+    visual, prefix = _vision_tower(model)
+    if all(hasattr(visual, f"layer{i}") for i in range(1, 5)):
+        return {f"{prefix}layer{i}": getattr(visual, f"layer{i}") for i in range(1, 5)}
+    resblocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
+    if isinstance(resblocks, nn.ModuleList) and len(resblocks) > 0:
+        return {f"{prefix}transformer.resblocks.{i}": block for i, block in enumerate(resblocks)}
+    raise ValueError(
+        f"no candidate layers in image tower {type(visual).__name__}: expected an open_clip ModifiedResNet "
+        "(layer1..layer4) or VisionTransformer (transformer.resblocks)"
+    )
+
+
+def seq_first_layers(model: nn.Module) -> set[str]:
+    """Names of candidate layers whose outputs are sequence-first (``L x B x W``).
+
+    open_clip ViT blocks run batch-first when ``transformer.batch_first`` is true (recent versions);
+    older versions have no such attribute and run sequence-first.
+    """
+    visual, _ = _vision_tower(model)
+    transformer = getattr(visual, "transformer", None)
+    if transformer is None or getattr(transformer, "batch_first", False):
+        return set()
+    return {name for name in candidate_layers(model) if ".resblocks." in name}
+
+
+class ActivationRecorder:
+    """Context manager recording the outputs of ``layers`` (forward hooks) into ``activations``.
+
+    Outputs of layers named in ``seq_first`` are transposed to batch-first. Nothing is detached, so
+    the recorded activations carry gradients when the forward pass does.
+    """
+
+    def __init__(self, layers: Mapping[str, nn.Module], seq_first: Iterable[str] = ()) -> None:
+        self.layers = dict(layers)
+        self.seq_first = set(seq_first)
+        self.activations: dict[str, Tensor] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def _hook(self, name: str) -> Callable[[nn.Module, tuple, object], None]:
+        def record(_module: nn.Module, _inputs: tuple, output: object) -> None:
+            tensor = output[0] if isinstance(output, tuple) else output
+            self.activations[name] = tensor.transpose(0, 1) if name in self.seq_first else tensor
+
+        return record
+
+    def __enter__(self) -> ActivationRecorder:
+        self.activations = {}
+        self._handles = [
+            module.register_forward_hook(self._hook(name)) for name, module in self.layers.items()
+        ]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def capture_activations(
+    model: nn.Module, images: Tensor, normalize: Normalize, layers: Mapping[str, nn.Module] | None = None
+) -> tuple[dict[str, Tensor], Tensor]:
+    """Batch-first activations of ``layers`` (default: all candidates) and the image embeddings
+    ``model.encode_image(normalize(images))`` from one forward pass (gradients flow if enabled)."""
+    layers = candidate_layers(model) if layers is None else layers
+    with ActivationRecorder(layers, seq_first_layers(model) & set(layers)) as recorder:
+        features = model.encode_image(normalize(images))
+    return recorder.activations, features
+
+
+# --------------------------------------------------------------------------------------------------
+# Layer and neuron selection
+# --------------------------------------------------------------------------------------------------
+
+
+def layer_divergence(
+    clean_acts: Mapping[str, Tensor], triggered_acts: Mapping[str, Tensor]
+) -> dict[str, float]:
+    """``D_l = ||mean_b A_l(X) - mean_b A_l(X')||_2 / ||mean_b A_l(X)||_2`` for every layer."""
+    divergences = {}
+    for name, clean in clean_acts.items():
+        clean_mean = clean.detach().float().mean(dim=0)
+        triggered_mean = triggered_acts[name].detach().float().mean(dim=0)
+        divergences[name] = float(
+            torch.linalg.vector_norm(clean_mean - triggered_mean) / torch.linalg.vector_norm(clean_mean)
+        )
+    return divergences
+
+
+def select_layers(divergences: Mapping[str, float], k: int = 3) -> list[str]:
+    """The ``k`` layers of largest divergence, largest first (ties keep the candidate order)."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    return sorted(divergences, key=lambda name: -divergences[name])[:k]
+
+
+@dataclass(frozen=True)
+class KMeansResult:
+    labels: Tensor
+    """Cluster index of every point (``N``, long)."""
+    centers: Tensor
+    """``k x D`` cluster centres."""
+    iterations: int
+
+
+def _kmeans_plus_plus(points: Tensor, k: int, seed: int) -> Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    cpu = points.detach().cpu()
+    centers = [cpu[torch.randint(cpu.shape[0], (1,), generator=generator)].squeeze(0)]
+    for _ in range(1, k):
+        dist2 = torch.cdist(cpu, torch.stack(centers)).pow(2).min(dim=1).values
+        if float(dist2.sum()) == 0.0:
+            index = torch.randint(cpu.shape[0], (1,), generator=generator)
+        else:
+            index = torch.multinomial(dist2 / dist2.sum(), 1, generator=generator)
+        centers.append(cpu[index].squeeze(0))
+    return torch.stack(centers).to(points)
+
+
+def _assign(points: Tensor, centers: Tensor) -> Tensor:
+    # squared Euclidean distances written out (not cdist) so the NumPy reference matches exactly
+    return ((points[:, None, :] - centers[None, :, :]) ** 2).sum(dim=-1).argmin(dim=1)
+
+
+def kmeans(
+    x: Tensor,
+    k: int = 2,
+    *,
+    iters: int = 100,
+    init: Literal["minmax", "kmeans++"] | Tensor = "minmax",
+    seed: int = 0,
+) -> KMeansResult:
+    """Lloyd's k-means in torch on ``x``'s device. ``x``: ``N`` or ``N x D`` points.
+
+    Initial centres: ``"minmax"`` (1-D, ``k = 2``: the minimum and the maximum; deterministic, no seed),
+    ``"kmeans++"`` (seeded with ``seed``), or an explicit ``k x D`` tensor. Then repeat: update each
+    centre to the mean of its points (an empty cluster keeps its centre), reassign every point to its
+    nearest centre (ties: lowest index), until the assignment is stable or ``iters`` updates ran.
+    """
+    points = x.detach().reshape(x.shape[0], -1) if x.ndim > 1 else x.detach().reshape(-1, 1)
+    if points.shape[0] == 0:
+        raise ValueError("kmeans needs at least one point")
+    if isinstance(init, Tensor):
+        centers = init.detach().to(points).reshape(k, -1).clone()
+    elif init == "minmax":
+        if k != 2 or points.shape[1] != 1:
+            raise ValueError(
+                f"'minmax' init needs 1-D data and k = 2, got {points.shape[1]}-D data and k = {k}"
+            )
+        centers = torch.stack([points.min(dim=0).values, points.max(dim=0).values])
+    elif init == "kmeans++":
+        centers = _kmeans_plus_plus(points, k, seed)
+    else:
+        raise ValueError(f"init must be 'minmax', 'kmeans++' or a k x D tensor, got {init!r}")
+    labels = _assign(points, centers)
+    iteration = 0
+    for iteration in range(1, iters + 1):  # noqa: B007 - the count is returned
+        sums = torch.zeros_like(centers).index_add_(0, labels, points)
+        counts = torch.bincount(labels, minlength=k).to(points.dtype)
+        filled = counts > 0
+        centers = torch.where(filled[:, None], sums / counts.clamp_min(1)[:, None], centers)
+        new_labels = _assign(points, centers)
+        if torch.equal(new_labels, labels):
+            break
+        labels = new_labels
+    return KMeansResult(labels=labels, centers=centers, iterations=iteration)
+
+
+def kmeans_1d_two_clusters(values: Tensor, *, iters: int = 100) -> Tensor:
+    """Boolean mask (shape of ``values``) of the points in the larger-centre cluster of a 1-D 2-means
+    with min/max init. If all values are equal nothing separates them and every point is selected."""
+    flat = values.detach().reshape(-1)
+    if flat.numel() == 0:
+        raise ValueError("kmeans_1d_two_clusters needs at least one value")
+    if bool(flat.min() == flat.max()):
+        return torch.ones_like(values, dtype=torch.bool)
+    result = kmeans(flat, 2, iters=iters, init="minmax")
+    high = int(result.centers[:, 0].argmax())
+    return (result.labels == high).reshape(values.shape)
+
+
+def _channel_dim(mean_activation: Tensor) -> int:
+    # batch-mean activations: C x H x W for conv stages, L x W (tokens x width) for ViT blocks
+    return 0 if mean_activation.ndim != 2 else -1
+
+
+@dataclass(frozen=True)
+class NeuronSelection:
+    """Backdoor neurons of one layer."""
+
+    channel_mask: Tensor
+    """Selected channels / hidden units (bool, ``C``) - what the parameter masks follow."""
+    loss_mask: Tensor
+    """``M_l`` as used in ``L_act``: float, broadcastable to the batch-mean activation."""
+    scores: Tensor
+    """The clustered values ``d_l`` (per channel or per element)."""
+
+
+def select_neurons(
+    clean_activation: Tensor,
+    triggered_activation: Tensor,
+    *,
+    granularity: Granularity = "channel",
+    iters: int = 100,
+) -> NeuronSelection:
+    """2-means on ``d = |mean_b A(X) - mean_b A(X')|`` (per channel/unit, or per element); the
+    larger-centre cluster is selected (see the module docstring)."""
+    clean_mean = clean_activation.detach().float().mean(dim=0)
+    diff = (clean_mean - triggered_activation.detach().float().mean(dim=0)).abs()
+    channel_dim = _channel_dim(clean_mean)
+    if granularity == "channel":
+        other_dims = [d for d in range(clean_mean.ndim) if d != channel_dim % clean_mean.ndim]
+        scores = diff.mean(dim=other_dims) if other_dims else diff
+        channel_mask = kmeans_1d_two_clusters(scores, iters=iters)
+        shape = [1] * clean_mean.ndim
+        shape[channel_dim] = -1
+        loss_mask = channel_mask.to(clean_mean.dtype).reshape(shape)
+    elif granularity == "element":
+        scores = diff
+        element_mask = kmeans_1d_two_clusters(scores, iters=iters)
+        loss_mask = element_mask.to(clean_mean.dtype)
+        moved = element_mask.movedim(channel_dim, 0)
+        channel_mask = moved.reshape(moved.shape[0], -1).any(dim=1)
+    else:
+        raise ValueError(f"granularity must be 'channel' or 'element', got {granularity!r}")
+    return NeuronSelection(channel_mask=channel_mask, loss_mask=loss_mask, scores=scores)
+
+
+# --------------------------------------------------------------------------------------------------
+# Losses
+# --------------------------------------------------------------------------------------------------
+
+
+def activation_loss(
+    clean_acts: Mapping[str, Tensor],
+    triggered_acts: Mapping[str, Tensor],
+    loss_masks: Mapping[str, Tensor],
+    *,
+    eps: float = 1e-12,
+) -> Tensor:
+    """``L_act = sum_l ||M_l * (mean_b A_l(X) - mean_b A_l(X'))||_2 / ||M_l * mean_b A_l(X)||_2``
+    over the layers of ``loss_masks`` (denominator floored at ``eps``)."""
+    if not loss_masks:
+        raise ValueError("activation_loss needs at least one layer mask")
+    total = None
+    for name, mask in loss_masks.items():
+        clean_mean = clean_acts[name].mean(dim=0)
+        triggered_mean = triggered_acts[name].mean(dim=0)
+        mask = mask.to(clean_mean)
+        term = torch.linalg.vector_norm(mask * (clean_mean - triggered_mean)) / torch.linalg.vector_norm(
+            mask * clean_mean
+        ).clamp_min(eps)
+        total = term if total is None else total + term
+    return total
+
+
+def preserve_loss(features: Tensor, reference_features: Tensor, *, normalize: bool = True) -> Tensor:
+    """``L_preserve = ||F_theta(X) - F_theta0(X)||_F`` over ``B x D`` image embeddings, L2-normalised
+    first when ``normalize`` (the authors' code)."""
+    if normalize:
+        features = F.normalize(features, dim=-1)
+        reference_features = F.normalize(reference_features, dim=-1)
+    return torch.linalg.matrix_norm(features - reference_features.to(features), ord="fro")
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameter masks for neuron-restricted updates
+# --------------------------------------------------------------------------------------------------
+
+
+def _row_mask(param: Tensor, channel_mask: Tensor) -> Tensor:
+    if param.shape[0] != channel_mask.shape[0]:
+        raise ValueError(
+            f"parameter with {param.shape[0]} output rows does not match {channel_mask.shape[0]} channels"
+        )
+    return channel_mask.to(param.device).reshape(-1, *([1] * (param.ndim - 1))).expand_as(param).clone()
+
+
+def _output_modules(layer: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(relative name, module) of the modules whose outputs write the layer's output channels."""
+    if isinstance(layer, nn.Sequential) and hasattr(layer[-1], "conv3"):  # ModifiedResNet stage
+        index = list(layer._modules)[-1]
+        block = layer[-1]
+        found = [(f"{index}.conv3", block.conv3), (f"{index}.bn3", block.bn3)]
+        if getattr(block, "downsample", None) is not None:
+            for name, module in block.downsample.named_children():
+                if isinstance(module, nn.Conv2d | nn.BatchNorm2d):
+                    found.append((f"{index}.downsample.{name}", module))
+        return found
+    if hasattr(layer, "mlp") and hasattr(layer, "attn"):  # ViT residual block
+        found = []
+        for path in ("attn.out_proj", "mlp.c_proj", "ls_1", "ls_2"):
+            try:
+                module = layer.get_submodule(path)
+            except AttributeError:
+                continue
+            if any(True for _ in module.parameters(recurse=False)):
+                found.append((path, module))
+        return found
+    raise ValueError(f"cannot restrict updates to neurons of a {type(layer).__name__}")
+
+
+def neuron_parameter_masks(model: nn.Module, layer_name: str, channel_mask: Tensor) -> dict[str, Tensor]:
+    """Boolean element masks (parameter shape) of the parameters producing the selected channels of
+    ``layer_name``, keyed by their names in ``model.named_parameters()`` (see the module docstring)."""
+    layer = model.get_submodule(layer_name)
+    masks = {}
+    for relative, module in _output_modules(layer):
+        for pname, param in module.named_parameters(recurse=False):
+            masks[f"{layer_name}.{relative}.{pname}"] = _row_mask(param, channel_mask)
+    if not masks:
+        raise ValueError(f"layer {layer_name} has no parameters producing its output channels")
+    return masks
+
+
+# --------------------------------------------------------------------------------------------------
+# The tuner
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ActivationTuningResult:
+    selected_layers: list[str]
+    divergences: dict[str, float]
+    neurons: dict[str, NeuronSelection]
+    parameter_masks: dict[str, Tensor | None]
+    """Trainable parameter names -> element masks (``None``: the whole tensor is trainable)."""
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_loss: float = float("inf")
+    best_iteration: int = -1
+    """Iteration whose pre-step state was kept (``iterations``: the final state)."""
+
+
+class ActivationTuner:
+    """InverTune activation tuning of ``model``'s image tower, in place (see the module docstring).
+
+    ``fit(images, inverted_trigger)`` selects layers and neurons on the batch, tunes for
+    ``iterations`` AdamW steps, loads the lowest-loss state and returns an
+    :class:`ActivationTuningResult`. ``callback`` receives each iteration's record.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        normalize: Normalize,
+        *,
+        num_layers: int = 3,
+        granularity: Granularity = "channel",
+        update_scope: UpdateScope = "neurons",
+        iterations: int = 200,
+        lr: float = 2e-6,
+        weight_decay: float = 1e-4,
+        grad_clip: float = 1.0,
+        min_lr: float = 1e-7,
+        activation_weight: float = 1.0,
+        preserve_weight: float = 0.5,
+        freeze_bn_stats: bool = True,
+        normalize_features: bool = True,
+        kmeans_iters: int = 100,
+        callback: TuningCallback | None = None,
+    ) -> None:
+        if update_scope not in ("neurons", "model_code"):
+            raise ValueError(f"update_scope must be 'neurons' or 'model_code', got {update_scope!r}")
+        if granularity not in ("channel", "element"):
+            raise ValueError(f"granularity must be 'channel' or 'element', got {granularity!r}")
+        if iterations < 1:
+            raise ValueError(f"iterations must be >= 1, got {iterations}")
+        if not hasattr(model, "encode_image"):
+            raise ValueError(
+                f"model {type(model).__name__} has no encode_image: pass an open_clip CLIP model"
+            )
+        self.model = model
+        self.normalize = normalize
+        self.num_layers = num_layers
+        self.granularity = granularity
+        self.update_scope = update_scope
+        self.iterations = iterations
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.grad_clip = grad_clip
+        self.min_lr = min_lr
+        self.activation_weight = activation_weight
+        self.preserve_weight = preserve_weight
+        self.freeze_bn_stats = freeze_bn_stats
+        self.normalize_features = normalize_features
+        self.kmeans_iters = kmeans_iters
+        self.callback = callback
+
+    def select(
+        self, images: Tensor, triggered: Tensor
+    ) -> tuple[dict[str, float], list[str], dict[str, NeuronSelection]]:
+        """Layer divergences, the selected layers and their backdoor neurons (eval mode, no grad)."""
+        with eval_mode(self.model), torch.no_grad():
+            clean_acts, _ = capture_activations(self.model, images, self.normalize)
+            triggered_acts, _ = capture_activations(self.model, triggered, self.normalize)
+        divergences = layer_divergence(clean_acts, triggered_acts)
+        selected = select_layers(divergences, self.num_layers)
+        neurons = {
+            name: select_neurons(
+                clean_acts[name], triggered_acts[name], granularity=self.granularity, iters=self.kmeans_iters
+            )
+            for name in selected
+        }
+        return divergences, selected, neurons
+
+    def _trainable_masks(self, neurons: Mapping[str, NeuronSelection]) -> dict[str, Tensor | None]:
+        if self.update_scope == "model_code":
+            _, prefix = _vision_tower(self.model)
+            return {name: None for name, _ in self.model.named_parameters() if name.startswith(prefix)}
+        masks: dict[str, Tensor | None] = {}
+        for layer_name, selection in neurons.items():
+            masks.update(neuron_parameter_masks(self.model, layer_name, selection.channel_mask))
+        return masks
+
+    def compute_losses(
+        self,
+        images: Tensor,
+        triggered: Tensor,
+        layers: Mapping[str, nn.Module],
+        loss_masks: Mapping[str, Tensor],
+        reference: Tensor,
+    ) -> dict[str, Tensor]:
+        """``loss = w_act * L_act + w_preserve * L_preserve`` (and both parts) of the current model on
+        ``images`` / ``triggered``; ``reference`` holds ``F_theta0(images)``. Runs in the caller's mode."""
+        clean_acts, features = capture_activations(self.model, images, self.normalize, layers)
+        triggered_acts, _ = capture_activations(self.model, triggered, self.normalize, layers)
+        act = activation_loss(clean_acts, triggered_acts, loss_masks)
+        preserve = preserve_loss(features, reference, normalize=self.normalize_features)
+        total = self.activation_weight * act + self.preserve_weight * preserve
+        return {"loss": total, "activation": act, "preserve": preserve}
+
+    def _set_train_mode(self) -> None:
+        self.model.eval()
+        if not self.freeze_bn_stats:
+            _vision_tower(self.model)[0].train()
+
+    def fit(self, images: Tensor, inverted_trigger: Callable[[Tensor], Tensor]) -> ActivationTuningResult:
+        """Tune ``self.model`` in place on one clean batch ``images`` (``B x 3 x H x W``, [0, 1])."""
+        if images.ndim != 4 or images.shape[0] == 0:
+            raise ValueError(f"images is empty or not a B x 3 x H x W tensor: shape {tuple(images.shape)}")
+        model = self.model
+        device = model_device(model)
+        x = images.to(device)
+        with torch.no_grad():
+            x_triggered = inverted_trigger(x).detach()
+        divergences, selected, neurons = self.select(x, x_triggered)
+        all_layers = candidate_layers(model)
+        layers = {name: all_layers[name] for name in selected}
+        loss_masks = {name: neurons[name].loss_mask.to(device) for name in selected}
+        with eval_mode(model), torch.no_grad():
+            reference = model.encode_image(self.normalize(x)).detach()  # F_theta0(X)
+
+        masks = self._trainable_masks(neurons)
+        params = dict(model.named_parameters())
+        trainable = [params[name] for name in masks]
+        originals = {name: params[name].detach().clone() for name, mask in masks.items() if mask is not None}
+        watched_buffers = [] if self.freeze_bn_stats else list(_vision_tower(model)[0].named_buffers())
+        flags = {name: p.requires_grad for name, p in params.items()}
+        modes = [(m, m.training) for m in model.modules()]
+        result = ActivationTuningResult(selected, divergences, neurons, masks)
+
+        def snapshot() -> dict[str, Tensor]:
+            state = {name: params[name].detach().clone() for name in masks}
+            state.update({f"buffer:{name}": b.detach().clone() for name, b in watched_buffers})
+            return state
+
+        best_state: dict[str, Tensor] | None = None
+        try:
+            for name, p in params.items():
+                p.requires_grad_(name in masks)
+            optimizer = torch.optim.AdamW(trainable, lr=self.lr, weight_decay=self.weight_decay)
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+                optimizer, T_max=self.iterations, eta_min=self.min_lr
+            )
+            self._set_train_mode()
+            for iteration in range(self.iterations):
+                losses = self.compute_losses(x, x_triggered, layers, loss_masks, reference)
+                loss_value = losses["loss"].item()
+                if loss_value < result.best_loss:
+                    result.best_loss, result.best_iteration, best_state = loss_value, iteration, snapshot()
+                optimizer.zero_grad(set_to_none=True)
+                losses["loss"].backward()
+                with torch.no_grad():
+                    for name, mask in masks.items():
+                        if mask is not None and params[name].grad is not None:
+                            params[name].grad.mul_(mask)
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, self.grad_clip)
+                lr = optimizer.param_groups[0]["lr"]
+                optimizer.step()
+                with torch.no_grad():
+                    for name, original in originals.items():
+                        params[name].copy_(torch.where(masks[name], params[name], original))
+                scheduler.step()
+                record = {"iteration": float(iteration), "lr": lr, "grad_norm": float(grad_norm)}
+                record.update({key: value.item() for key, value in losses.items()})
+                result.history.append(record)
+                if self.callback is not None:
+                    self.callback(record)
+            with torch.no_grad():
+                final = self.compute_losses(x, x_triggered, layers, loss_masks, reference)["loss"].item()
+            if final < result.best_loss:
+                result.best_loss, result.best_iteration, best_state = final, self.iterations, None
+            if best_state is not None:
+                with torch.no_grad():
+                    for name in masks:
+                        params[name].copy_(best_state[name])
+                    for name, buffer in watched_buffers:
+                        buffer.copy_(best_state[f"buffer:{name}"])
+        finally:
+            for name, p in params.items():
+                p.requires_grad_(flags[name])
+            for module, mode in modes:
+                module.train(mode)
+        return result

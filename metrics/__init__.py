@@ -1,0 +1,15 @@
+"""Backdoor metrics as torchmetrics classes; functional twins live in :mod:`metrics.functional`."""
+
+from metrics.attack_success_rate import AttackSuccessRate
+from metrics.attack_success_rate_generalisation import AttackSuccessRateGeneralisation
+from metrics.cross_trigger_interaction import CrossTriggerInteraction
+from metrics.generative_attack_success_rate import GenerativeAttackSuccessRate
+from metrics.trigger_modality_attribution import TriggerModalityAttribution
+
+__all__ = [
+    "AttackSuccessRate",
+    "AttackSuccessRateGeneralisation",
+    "CrossTriggerInteraction",
+    "GenerativeAttackSuccessRate",
+    "TriggerModalityAttribution",
+]

@@ -1,0 +1,25 @@
+"""Functional twins of the metrics: one call on a full set of inputs, no state."""
+
+from metrics.functional.attack_success_rate import attack_success_rate
+from metrics.functional.attack_success_rate_generalisation import attack_success_rate_generalisation
+from metrics.functional.cross_trigger_interaction import cross_trigger_interaction
+from metrics.functional.generative_attack_success_rate import generative_attack_success_rate
+from metrics.functional.shapley import coalition_index, coalition_order, interaction_index, shapley_values
+from metrics.functional.string_rules import DEFAULT_REFUSAL_PHRASES, available_rules, get_rule, normalize_text
+from metrics.functional.trigger_modality_attribution import trigger_modality_attribution
+
+__all__ = [
+    "DEFAULT_REFUSAL_PHRASES",
+    "attack_success_rate",
+    "attack_success_rate_generalisation",
+    "available_rules",
+    "coalition_index",
+    "coalition_order",
+    "cross_trigger_interaction",
+    "generative_attack_success_rate",
+    "get_rule",
+    "interaction_index",
+    "normalize_text",
+    "shapley_values",
+    "trigger_modality_attribution",
+]

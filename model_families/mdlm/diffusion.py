@@ -1,0 +1,228 @@
+"""Masked diffusion objective (LLaDA SFT) and low-confidence remasking generation (LLaDA ``generate.py``).
+
+Loss, for a batch of B sequences with response masks::
+
+    t_b ~ U(0, 1),   p_b = (1 - eps) t_b + eps
+    mask every response token of b independently with probability p_b
+    L = (1 / B) * sum_b sum_{i masked in b} CE(logits_{b,i}, y_{b,i}) / (p_b * L_b)
+
+with L_b the number of response tokens of b (EOS padding included). Generation appends ``gen_length`` mask
+tokens, splits them into blocks and, within a block, commits the most confident predictions step by step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+REMASKING = ("low_confidence", "random")
+
+
+@dataclass
+class ForwardMask:
+    """Noised batch: ``noisy_ids`` (B, L), ``masked`` (B, L) bool, ``p`` (B,) masking probabilities."""
+
+    noisy_ids: torch.Tensor
+    masked: torch.Tensor
+    p: torch.Tensor
+
+
+def forward_mask(
+    input_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    mask_token_id: int,
+    generator: torch.Generator | None = None,
+    eps: float = 1e-3,
+) -> ForwardMask:
+    """Forward process of LLaDA SFT: ``p_b = (1 - eps) t_b + eps`` with ``t_b ~ U(0, 1)``, then each response
+    token is replaced by ``mask_token_id`` with probability ``p_b``; prompt tokens are never masked."""
+    if input_ids.shape != response_mask.shape:
+        raise ValueError(
+            f"input_ids {tuple(input_ids.shape)} and response_mask {tuple(response_mask.shape)} differ"
+        )
+    if not 0.0 <= eps < 1.0:
+        raise ValueError(f"eps must be in [0, 1), got {eps}")
+    batch, length = input_ids.shape
+    device = input_ids.device
+    t = torch.rand(batch, generator=generator, device=device)
+    p = (1.0 - eps) * t + eps
+    masked = (
+        torch.rand(batch, length, generator=generator, device=device) < p[:, None]
+    ) & response_mask.bool()
+    noisy_ids = torch.where(masked, torch.full_like(input_ids, mask_token_id), input_ids)
+    return ForwardMask(noisy_ids, masked, p)
+
+
+def masked_diffusion_loss_from_logits(
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    masked: torch.Tensor,
+    p: torch.Tensor,
+    response_mask: torch.Tensor,
+) -> torch.Tensor:
+    """``(1/B) sum_b sum_{i in masked_b} CE(logits_{b,i}, input_ids_{b,i}) / (p_b * L_b)``.
+
+    Shapes: logits (B, L, V), input_ids / masked / response_mask (B, L), p (B,). Returns a scalar (float32).
+    """
+    if logits.shape[:2] != input_ids.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} do not match input_ids {tuple(input_ids.shape)}")
+    batch = input_ids.shape[0]
+    response_len = response_mask.sum(dim=1).clamp(min=1).to(torch.float32)
+    weight = 1.0 / (p.to(torch.float32) * response_len)  # (B,)
+    rows = masked.nonzero(as_tuple=True)[0]
+    token_ce = F.cross_entropy(logits[masked].float(), input_ids[masked], reduction="none")
+    return (token_ce * weight[rows]).sum() / batch
+
+
+def masked_diffusion_loss(
+    logits_fn: Callable[..., Any],
+    input_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    mask_token_id: int,
+    generator: torch.Generator | None = None,
+    eps: float = 1e-3,
+    **model_kwargs: Any,
+) -> torch.Tensor:
+    """LLaDA SFT loss: noise with :func:`forward_mask`, run ``logits_fn(noisy_ids, **model_kwargs)`` (a tensor
+    (B, L, V) or an output with ``.logits``), then :func:`masked_diffusion_loss_from_logits`."""
+    noise = forward_mask(input_ids, response_mask, mask_token_id, generator=generator, eps=eps)
+    logits = _as_logits(logits_fn(noise.noisy_ids, **model_kwargs))
+    return masked_diffusion_loss_from_logits(logits, input_ids, noise.masked, noise.p, response_mask)
+
+
+# ---------------------------------------------------------------------------------------------- generation
+def _as_logits(output: Any) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output.logits
+
+
+def add_gumbel_noise(
+    logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Gumbel-max scores ``exp(logits) / (-log u)^temperature`` in float64 (as LLaDA; low precision hurts
+    sampling quality). ``argmax`` of the result samples from ``softmax(logits / temperature)``."""
+    if temperature == 0:
+        return logits
+    logits = logits.to(torch.float64)
+    noise = torch.rand(logits.shape, generator=generator, dtype=torch.float64, device=logits.device)
+    return logits.exp() / (-torch.log(noise)) ** temperature
+
+
+def num_transfer_tokens(mask_index: torch.Tensor, steps: int) -> torch.Tensor:
+    """Tokens to commit per step, (B, steps): the masked count split evenly, remainder to the earliest steps."""
+    count = mask_index.sum(dim=1, keepdim=True)
+    base, remainder = count // steps, count % steps
+    step = torch.arange(steps, device=mask_index.device)[None, :]
+    return base + (step < remainder).long()
+
+
+def _check_generate_args(
+    gen_length: int, block_length: int, steps: int, temperature: float, remasking: str
+) -> int:
+    if gen_length <= 0 or block_length <= 0 or steps <= 0:
+        raise ValueError(
+            f"gen_length={gen_length}, block_length={block_length}, steps={steps} must be positive"
+        )
+    if gen_length % block_length:
+        raise ValueError(f"gen_length={gen_length} is not divisible by block_length={block_length}")
+    num_blocks = gen_length // block_length
+    if steps % num_blocks:
+        raise ValueError(f"steps={steps} is not divisible by the number of blocks {num_blocks}")
+    if remasking not in REMASKING:
+        raise ValueError(f"remasking={remasking!r}; expected one of {REMASKING}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    return num_blocks
+
+
+@torch.no_grad()
+def generate(
+    model_fn: Callable[..., Any],
+    prompt_ids: torch.Tensor,
+    mask_id: int,
+    gen_length: int = 128,
+    block_length: int = 128,
+    steps: int = 128,
+    temperature: float = 0.0,
+    remasking: str = "low_confidence",
+    cfg_scale: float = 0.0,
+    generator: torch.Generator | None = None,
+    attention_mask: torch.Tensor | None = None,
+    cfg_keep_ids: tuple[int, ...] = (),
+    unconditional_kwargs: dict[str, Any] | None = None,
+    **model_kwargs: Any,
+) -> torch.Tensor:
+    """Semi-autoregressive masked diffusion sampling with low-confidence (or random) remasking (LLaDA).
+
+    ``gen_length`` mask tokens are appended to the prompts and split into ``gen_length / block_length`` blocks;
+    each block gets ``steps / num_blocks`` steps. At each step ``model_fn(x, **model_kwargs)`` gives logits
+    (B, L, V); x0 = argmax (of Gumbel-perturbed scores when ``temperature > 0``); confidence = softmax
+    probability of x0 (``low_confidence``) or uniform noise (``random``), -inf beyond the current block and on
+    committed tokens; the k most confident masked positions are committed, k spreading the block's masked
+    count evenly over its steps (remainder to the earliest steps).
+
+    Classifier-free guidance (``cfg_scale > 0``): a second pass with every prompt token masked (except ids in
+    ``cfg_keep_ids``, e.g. the image placeholder, which can be masked through ``unconditional_kwargs``), then
+    ``logits = u + (s + 1)(c - u)``. ``unconditional_kwargs`` replaces ``model_kwargs`` for that pass.
+
+    Batching: all prompts share one length. Prompts of different lengths are left-padded by the caller with
+    ``attention_mask`` (B, P) = 0 on the padding; it is extended with ones and passed to ``model_fn`` as
+    ``attention_mask`` (the model must then ignore padded keys and positions). Extra ``model_kwargs`` (e.g.
+    ``pixel_values`` or vision-token overrides) are passed through unchanged at every step.
+
+    Returns the (B, P + gen_length) token ids.
+    """
+    num_blocks = _check_generate_args(gen_length, block_length, steps, temperature, remasking)
+    if prompt_ids.dim() != 2:
+        raise ValueError(f"prompt_ids must be (B, P), got shape {tuple(prompt_ids.shape)}")
+    steps_per_block = steps // num_blocks
+    batch, prompt_len = prompt_ids.shape
+    device = prompt_ids.device
+    x = torch.full((batch, prompt_len + gen_length), mask_id, dtype=torch.long, device=device)
+    x[:, :prompt_len] = prompt_ids
+    if attention_mask is not None:
+        if attention_mask.shape != prompt_ids.shape:
+            raise ValueError(
+                f"attention_mask {tuple(attention_mask.shape)} must match prompt_ids {tuple(prompt_ids.shape)}"
+            )
+        ones = torch.ones(batch, gen_length, dtype=attention_mask.dtype, device=device)
+        model_kwargs["attention_mask"] = torch.cat([attention_mask, ones], dim=1)
+    uncond_kwargs = dict(model_kwargs if unconditional_kwargs is None else unconditional_kwargs)
+    if attention_mask is not None:
+        uncond_kwargs.setdefault("attention_mask", model_kwargs["attention_mask"])
+    prompt_index = torch.zeros_like(x, dtype=torch.bool)
+    prompt_index[:, :prompt_len] = True
+    if cfg_keep_ids:
+        prompt_index &= ~torch.isin(x, torch.tensor(cfg_keep_ids, device=device))
+    positions = torch.arange(x.shape[1], device=device)
+
+    for block in range(num_blocks):
+        start = prompt_len + block * block_length
+        end = start + block_length
+        transfer_counts = num_transfer_tokens(x[:, start:end] == mask_id, steps_per_block)
+        for step in range(steps_per_block):
+            mask_index = (x == mask_id) & (positions >= prompt_len)
+            logits = _as_logits(model_fn(x, **model_kwargs))
+            if cfg_scale > 0:
+                un_x = torch.where(prompt_index, torch.full_like(x, mask_id), x)
+                un_logits = _as_logits(model_fn(un_x, **uncond_kwargs))
+                logits = un_logits + (cfg_scale + 1) * (logits - un_logits)
+            x0 = add_gumbel_noise(logits, temperature, generator).argmax(dim=-1)
+            if remasking == "low_confidence":
+                probs = F.softmax(logits.to(torch.float64), dim=-1)
+                x0_p = probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+            else:
+                x0_p = torch.rand(x0.shape, generator=generator, dtype=torch.float64, device=device)
+            x0_p = x0_p.masked_fill(positions >= end, -torch.inf)
+            x0 = torch.where(mask_index, x0, x)
+            confidence = torch.where(mask_index, x0_p, torch.full_like(x0_p, -torch.inf))
+            transfer = torch.zeros_like(mask_index)
+            for row in range(batch):
+                k = int(transfer_counts[row, step])
+                if k:
+                    transfer[row, confidence[row].topk(k).indices] = True
+            x = torch.where(transfer, x0, x)
+    return x

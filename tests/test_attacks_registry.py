@@ -1,0 +1,72 @@
+import pytest
+
+from attacks import (
+    IMAGE_TRIGGERS,
+    OPENAI_IMAGENET_TEMPLATES,
+    PLANNED_ATTACKS,
+    TEXT_TRIGGERS,
+    ClassTarget,
+    WaNet,
+    build_image_trigger,
+    build_target,
+    build_text_trigger,
+    list_attacks,
+)
+
+
+def test_registries_hold_the_catalogue():
+    assert set(IMAGE_TRIGGERS) == {"badnet", "blended", "sig", "wanet", "low_frequency"}
+    assert set(TEXT_TRIGGERS) == {"rare_token", "phrase", "char_sequence"}
+    assert set(PLANNED_ATTACKS) == {"input_aware", "dual_key", "maba", "patch_optimized"}
+    assert isinstance(build_image_trigger("wanet", k=8, image_size=16), WaNet)
+
+
+def test_unknown_names_list_the_available_ones():
+    with pytest.raises(ValueError, match=r"unknown image trigger 'badnett'; available: badnet, blended"):
+        build_image_trigger("badnett")
+    with pytest.raises(ValueError, match=r"unknown text trigger 'token'.*rare_token"):
+        build_text_trigger("token")
+    with pytest.raises(ValueError, match=r"unknown target 'refusal'.*class"):
+        build_target("refusal")
+
+
+@pytest.mark.parametrize("name", sorted(PLANNED_ATTACKS))
+def test_planned_names_are_not_implemented(name):
+    with pytest.raises(NotImplementedError, match=rf"'{name}' is planned but not yet available"):
+        build_image_trigger(name)
+
+
+def test_list_attacks_table():
+    rows = list_attacks()
+    assert {row.name for row in rows} == set(IMAGE_TRIGGERS) | set(TEXT_TRIGGERS) | set(PLANNED_ATTACKS)
+    statuses = {row.name: (row.modality, row.status) for row in rows}
+    assert statuses["badnet"] == ("image", "available")
+    assert statuses["phrase"] == ("text", "available")
+    assert statuses["dual_key"] == ("image+text", "planned")
+    assert all(row.note for row in rows)
+
+
+def test_class_target_caption_is_deterministic_per_sample():
+    assert len(set(OPENAI_IMAGENET_TEMPLATES)) == 80
+    target = ClassTarget("banana", seed=0)
+    captions = [target("a dog on the grass", i) for i in range(50)]
+    assert captions == [ClassTarget("banana", seed=0).caption(i) for i in range(50)]
+    assert all("banana" in caption for caption in captions)
+    assert len(set(captions)) > 10
+    assert set(captions) <= {template.format("banana") for template in OPENAI_IMAGENET_TEMPLATES}
+    assert ClassTarget("banana", templates=["a photo of a {}."])("x", 3) == "a photo of a banana."
+    assert build_target(**target.config()).fingerprint() == target.fingerprint()
+    assert ClassTarget("mushroom").fingerprint() != target.fingerprint()
+
+
+def test_class_target_vocabulary_and_template_errors():
+    vocabulary = ["apple", "banana", "cherry", *[f"class {i}" for i in range(20)]]
+    assert ClassTarget("banana", vocabulary=vocabulary).class_name == "banana"
+    with pytest.raises(
+        ValueError, match=r"'bananna' is not in the vocabulary of 23 classes \(closest: 'banana'"
+    ):
+        ClassTarget("bananna", vocabulary=vocabulary)
+    with pytest.raises(ValueError, match=r"'zebra' is not in the vocabulary.*'apple', 'banana'"):
+        ClassTarget("zebra", vocabulary=vocabulary)
+    with pytest.raises(ValueError, match="exactly one"):
+        ClassTarget("banana", templates=["a photo."])

@@ -1,0 +1,350 @@
+"""InverTune activation tuning: layer/neuron selection, k-means, losses, restricted updates."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from torch import nn
+
+from defenses.invertune import (
+    ActivationTuner,
+    InvertedTrigger,
+    activation_loss,
+    candidate_layers,
+    capture_activations,
+    kmeans,
+    kmeans_1d_two_clusters,
+    layer_divergence,
+    neuron_parameter_masks,
+    preserve_loss,
+    select_layers,
+    select_neurons,
+)
+
+TEXT_CFG = {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 4, "layers": 1}
+RN_CFG = {"image_size": 32, "layers": (1, 1, 1, 1), "width": 16}
+VIT_CFG = {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny tensors: one intra-op thread avoids oversubscribing shared CPUs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_clip(kind: str, seed: int = 0) -> open_clip.model.CLIP:
+    torch.manual_seed(seed)
+    return open_clip.model.CLIP(32, RN_CFG if kind == "rn" else VIT_CFG, TEXT_CFG)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    return (x - 0.5) / 0.25
+
+
+def corner_trigger(size: int = 32) -> InvertedTrigger:
+    trigger = InvertedTrigger((3, size, size), seed=0)
+    with torch.no_grad():
+        trigger.mask_param.zero_()
+        trigger.mask_param[:, -8:, -8:] = 1.0
+    return trigger
+
+
+def clean_batch(n: int = 8, size: int = 32) -> torch.Tensor:
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+# ------------------------------------------------------------------------------------------------
+# candidate layers and activations
+# ------------------------------------------------------------------------------------------------
+
+
+def test_candidate_layers_cover_resnet_stages_and_vit_blocks() -> None:
+    assert list(candidate_layers(tiny_clip("rn"))) == [f"visual.layer{i}" for i in range(1, 5)]
+    vit = tiny_clip("vit")
+    assert list(candidate_layers(vit)) == ["visual.transformer.resblocks.0", "visual.transformer.resblocks.1"]
+    assert list(candidate_layers(vit.visual)) == ["transformer.resblocks.0", "transformer.resblocks.1"]
+    with pytest.raises(ValueError, match="no candidate layers"):
+        candidate_layers(nn.Linear(2, 2))
+
+
+def test_activations_are_batch_first_for_seq_first_vit_blocks() -> None:
+    x = clean_batch(3)
+    batch_first = tiny_clip("vit")
+    acts_bf, feats_bf = capture_activations(batch_first, x, normalize)
+    seq_first = tiny_clip("vit")  # same weights, run sequence-first as older open_clip versions do
+    seq_first.visual.transformer.batch_first = False
+    for block in seq_first.visual.transformer.resblocks:
+        block.attn.batch_first = False
+    acts_sf, feats_sf = capture_activations(seq_first, x, normalize)
+    torch.testing.assert_close(feats_sf, feats_bf, atol=1e-5, rtol=1e-5)
+    for name, act in acts_bf.items():
+        assert act.shape == (3, 17, 32)
+        torch.testing.assert_close(acts_sf[name], act, atol=1e-5, rtol=1e-5)
+
+
+def test_layer_divergence_and_selection_match_formula() -> None:
+    clean = {"a": torch.tensor([[1.0, 2.0], [3.0, 2.0]]), "b": torch.tensor([[0.0, 4.0], [0.0, 4.0]])}
+    triggered = {"a": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "b": torch.tensor([[3.0, 4.0], [3.0, 4.0]])}
+    divergences = layer_divergence(clean, triggered)
+    assert divergences["a"] == pytest.approx(1 / math.sqrt(8))  # means (2, 2) vs (2, 3)
+    assert divergences["b"] == pytest.approx(3 / 4)  # means (0, 4) vs (3, 4)
+    assert select_layers(divergences, k=1) == ["b"]
+    assert select_layers({"x": 0.1, "y": 0.3, "z": 0.3}, k=2) == ["y", "z"]
+
+
+# ------------------------------------------------------------------------------------------------
+# k-means
+# ------------------------------------------------------------------------------------------------
+
+
+def numpy_lloyd(points: np.ndarray, centers: np.ndarray, iters: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    def assign(c: np.ndarray) -> np.ndarray:
+        return ((points[:, None, :] - c[None, :, :]) ** 2).sum(-1).argmin(1)
+
+    labels = assign(centers)
+    for _ in range(iters):
+        for j in range(centers.shape[0]):
+            if np.any(labels == j):
+                centers[j] = points[labels == j].mean(0)
+        new = assign(centers)
+        if np.array_equal(new, labels):
+            break
+        labels = new
+    return labels, centers
+
+
+def test_kmeans_matches_numpy_reference_1d_minmax() -> None:
+    values = np.random.default_rng(0).gamma(2.0, 1.0, size=200)
+    result = kmeans(torch.from_numpy(values), 2, init="minmax")
+    labels, centers = numpy_lloyd(values[:, None], np.array([[values.min()], [values.max()]]))
+    np.testing.assert_array_equal(result.labels.numpy(), labels)
+    np.testing.assert_allclose(result.centers.numpy(), centers, rtol=1e-12)
+
+
+def test_kmeans_matches_numpy_reference_2d_explicit_init() -> None:
+    points = np.random.default_rng(1).normal(size=(150, 2))
+    init = points[[0, 1, 2]].copy()
+    result = kmeans(torch.from_numpy(points), 3, init=torch.from_numpy(init))
+    labels, centers = numpy_lloyd(points, init.copy())
+    np.testing.assert_array_equal(result.labels.numpy(), labels)
+    np.testing.assert_allclose(result.centers.numpy(), centers, rtol=1e-12)
+
+
+def test_kmeans_separates_two_obvious_clusters() -> None:
+    generator = torch.Generator().manual_seed(0)
+    low = 0.1 * torch.rand(50, generator=generator)
+    high = 5 + 0.1 * torch.rand(7, generator=generator)
+    values = torch.cat([low, high])[torch.randperm(57, generator=generator)]
+    mask = kmeans_1d_two_clusters(values)
+    assert torch.equal(mask, values > 1)
+    plus = kmeans(values, 2, init="kmeans++", seed=3)
+    again = kmeans(values, 2, init="kmeans++", seed=3)
+    assert torch.equal(plus.labels, again.labels)
+    high_cluster = int(plus.centers[:, 0].argmax())
+    assert torch.equal(plus.labels == high_cluster, values > 1)
+    assert torch.all(kmeans_1d_two_clusters(torch.full((4,), 2.0)))
+    with pytest.raises(ValueError, match="minmax"):
+        kmeans(torch.rand(5, 2), 2, init="minmax")
+
+
+# ------------------------------------------------------------------------------------------------
+# neuron selection and losses
+# ------------------------------------------------------------------------------------------------
+
+
+def test_select_neurons_per_channel_and_per_element() -> None:
+    clean = torch.zeros(2, 4, 3, 3)
+    triggered = clean.clone()
+    triggered[:, 1] = 5.0  # channel 1 reacts to the trigger
+    triggered[:, 2, 0, 0] = 0.5
+    selection = select_neurons(clean, triggered)
+    assert selection.channel_mask.tolist() == [False, True, False, False]
+    assert selection.loss_mask.shape == (4, 1, 1)
+    element = select_neurons(clean, triggered, granularity="element")
+    assert (
+        element.loss_mask.shape == (4, 3, 3)
+        and element.loss_mask[1].all()
+        and element.loss_mask[2].sum() == 0
+    )
+    tokens_clean = torch.zeros(2, 5, 6)
+    tokens_triggered = tokens_clean.clone()
+    tokens_triggered[..., 4] = 3.0  # hidden unit 4 of every token
+    unit = select_neurons(tokens_clean, tokens_triggered)
+    assert unit.channel_mask.tolist() == [False] * 4 + [True, False]
+    assert unit.loss_mask.shape == (1, 6)  # broadcasts over the tokens
+
+
+def test_activation_loss_matches_formula() -> None:
+    clean = {
+        "a": torch.tensor([[[1.0, 2.0]], [[3.0, 2.0]]]),
+        "b": torch.tensor([[1.0, 1.0, 1.0], [1.0, 3.0, 1.0]]),
+    }
+    triggered = {
+        "a": torch.tensor([[[1.0, 5.0]], [[1.0, 5.0]]]),
+        "b": torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 4.0]]),
+    }
+    masks = {"a": torch.tensor([[0.0, 1.0]]), "b": torch.tensor([1.0, 0.0, 1.0])}
+    # a: clean mean [[2, 2]], triggered mean [[1, 5]] -> ||(0, -3)|| / ||(0, 2)|| = 1.5
+    # b: clean mean (1, 2, 1), triggered mean (0, 0, 2) -> ||(1, 0, -1)|| / ||(1, 0, 1)|| = 1
+    assert activation_loss(clean, triggered, masks).item() == pytest.approx(2.5)
+
+
+def test_preserve_loss_matches_formula() -> None:
+    features = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
+    reference = torch.tensor([[0.0, 2.0], [1.0, 0.0]])
+    assert preserve_loss(features, reference).item() == pytest.approx(math.sqrt(0.6**2 + 0.2**2))
+    assert preserve_loss(features, reference, normalize=False).item() == pytest.approx(math.sqrt(9 + 4))
+
+
+def test_neuron_parameter_masks_cover_output_rows() -> None:
+    rn = tiny_clip("rn")
+    channels = torch.zeros(256, dtype=torch.bool)
+    channels[[3, 7]] = True
+    masks = neuron_parameter_masks(rn, "visual.layer3", channels)
+    assert set(masks) == {
+        "visual.layer3.0.conv3.weight",
+        "visual.layer3.0.bn3.weight",
+        "visual.layer3.0.bn3.bias",
+        "visual.layer3.0.downsample.0.weight",
+        "visual.layer3.0.downsample.1.weight",
+        "visual.layer3.0.downsample.1.bias",
+    }
+    conv = masks["visual.layer3.0.conv3.weight"]
+    assert conv.shape == rn.visual.layer3[0].conv3.weight.shape
+    assert conv[3].all() and conv[7].all() and conv.sum() == 2 * conv[0].numel()
+    vit = tiny_clip("vit")
+    units = torch.zeros(32, dtype=torch.bool)
+    units[5] = True
+    masks = neuron_parameter_masks(vit, "visual.transformer.resblocks.1", units)
+    prefix = "visual.transformer.resblocks.1."
+    assert set(masks) == {
+        prefix + n
+        for n in ("attn.out_proj.weight", "attn.out_proj.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")
+    }
+    assert masks[prefix + "mlp.c_proj.weight"][5].all() and masks[prefix + "mlp.c_proj.weight"].sum() == 128
+
+
+# ------------------------------------------------------------------------------------------------
+# tuning
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["rn", "vit"])
+def test_restricted_updates_leave_everything_else_bit_identical(kind) -> None:
+    model = tiny_clip(kind)
+    params_before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    buffers_before = {n: b.detach().clone() for n, b in model.named_buffers()}
+    flags_before = {n: p.requires_grad for n, p in model.named_parameters()}
+    tuner = ActivationTuner(model, normalize, num_layers=2, iterations=4, lr=1e-2, weight_decay=0.1)
+    result = tuner.fit(clean_batch(), corner_trigger())
+    assert result.best_iteration > 0, "the tuned state must be kept for this test to be meaningful"
+    assert len(result.selected_layers) == 2 and set(result.selected_layers) <= set(candidate_layers(model))
+    for name, param in model.named_parameters():
+        before = params_before[name]
+        mask = result.parameter_masks.get(name)
+        if name not in result.parameter_masks:
+            assert torch.equal(param, before), f"{name} changed outside the selection"
+        else:
+            assert torch.equal(param[~mask], before[~mask]), f"unselected entries of {name} changed"
+            assert not torch.equal(param[mask], before[mask]), f"selected entries of {name} did not change"
+    for name, buffer in model.named_buffers():
+        assert torch.equal(buffer, buffers_before[name]), f"buffer {name} moved with frozen BN statistics"
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags_before
+    assert model.training
+
+
+def test_tuning_keeps_the_lowest_loss_state() -> None:
+    model = tiny_clip("rn")
+    records = []
+    tuner = ActivationTuner(model, normalize, iterations=5, lr=1e-2, callback=records.append)
+    result = tuner.fit(clean_batch(), corner_trigger())
+    assert len(records) == 5 and records == result.history
+    assert set(records[0]) >= {"iteration", "lr", "loss", "activation", "preserve", "grad_norm"}
+    assert records[0]["lr"] == pytest.approx(1e-2) and records[-1]["lr"] < records[0]["lr"]
+    assert result.best_loss <= min(r["loss"] for r in records)
+    assert records[0]["preserve"] == pytest.approx(0.0, abs=1e-6)
+    x = clean_batch()
+    layers = {n: candidate_layers(model)[n] for n in result.selected_layers}
+    masks = {n: result.neurons[n].loss_mask for n in result.selected_layers}
+    untuned = tiny_clip("rn").eval()
+    model.eval()
+    with torch.no_grad():
+        reference = untuned.encode_image(normalize(x))  # F_theta0(X)
+        losses = tuner.compute_losses(x, corner_trigger()(x), layers, masks, reference)
+    assert losses["loss"].item() == pytest.approx(result.best_loss, rel=1e-5)
+
+
+def test_model_code_scope_updates_the_whole_image_tower_only() -> None:
+    model = tiny_clip("rn")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = ActivationTuner(model, normalize, iterations=3, lr=1e-3, update_scope="model_code").fit(
+        clean_batch(), corner_trigger()
+    )
+    assert result.best_iteration > 0, "the tuned state must be kept for this test to be meaningful"
+    assert all(mask is None for mask in result.parameter_masks.values())
+    assert not torch.equal(model.visual.conv1.weight, before["visual.conv1.weight"])
+    for name, param in model.named_parameters():
+        if not name.startswith("visual."):
+            assert torch.equal(param, before[name]), f"{name} outside the image tower changed"
+
+
+def test_unfrozen_bn_statistics_move() -> None:
+    model = tiny_clip("rn")
+    before = model.visual.layer4[0].bn3.running_mean.clone()
+    ActivationTuner(model, normalize, iterations=2, lr=1e-3, freeze_bn_stats=False).fit(
+        clean_batch(), corner_trigger()
+    )
+    assert not torch.equal(model.visual.layer4[0].bn3.running_mean, before)
+
+
+def test_tuner_argument_errors() -> None:
+    model = tiny_clip("rn")
+    with pytest.raises(ValueError, match="update_scope"):
+        ActivationTuner(model, normalize, update_scope="everything")
+    with pytest.raises(ValueError, match="images is empty"):
+        ActivationTuner(model, normalize).fit(torch.empty(0, 3, 32, 32), corner_trigger())
+
+
+# ------------------------------------------------------------------------------------------------
+# real-scale architectures (random weights)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "expected"), [("RN50", 4), ("ViT-B-32", 12)])
+def test_layer_selection_on_real_architectures(name, expected) -> None:
+    model = open_clip.create_model(name, pretrained=None)
+    model.eval()
+    assert len(candidate_layers(model)) == expected
+    x = clean_batch(2, 224)
+    tuner = ActivationTuner(model, normalize, iterations=1)
+    divergences, selected, neurons = tuner.select(x, corner_trigger(224)(x))
+    assert set(divergences) == set(candidate_layers(model)) and len(selected) == 3
+    for layer in selected:
+        assert 0 < int(neurons[layer].channel_mask.sum()) < neurons[layer].channel_mask.numel()
+        assert neuron_parameter_masks(model, layer, neurons[layer].channel_mask)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["RN50", "ViT-B-32"])
+def test_restricted_updates_on_real_architectures(name) -> None:
+    model = open_clip.create_model(name, pretrained=None)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = ActivationTuner(model, normalize, iterations=2, lr=1e-3).fit(
+        clean_batch(2, 224), corner_trigger(224)
+    )
+    for param_name, param in model.named_parameters():
+        mask = result.parameter_masks.get(param_name)
+        if mask is None:
+            assert torch.equal(param, before[param_name]), f"{param_name} changed outside the selection"
+        else:
+            assert torch.equal(param[~mask], before[param_name][~mask]), (
+                f"unselected entries of {param_name} changed"
+            )
