@@ -1,0 +1,259 @@
+"""Poisonable image-text data for contrastive models (shared by every image-caption data format).
+
+Subclasses only say where the data comes from (`build_splits`); this base class does the poisoning:
+1. select the poisoned training indices from ``poison_seed`` (by ``poison_rate`` or ``poison_count``,
+   optionally only among target-class samples for clean-label poisoning);
+2. replace the caption of each poisoned sample by a target caption (and insert the text trigger);
+3. apply the image trigger **on the device, batched**, in ``on_after_batch_transfer``, to the poisoned
+   rows of training batches; validation/test batches get a triggered copy ``image_triggered`` of every
+   image so that the module can measure CA and ASR on the same images;
+4. write the poison manifest (seed, configs, indices, trigger fingerprints, run config) atomically into
+   the run folder.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from attacks import (
+    ClassTarget,
+    PoisonManifest,
+    PoisonPlan,
+    build_image_trigger,
+    build_text_trigger,
+    check_class_in_vocabulary,
+)
+from model_families.clip.zero_shot import resolve_templates
+
+log = logging.getLogger(__name__)
+
+
+def collate_dicts(items: list[dict]) -> dict:
+    """Stack tensors and numbers; keep strings (and other objects) as lists."""
+    out: dict[str, Any] = {}
+    for key in items[0]:
+        values = [it[key] for it in items]
+        if isinstance(values[0], torch.Tensor):
+            out[key] = torch.stack(values)
+        elif isinstance(values[0], (bool, int, float)):
+            out[key] = torch.tensor(values)
+        else:
+            out[key] = values
+    return out
+
+
+class PoisonedCaptions(Dataset):
+    """Wraps an image-caption data set; poisoned samples get the target caption and a `poison_image` flag."""
+
+    def __init__(self, base: Dataset, plan: PoisonPlan | None, target: ClassTarget | None, text_trigger=None) -> None:
+        self.base, self.plan, self.target, self.text_trigger = base, plan, target, text_trigger
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict:
+        item = dict(self.base[index])
+        parts = self.plan.parts(index) if self.plan is not None and self.plan.is_poisoned(index) else None
+        item["poisoned"] = parts is not None
+        item["poison_image"] = bool(parts is not None and parts.image)
+        if parts is not None:
+            caption = self.target.caption(index)
+            if parts.text and self.text_trigger is not None:
+                caption = self.text_trigger(caption, index)
+            item["caption"] = caption
+        return item
+
+
+class UnpaddedDistributedSampler(torch.utils.data.Sampler):
+    """Rank r takes indices r, r + W, r + 2W, ...: no padding, so sum-state metrics are exact under DDP."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
+        self.indices = list(range(rank, len(dataset), num_replicas))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class ImageTextPoisonDataModule(L.LightningDataModule):
+    """Base class: image-caption training data, labelled evaluation data, and the poisoning of both.
+
+    Args:
+        attack: image trigger name from the catalogue (``badnet``, ``blended``, ``sig``, ``wanet``,
+            ``low_frequency``) or None for no image trigger.
+        attack_kwargs: the trigger's parameters (see ``attacks/image_triggers.py``).
+        text_attack / text_attack_kwargs: optional text trigger inserted into poisoned captions.
+        protocol: ``AND`` / ``OR`` when both an image and a text trigger are given.
+        poison_rate: fraction of the training set to poison, in [0, 1].
+        poison_count: number of samples to poison (overrides ``poison_rate``).
+        poison_seed: seed of the poisoned-index selection and of the trigger's random parts.
+        target_class: the backdoor target class (must be one of the evaluation classes).
+        target_templates: caption templates for poisoned captions (a template-set name or a list).
+        clean_label: poison only training samples whose label is already the target class.
+        batch_size / eval_batch_size / num_workers: data loading.
+    """
+
+    def __init__(
+        self,
+        attack: str | None = None,
+        attack_kwargs: dict | None = None,
+        text_attack: str | None = None,
+        text_attack_kwargs: dict | None = None,
+        protocol: str = "AND",
+        poison_rate: float = 0.0,
+        poison_count: int | None = None,
+        poison_seed: int = 0,
+        target_class: str | None = None,
+        target_templates: str | list[str] = "embedded",
+        clean_label: bool = False,
+        batch_size: int = 128,
+        eval_batch_size: int = 256,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= float(poison_rate) <= 1.0:
+            raise ValueError(f"data.poison_rate must be in [0, 1], got {poison_rate}")
+        if poison_count is not None and poison_count < 0:
+            raise ValueError(f"data.poison_count must be >= 0, got {poison_count}")
+        if (poison_rate or poison_count) and attack is None and text_attack is None:
+            raise ValueError("data.poison_rate/poison_count > 0 but no data.attack or data.text_attack is set")
+        if (attack or text_attack) and target_class is None:
+            raise ValueError("data.target_class is required when an attack is configured")
+        self.attack, self.attack_kwargs = attack, dict(attack_kwargs or {})
+        self.text_attack, self.text_attack_kwargs = text_attack, dict(text_attack_kwargs or {})
+        self.protocol = protocol if (attack and text_attack) else ("TEXT" if text_attack and not attack else "AND")
+        self.poison_rate, self.poison_count, self.poison_seed = float(poison_rate), poison_count, poison_seed
+        self.target_class, self.target_templates = target_class, resolve_templates(target_templates)
+        self.clean_label = clean_label
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.image_trigger = None
+        self.text_trigger = None
+        self.plan: PoisonPlan | None = None
+        self.manifest: PoisonManifest | None = None
+        self._built = False
+
+    # --- to implement -------------------------------------------------------------------------------
+    def build_splits(self) -> tuple[Dataset, Dataset, Dataset, list[str], int]:
+        """Return (train, val, test, class_names, image_size); items are dicts with image/caption/label/index."""
+        raise NotImplementedError
+
+    def dataset_info(self) -> dict:
+        return {"datamodule": type(self).__name__}
+
+    # --- shared ---------------------------------------------------------------------------------------
+    @property
+    def target_index(self) -> int | None:
+        return None if self.target_class is None else self.class_names.index(self.target_class)
+
+    def _build_image_trigger(self, image_size: int):
+        if self.attack is None:
+            return None
+        kwargs = dict(self.attack_kwargs)
+        kwargs.setdefault("seed", self.poison_seed) if "seed" in _accepted(self.attack) else None
+        if "image_size" in _accepted(self.attack):
+            kwargs.setdefault("image_size", image_size)
+        return build_image_trigger(self.attack, **kwargs)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._built:
+            return
+        self.train_set, self.val_set, self.test_set, self.class_names, self.image_size = self.build_splits()
+        if self.target_class is not None:
+            check_class_in_vocabulary(self.target_class, self.class_names)
+        self.image_trigger = self._build_image_trigger(self.image_size)
+        if self.text_attack is not None:
+            kwargs = dict(self.text_attack_kwargs)
+            kwargs.setdefault("seed", self.poison_seed)
+            self.text_trigger = build_text_trigger(self.text_attack, **kwargs)
+        target = None
+        if self.target_class is not None:
+            target = ClassTarget(self.target_class, self.target_templates, seed=self.poison_seed)
+        n = len(self.train_set)
+        if self.poison_count is not None and self.poison_count > n:
+            raise ValueError(f"data.poison_count={self.poison_count} exceeds the training set size {n}")
+        if (self.poison_rate > 0 or self.poison_count) and n > 0:
+            candidates = None
+            if self.clean_label:
+                candidates = [i for i in range(n) if int(self.train_set[i]["label"]) == self.target_index]
+            self.plan = PoisonPlan.create(
+                n, rate=None if self.poison_count else self.poison_rate, count=self.poison_count,
+                seed=self.poison_seed, protocol=self.protocol, candidates=candidates,
+            )
+            self.manifest = PoisonManifest.from_plan(
+                self.plan, image_trigger=self.image_trigger, text_trigger=self.text_trigger, target=target,
+                dataset=self.dataset_info(), run_config=self._run_config(),
+            )
+            self._save_manifest()
+            log.info("poisoned %d of %d training samples (%s)", len(self.plan), n, self.attack or self.text_attack)
+        self.train_data = PoisonedCaptions(self.train_set, self.plan, target, self.text_trigger)
+        self._built = True
+
+    def _run_config(self) -> dict:
+        trainer = getattr(self, "trainer", None)
+        cfg = getattr(trainer, "mmbackdoor_config", None) if trainer is not None else None
+        return cfg or {"datamodule": dict(self.hparams)}
+
+    def _save_manifest(self) -> None:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or self.manifest is None or trainer.global_rank != 0:
+            return
+        path = Path(trainer.default_root_dir) / "poison_manifest.json"
+        self.manifest.save(path)
+        self.manifest_path = path
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        sampler = None
+        trainer = getattr(self, "trainer", None)
+        if not shuffle and trainer is not None and trainer.world_size > 1:
+            sampler = UnpaddedDistributedSampler(dataset, trainer.world_size, trainer.global_rank)
+        gen = torch.Generator().manual_seed(self.poison_seed)
+        return DataLoader(
+            dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+            num_workers=self.num_workers, collate_fn=collate_dicts, generator=gen if shuffle else None,
+            persistent_workers=self.num_workers > 0, drop_last=shuffle and len(dataset) > batch_size,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_data, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, self.eval_batch_size, shuffle=False)
+
+    def apply_trigger(self, images: torch.Tensor, sample_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The image trigger on a batch already on its device (identity when no image trigger is set)."""
+        if self.image_trigger is None:
+            return images
+        self.image_trigger.to(images.device)
+        return self.image_trigger(images, sample_ids)
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        trainer = getattr(self, "trainer", None)
+        training = trainer is not None and trainer.training
+        if training and "poison_image" in batch and self.image_trigger is not None:
+            rows = batch["poison_image"].bool()
+            if rows.any():
+                images = batch["image"].clone()
+                images[rows] = self.apply_trigger(images[rows], batch["index"][rows])
+                batch["image"] = images
+        elif not training and self.image_trigger is not None:
+            batch["image_triggered"] = self.apply_trigger(batch["image"], batch["index"])
+        return batch
+
+
+def _accepted(attack: str) -> set[str]:
+    from attacks import IMAGE_TRIGGERS
+
+    cls = IMAGE_TRIGGERS.get(attack)
+    return set(inspect.signature(cls).parameters) if cls is not None else set()

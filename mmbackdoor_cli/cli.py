@@ -1,0 +1,112 @@
+"""The `train.py` command line: LightningCLI with YAML configs, dotted overrides and omegaconf interpolation.
+
+`python train.py --config X.yaml` runs `fit` (the subcommand may be omitted); `validate`, `test` and
+`predict` work as usual. Every run gets its own folder `<trainer.default_root_dir>/version_N` holding the
+resolved config, the W&B files, checkpoints, the poison manifest and the export.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
+from lightning.pytorch.cli import LightningCLI
+
+from callbacks import ExportOnFitEnd, PoisonSampleGrid, RunSummary
+from mmbackdoor_cli.wandb_mode import ensure_safe_wandb_mode
+
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+DEFAULT_LOGGER = {
+    "class_path": "lightning.pytorch.loggers.WandbLogger",
+    "init_args": {"project": "mmbackdoor"},
+}
+
+
+def with_default_subcommand(args: list[str]) -> list[str]:
+    """Insert `fit` unless a subcommand (or a top-level help/version flag) is given."""
+    if args and (args[0] in SUBCOMMANDS or args[0] in ("-h", "--help", "--version")):
+        return args
+    return ["fit", *args]
+
+
+def next_run_dir(root: Path) -> Path:
+    """`root/version_N` with N one more than the largest existing one (runs never overwrite each other)."""
+    versions = [int(p.name.split("_")[1]) for p in root.glob("version_*") if p.name.split("_")[1].isdigit()]
+    return root / f"version_{max(versions, default=-1) + 1}"
+
+
+class MMBackdoorCLI(LightningCLI):
+    """LightningCLI with mmbackdoor's defaults: run folders, offline-safe W&B, export and summary callbacks."""
+
+    def __init__(self, *args, instantiate: bool = True, **kwargs) -> None:
+        self._instantiate = instantiate
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf"})
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("trainer_defaults", {"logger": DEFAULT_LOGGER, "default_root_dir": "runs/default"})
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--run_version_dir", type=bool, default=True,
+                            help="put this run in <trainer.default_root_dir>/version_N (false: use the folder as is)")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.trainer
+        root = Path(trainer.default_root_dir or "runs/default")
+        run_dir = next_run_dir(root) if config.run_version_dir else root
+        if self._instantiate:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        trainer.default_root_dir = str(run_dir)
+        loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
+        for logger in loggers:
+            class_path = getattr(logger, "class_path", "") if logger not in (None, True, False) else ""
+            if class_path.endswith("WandbLogger"):
+                ensure_safe_wandb_mode()
+                logger.init_args.save_dir = str(run_dir)
+                if getattr(logger.init_args, "name", None) is None:
+                    logger.init_args.name = f"{root.name}/{run_dir.name}"
+
+    def instantiate_classes(self) -> None:
+        if not self._instantiate:
+            return
+        super().instantiate_classes()
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        self.trainer.mmbackdoor_config = _to_dict(config)
+
+    def _instantiate_trainer(self, config, callbacks):
+        present = list(config.get("callbacks") or []) + list(callbacks)
+        run_dir = Path(config["default_root_dir"])
+        if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in present):
+            callbacks.append(RichProgressBar(leave=True))
+        if config.get("enable_checkpointing", True) is not False and not any(isinstance(c, ModelCheckpoint) for c in present):
+            callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True))
+        for cls in (ExportOnFitEnd, PoisonSampleGrid, RunSummary):
+            if not any(isinstance(c, cls) for c in present):
+                callbacks.append(cls())
+        return super()._instantiate_trainer(config, callbacks)
+
+
+def _to_dict(namespace) -> dict:
+    from jsonargparse import Namespace
+
+    def convert(value):
+        if isinstance(value, Namespace):
+            return {k: convert(v) for k, v in vars(value).items()}
+        if isinstance(value, (list, tuple)):
+            return [convert(v) for v in value]
+        if isinstance(value, (str, int, float, bool)) or value is None:
+            return value
+        return str(value)
+
+    return convert(namespace)
+
+
+def main(args: list[str] | None = None, run: bool = True) -> MMBackdoorCLI:
+    """Entry point of train.py; `args` defaults to sys.argv[1:]."""
+    args = with_default_subcommand(list(sys.argv[1:] if args is None else args))
+    if not run:
+        args = args[1:] if args and args[0] in SUBCOMMANDS else args
+    return MMBackdoorCLI(args=args, run=run)

@@ -1,0 +1,48 @@
+"""Zero-shot classifiers: class-name prompts -> mean of normalised text embeddings, renormalised."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import open_clip
+import torch
+from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+from embedded_world.text import ZERO_SHOT_TEMPLATES
+
+TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
+    "embedded": ZERO_SHOT_TEMPLATES,
+    "imagenet80": tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES),
+    "simple": ("a photo of a {}.",),
+}
+"""Named prompt-template sets: ``embedded`` for the shapes world, ``imagenet80`` = CLIP's 80 ImageNet ones."""
+
+
+def resolve_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
+    """A named set (see TEMPLATE_SETS) or an explicit list of ``str.format`` templates with one ``{}``."""
+    if isinstance(templates, str):
+        if templates not in TEMPLATE_SETS:
+            raise ValueError(f"unknown template set {templates!r}; expected one of {sorted(TEMPLATE_SETS)} or a list")
+        return TEMPLATE_SETS[templates]
+    out = tuple(templates)
+    if not out or any("{}" not in t for t in out):
+        raise ValueError(f"zero-shot templates must be non-empty and each contain '{{}}', got {out!r}")
+    return out
+
+
+@torch.no_grad()
+def zero_shot_weights(model, tokenizer, class_names: Sequence[str], templates, device=None) -> torch.Tensor:
+    """C x D class embeddings: w_c = normalize(mean_t normalize(f_text(template_t(c)))).
+
+    Uses open_clip's own `build_zero_shot_classifier` (which returns D x C); transposed here.
+    """
+    if not class_names:
+        raise ValueError("class_names is empty: zero-shot classification needs at least one class")
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    weights = open_clip.build_zero_shot_classifier(
+        model, tokenizer, list(class_names), list(resolve_templates(templates)), device=device
+    )
+    model.train(was_training)
+    return weights.T.contiguous()
