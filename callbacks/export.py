@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import lightning as L
@@ -28,3 +29,15 @@ class ExportOnFitEnd(L.Callback):
         pl_module.export(self.path, getattr(trainer, "mmbackdoor_config", None))
         trainer.mmbackdoor_export = self.path
         log.info("export written to %s", self.path)
+        run_dir = Path(trainer.default_root_dir)
+        if run_dir.name.startswith("version_"):
+            update_link(run_dir.parent / f"latest_{self.dirname}", self.path)
+
+
+def update_link(link: Path, target: Path) -> None:
+    """Atomically point `link` at `target` (relative symlink), e.g. runs/clip_shapes_clean/latest_export."""
+    tmp = link.with_name(f".{link.name}.tmp")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    tmp.symlink_to(os.path.relpath(target, link.parent))
+    os.replace(tmp, link)

@@ -501,81 +501,151 @@ class ActivationTuner:
         if not self.freeze_bn_stats:
             _vision_tower(self.model)[0].train()
 
+    def begin(self, images: Tensor, inverted_trigger: Callable[[Tensor], Tensor]) -> TuningSession:
+        """Select layers and neurons on ``images`` and return a :class:`TuningSession` that runs the
+        iterations one :meth:`TuningSession.step` at a time (a LightningModule's training steps)."""
+        return TuningSession(self, images, inverted_trigger)
+
     def fit(self, images: Tensor, inverted_trigger: Callable[[Tensor], Tensor]) -> ActivationTuningResult:
         """Tune ``self.model`` in place on one clean batch ``images`` (``B x 3 x H x W``, [0, 1])."""
+        session = self.begin(images, inverted_trigger)
+        try:
+            for _ in range(self.iterations):
+                session.step()
+            return session.finish()
+        finally:
+            session.close()
+
+
+class TuningSession:
+    """One activation-tuning run of an :class:`ActivationTuner`, driven step by step.
+
+    Construction selects the layers and neurons, computes ``F_theta0(X)``, freezes every parameter
+    outside the trainable set and builds AdamW with its cosine schedule. :meth:`step` runs one
+    iteration (the loss is recorded *before* the update, so the lowest-loss state is a state that
+    was evaluated); :meth:`finish` also evaluates the final state, loads the lowest-loss one and
+    restores the ``requires_grad`` flags and module modes (:meth:`close` only restores). Every step
+    re-applies the tuning modes, so a caller (e.g. Lightning) may switch modes between steps.
+    """
+
+    def __init__(
+        self, tuner: ActivationTuner, images: Tensor, inverted_trigger: Callable[[Tensor], Tensor]
+    ) -> None:
         if images.ndim != 4 or images.shape[0] == 0:
             raise ValueError(f"images is empty or not a B x 3 x H x W tensor: shape {tuple(images.shape)}")
-        model = self.model
+        self.tuner = tuner
+        model = tuner.model
         device = model_device(model)
-        x = images.to(device)
+        self.x = images.to(device)
         with torch.no_grad():
-            x_triggered = inverted_trigger(x).detach()
-        divergences, selected, neurons = self.select(x, x_triggered)
+            self.x_triggered = inverted_trigger(self.x).detach()
+        divergences, selected, neurons = tuner.select(self.x, self.x_triggered)
         all_layers = candidate_layers(model)
-        layers = {name: all_layers[name] for name in selected}
-        loss_masks = {name: neurons[name].loss_mask.to(device) for name in selected}
+        self.layers = {name: all_layers[name] for name in selected}
+        self.loss_masks = {name: neurons[name].loss_mask.to(device) for name in selected}
         with eval_mode(model), torch.no_grad():
-            reference = model.encode_image(self.normalize(x)).detach()  # F_theta0(X)
+            self.reference = model.encode_image(tuner.normalize(self.x)).detach()  # F_theta0(X)
 
-        masks = self._trainable_masks(neurons)
-        params = dict(model.named_parameters())
-        trainable = [params[name] for name in masks]
-        originals = {name: params[name].detach().clone() for name, mask in masks.items() if mask is not None}
-        watched_buffers = [] if self.freeze_bn_stats else list(_vision_tower(model)[0].named_buffers())
-        flags = {name: p.requires_grad for name, p in params.items()}
-        modes = [(m, m.training) for m in model.modules()]
-        result = ActivationTuningResult(selected, divergences, neurons, masks)
+        self.masks = tuner._trainable_masks(neurons)
+        self.params = dict(model.named_parameters())
+        self.trainable = [self.params[name] for name in self.masks]
+        self.originals = {
+            name: self.params[name].detach().clone() for name, mask in self.masks.items() if mask is not None
+        }
+        self.watched_buffers = [] if tuner.freeze_bn_stats else list(_vision_tower(model)[0].named_buffers())
+        self._flags = {name: p.requires_grad for name, p in self.params.items()}
+        self._modes = [(m, m.training) for m in model.modules()]
+        self.result = ActivationTuningResult(selected, divergences, neurons, self.masks)
+        self.iteration = 0
+        self._best_state: dict[str, Tensor] | None = None
+        self._closed = False
+        for name, p in self.params.items():
+            p.requires_grad_(name in self.masks)
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=tuner.lr, weight_decay=tuner.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.optimizer, T_max=tuner.iterations, eta_min=tuner.min_lr
+        )
 
-        def snapshot() -> dict[str, Tensor]:
-            state = {name: params[name].detach().clone() for name in masks}
-            state.update({f"buffer:{name}": b.detach().clone() for name, b in watched_buffers})
-            return state
+    @property
+    def done(self) -> bool:
+        """Whether the tuner's ``iterations`` steps have run."""
+        return self.iteration >= self.tuner.iterations
 
-        best_state: dict[str, Tensor] | None = None
+    def _snapshot(self) -> dict[str, Tensor]:
+        state = {name: self.params[name].detach().clone() for name in self.masks}
+        state.update({f"buffer:{name}": b.detach().clone() for name, b in self.watched_buffers})
+        return state
+
+    def losses(self) -> dict[str, Tensor]:
+        """The losses of the current model on the tuning batch (in the caller's grad mode)."""
+        return self.tuner.compute_losses(
+            self.x, self.x_triggered, self.layers, self.loss_masks, self.reference
+        )
+
+    def step(self) -> dict[str, float]:
+        """One AdamW iteration (masked gradients, clipping, restore of unselected entries, schedule);
+        returns and records ``{iteration, lr, grad_norm, loss, activation, preserve}``."""
+        if self._closed:
+            raise RuntimeError("this tuning session is finished; begin a new one")
+        tuner, result, params = self.tuner, self.result, self.params
+        with torch.enable_grad():
+            for name, p in params.items():
+                p.requires_grad_(name in self.masks)
+            tuner._set_train_mode()
+            losses = self.losses()
+            loss_value = losses["loss"].item()
+            if loss_value < result.best_loss:
+                result.best_loss, result.best_iteration = loss_value, self.iteration
+                self._best_state = self._snapshot()
+            self.optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+        with torch.no_grad():
+            for name, mask in self.masks.items():
+                if mask is not None and params[name].grad is not None:
+                    params[name].grad.mul_(mask)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, tuner.grad_clip)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        with torch.no_grad():
+            for name, original in self.originals.items():
+                params[name].copy_(torch.where(self.masks[name], params[name], original))
+        self.scheduler.step()
+        record = {"iteration": float(self.iteration), "lr": lr, "grad_norm": float(grad_norm)}
+        record.update({key: value.item() for key, value in losses.items()})
+        result.history.append(record)
+        if tuner.callback is not None:
+            tuner.callback(record)
+        self.iteration += 1
+        return record
+
+    def finish(self) -> ActivationTuningResult:
+        """Evaluate the final state, load the lowest-loss state, restore flags and modes."""
+        if self._closed:
+            return self.result
+        result = self.result
         try:
-            for name, p in params.items():
-                p.requires_grad_(name in masks)
-            optimizer = torch.optim.AdamW(trainable, lr=self.lr, weight_decay=self.weight_decay)
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-                optimizer, T_max=self.iterations, eta_min=self.min_lr
-            )
-            self._set_train_mode()
-            for iteration in range(self.iterations):
-                losses = self.compute_losses(x, x_triggered, layers, loss_masks, reference)
-                loss_value = losses["loss"].item()
-                if loss_value < result.best_loss:
-                    result.best_loss, result.best_iteration, best_state = loss_value, iteration, snapshot()
-                optimizer.zero_grad(set_to_none=True)
-                losses["loss"].backward()
-                with torch.no_grad():
-                    for name, mask in masks.items():
-                        if mask is not None and params[name].grad is not None:
-                            params[name].grad.mul_(mask)
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, self.grad_clip)
-                lr = optimizer.param_groups[0]["lr"]
-                optimizer.step()
-                with torch.no_grad():
-                    for name, original in originals.items():
-                        params[name].copy_(torch.where(masks[name], params[name], original))
-                scheduler.step()
-                record = {"iteration": float(iteration), "lr": lr, "grad_norm": float(grad_norm)}
-                record.update({key: value.item() for key, value in losses.items()})
-                result.history.append(record)
-                if self.callback is not None:
-                    self.callback(record)
+            self.tuner._set_train_mode()
             with torch.no_grad():
-                final = self.compute_losses(x, x_triggered, layers, loss_masks, reference)["loss"].item()
+                final = self.losses()["loss"].item()
             if final < result.best_loss:
-                result.best_loss, result.best_iteration, best_state = final, self.iterations, None
-            if best_state is not None:
+                result.best_loss, result.best_iteration, self._best_state = final, self.iteration, None
+            if self._best_state is not None:
                 with torch.no_grad():
-                    for name in masks:
-                        params[name].copy_(best_state[name])
-                    for name, buffer in watched_buffers:
-                        buffer.copy_(best_state[f"buffer:{name}"])
+                    for name in self.masks:
+                        self.params[name].copy_(self._best_state[name])
+                    for name, buffer in self.watched_buffers:
+                        buffer.copy_(self._best_state[f"buffer:{name}"])
         finally:
-            for name, p in params.items():
-                p.requires_grad_(flags[name])
-            for module, mode in modes:
-                module.train(mode)
+            self.close()
         return result
+
+    def close(self) -> None:
+        """Restore the ``requires_grad`` flags and module modes of before the session (idempotent)."""
+        if self._closed:
+            return
+        for name, p in self.params.items():
+            p.requires_grad_(self._flags[name])
+        for module, mode in self._modes:
+            module.train(mode)
+        self._best_state = None
+        self._closed = True

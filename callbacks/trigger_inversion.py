@@ -1,0 +1,388 @@
+"""InverTune steps 1 and 2 as a Lightning callback: identify the target class, invert its trigger.
+
+At ``on_fit_start`` (before any tuning step) the callback reads the defender's clean images from the
+datamodule's ``train_dataloader()``, and on the suspect model
+
+1. fits a universal adversarial perturbation (the 3%-area corner patch, or an L-inf UAP) and ranks the
+   classes by ``P_adv(y) - P_clean(y)`` (:func:`defenses.invertune.identify_target`); the top class is
+   the suspected target (or ``target`` when given: the oracle-target ablation);
+2. inverts a mask/pattern trigger for that class on the clean non-target images with the four losses of
+   the spec (:func:`defenses.invertune.invert_trigger`), and measures its ASR on the clean images.
+
+It writes ``trigger_inversion/`` into the run folder (mask, pattern and example PNGs, the trigger as
+safetensors, ``report.json``), logs the images and scalars to the loggers, and hands an
+:class:`InversionOutcome` to ``pl_module.receive_inversion``. The real trigger is never read: only
+clean images, the class vocabulary and the suspect model are used.
+
+The module must provide ``suspect_model`` (``nn.Module`` with ``encode_image``), ``normalize``,
+``class_names``, ``class_text_embeds()`` (``C x D``) and ``receive_inversion(outcome)``
+(:class:`lightning_modules.invertune.InverTuneModule` does).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from torchvision.utils import make_grid, save_image
+
+from attacks.io import atomic_write_json
+from defenses.invertune import (
+    CornerPatchUAP,
+    InvertedTrigger,
+    LinfUAP,
+    TargetIdentification,
+    identify_target,
+    invert_trigger,
+    inverted_trigger_asr,
+)
+from defenses.invertune.zero_shot import _batch_images, zero_shot_predict
+
+log = logging.getLogger(__name__)
+
+UAPKind = Literal["patch", "linf"]
+ReferenceSource = Literal["predicted", "label"]
+
+
+@dataclass
+class InversionOutcome:
+    """What steps 1 and 2 found (handed to the module, written to ``report.json``)."""
+
+    target: int
+    target_name: str
+    trigger: InvertedTrigger
+    identification: TargetIdentification | None
+    """``None`` when the target was given (oracle ablation)."""
+    inverted_asr: float
+    """ASR of the inverted trigger on the suspect model, over the defender's clean images whose clean
+    prediction is not the target."""
+    num_clean_images: int
+    num_reference_images: int
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds per stage (``identification``, ``inversion``) and peak CUDA memory when on a GPU."""
+
+    def summary(self, class_names: list[str]) -> dict:
+        """JSON-ready summary (ranking by class name, margin, histograms, trigger statistics)."""
+        out: dict = {
+            "target": self.target_name,
+            "target_index": self.target,
+            "inverted_asr": self.inverted_asr,
+            "num_clean_images": self.num_clean_images,
+            "num_reference_images": self.num_reference_images,
+            "mask_l1": float(self.trigger.mask.detach().abs().sum()),
+            "mask_mean": float(self.trigger.mask.detach().mean()),
+            "timings": self.timings,
+        }
+        ident = self.identification
+        if ident is not None:
+            out.update(
+                ranking=[class_names[i] for i in ident.ranking],
+                margin=ident.margin,
+                increase={class_names[i]: float(ident.increase[i]) for i in ident.ranking},
+                p_clean={name: float(ident.p_clean[i]) for i, name in enumerate(class_names)},
+                p_adv={name: float(ident.p_adv[i]) for i, name in enumerate(class_names)},
+            )
+        if self.trigger.history:
+            out["inversion_final"] = self.trigger.history[-1]
+        return out
+
+
+class _CleanImages:
+    """Re-iterable view of a loader's image batches, optionally without the (suspected) target class."""
+
+    def __init__(
+        self,
+        loader: Iterable,
+        device: torch.device,
+        *,
+        exclude: int | None = None,
+        source: ReferenceSource = "predicted",
+        model: nn.Module | None = None,
+        text: Tensor | None = None,
+        normalize=None,
+    ) -> None:
+        self.loader, self.device, self.exclude, self.source = loader, device, exclude, source
+        self.model, self.text, self.normalize = model, text, normalize
+
+    def classes(self, batch, images: Tensor) -> Tensor:
+        if self.source == "label":
+            if not isinstance(batch, dict) or "label" not in batch:
+                raise ValueError("reference_source='label' needs batches with a 'label' key")
+            return batch["label"].to(self.device)
+        return zero_shot_predict(self.model, images, self.text, self.normalize)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        for batch in self.loader:
+            images = _batch_images(batch, "clean images").to(self.device)
+            if self.exclude is not None:
+                images = images[self.classes(batch, images) != self.exclude]
+            if images.shape[0]:
+                yield images
+
+
+class TriggerInversion(L.Callback):
+    """InverTune target identification and trigger inversion before tuning (see the module docstring).
+
+    Args:
+        target: a class name to use instead of identifying one (oracle-target ablation); it must be in
+            the vocabulary.
+        uap: ``"patch"`` (AdvCLIP corner patch, ``uap_area_fraction`` of the image) or ``"linf"``
+            (additive, ``||delta||_inf <= uap_eps``).
+        uap_epochs, uap_lr, uap_temperature, uap_text_weight: the UAP optimisation
+            (:meth:`defenses.invertune.UniversalPerturbation.fit`; ``uap_lr`` None: the UAP's default).
+        uap_area_fraction, uap_margin: corner-patch geometry (margin None: 14 px scaled from 224).
+        uap_eps: L-inf budget.
+        epochs, lr, temperature, align_weight, embedding_weight, similarity_weight, mask_weight,
+            reference_mode, parameterization, steps_per_batch: trigger inversion
+            (:func:`defenses.invertune.invert_trigger`; batches come from the datamodule).
+        reference_source: how the defender picks target-class reference images and the non-target
+            images to invert on: ``"predicted"`` (the suspect's zero-shot predictions: no labels
+            needed) or ``"label"`` (the clean set's labels).
+        max_reference_images: reference images kept for ``L_emb``.
+        seed: seeds the UAP and trigger initialisations.
+        image_scale: nearest-neighbour upscaling of the saved PNGs (small images stay visible).
+    """
+
+    def __init__(
+        self,
+        target: str | None = None,
+        uap: UAPKind = "patch",
+        uap_epochs: int = 5,
+        uap_lr: float | None = None,
+        uap_temperature: float = 0.1,
+        uap_text_weight: float = 5.0,
+        uap_area_fraction: float = 0.03,
+        uap_margin: int | None = None,
+        uap_eps: float = 8 / 255,
+        epochs: int = 10,
+        lr: float = 0.01,
+        temperature: float = 0.07,
+        align_weight: float = 5.0,
+        embedding_weight: float = 0.5,
+        similarity_weight: float = 1.0,
+        mask_weight: float = 0.01,
+        reference_mode: Literal["pairwise", "mean", "first"] = "pairwise",
+        parameterization: Literal["clamp", "sigmoid", "tanh"] = "clamp",
+        steps_per_batch: int = 1,
+        reference_source: ReferenceSource = "predicted",
+        max_reference_images: int = 64,
+        seed: int = 0,
+        image_scale: int = 4,
+        dirname: str = "trigger_inversion",
+    ) -> None:
+        if uap not in ("patch", "linf"):
+            raise ValueError(f"uap must be 'patch' or 'linf', got {uap!r}")
+        if reference_source not in ("predicted", "label"):
+            raise ValueError(f"reference_source must be 'predicted' or 'label', got {reference_source!r}")
+        if max_reference_images < 1:
+            raise ValueError(f"max_reference_images must be >= 1, got {max_reference_images}")
+        self.target = target
+        self.uap_kind = uap
+        self.uap_fit = {
+            "epochs": uap_epochs,
+            "lr": uap_lr,
+            "temperature": uap_temperature,
+            "text_weight": uap_text_weight,
+        }
+        self.uap_area_fraction, self.uap_margin, self.uap_eps = uap_area_fraction, uap_margin, uap_eps
+        self.inversion = {
+            "epochs": epochs,
+            "lr": lr,
+            "temperature": temperature,
+            "align_weight": align_weight,
+            "embedding_weight": embedding_weight,
+            "similarity_weight": similarity_weight,
+            "mask_weight": mask_weight,
+            "reference_mode": reference_mode,
+            "parameterization": parameterization,
+            "steps_per_batch": steps_per_batch,
+        }
+        self.reference_source = reference_source
+        self.max_reference_images = max_reference_images
+        self.seed = seed
+        self.image_scale = image_scale
+        self.dirname = dirname
+        self.outcome: InversionOutcome | None = None
+
+    # --- steps -------------------------------------------------------------------------------------
+    def build_uap(self, image_size: tuple[int, int]) -> CornerPatchUAP | LinfUAP:
+        if self.uap_kind == "patch":
+            return CornerPatchUAP(
+                image_size, area_fraction=self.uap_area_fraction, margin=self.uap_margin, seed=self.seed
+            )
+        return LinfUAP(image_size, eps=self.uap_eps, seed=self.seed)
+
+    def run(self, pl_module: L.LightningModule, loader: Iterable) -> InversionOutcome:
+        """Steps 1 and 2 on the clean batches of ``loader`` (re-iterable) with ``pl_module``'s model."""
+        model, normalize = pl_module.suspect_model, pl_module.normalize
+        class_names = list(pl_module.class_names)
+        text = pl_module.class_text_embeds()
+        device = text.device
+        clean = _CleanImages(loader, device)
+        num_images, image_shape = 0, None
+        for images in clean:
+            num_images += images.shape[0]
+            image_shape = tuple(images.shape[1:])
+        if num_images == 0 or image_shape is None:
+            raise ValueError("the defender's clean image set is empty: InverTune needs clean images")
+        timings: dict[str, float] = {}
+
+        start = time.perf_counter()
+        _reset_peak_memory(device)
+        identification = None
+        if self.target is not None:
+            if self.target not in class_names:
+                raise ValueError(
+                    f"target {self.target!r} is not in the class vocabulary {class_names}"
+                )
+            target = class_names.index(self.target)
+        else:
+            uap = self.build_uap(image_shape[1:])
+            uap.fit(model, clean, text, normalize, seed=self.seed, **self.uap_fit)
+            identification = identify_target(model, clean, text, uap.eval(), normalize)
+            target = identification.target
+            log.info(
+                "target identification: %s (margin %.3f), ranking %s",
+                class_names[target],
+                identification.margin,
+                [class_names[i] for i in identification.ranking],
+            )
+        if not 0 <= target < len(class_names):
+            raise ValueError(f"identified target {target} is outside the vocabulary of {len(class_names)}")
+        timings["identification_s"] = time.perf_counter() - start
+        timings.update(_peak_memory(device, "identification"))
+
+        start = time.perf_counter()
+        _reset_peak_memory(device)
+        by_class = {"model": model, "text": text, "normalize": normalize, "source": self.reference_source}
+        references = self.reference_images(clean.loader, device, target, by_class)
+        if references.shape[0] == 0:
+            raise ValueError(
+                f"no clean image of the target class {class_names[target]!r} among the {num_images} "
+                f"defender images ({self.reference_source} classes): L_emb needs reference images"
+            )
+        non_target = _CleanImages(loader, device, exclude=target, **by_class)
+        trigger = invert_trigger(
+            model, non_target, target, text, references, normalize, seed=self.seed, **self.inversion
+        )
+        trigger.eval()
+        timings["inversion_s"] = time.perf_counter() - start
+        timings.update(_peak_memory(device, "inversion"))
+        asr = inverted_trigger_asr(model, clean, trigger, target, text, normalize)
+        log.info("inverted trigger: ASR %.3f on the suspect model, mask L1 %.1f", asr, trigger.mask.sum())
+        return InversionOutcome(
+            target=target,
+            target_name=class_names[target],
+            trigger=trigger,
+            identification=identification,
+            inverted_asr=asr,
+            num_clean_images=num_images,
+            num_reference_images=int(references.shape[0]),
+            timings=timings,
+        )
+
+    def reference_images(self, loader: Iterable, device: torch.device, target: int, by_class: dict) -> Tensor:
+        """Up to ``max_reference_images`` clean images of class ``target`` (predicted or labelled).
+
+        With ``reference_source="predicted"`` and no clean image predicted as ``target``, the images
+        with the highest zero-shot score for ``target`` are used instead (logged as a warning)."""
+        view = _CleanImages(loader, device, **by_class)
+        found: list[Tensor] = []
+        count = 0
+        best_images, best_scores = None, None
+        for batch in loader:
+            images = _batch_images(batch, "clean images").to(device)
+            found.append(images[view.classes(batch, images) == target])
+            count += found[-1].shape[0]
+            if count >= self.max_reference_images:
+                break
+            if self.reference_source == "predicted":
+                with torch.no_grad():
+                    features = F.normalize(view.model.encode_image(view.normalize(images)), dim=-1)
+                    scores = (features @ F.normalize(view.text, dim=-1).T).softmax(dim=-1)[:, target]
+                pool = images if best_images is None else torch.cat([best_images, images])
+                pool_scores = scores if best_scores is None else torch.cat([best_scores, scores])
+                top = pool_scores.topk(min(self.max_reference_images, pool_scores.numel())).indices
+                best_images, best_scores = pool[top], pool_scores[top]
+        if count == 0 and best_images is not None:
+            log.warning(
+                "no clean image is predicted as the target class %d; using the %d images with the highest "
+                "zero-shot score for it as L_emb references", target, best_images.shape[0],
+            )
+            return best_images
+        if not found:
+            return torch.empty(0, device=device)
+        return torch.cat(found)[: self.max_reference_images]
+
+    # --- Lightning hooks ----------------------------------------------------------------------------
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        dm = trainer.datamodule
+        if dm is None:
+            raise ValueError("TriggerInversion needs a datamodule whose train_dataloader() holds clean images")
+        if getattr(dm, "plan", None) is not None:
+            raise ValueError(
+                f"{type(dm).__name__} poisons its training data: the defender's images must be clean "
+                "(set data.poison_rate=0)"
+            )
+        for name in ("suspect_model", "normalize", "class_names", "class_text_embeds", "receive_inversion"):
+            if not hasattr(pl_module, name):
+                raise TypeError(f"{type(pl_module).__name__} has no {name!r}: TriggerInversion needs an InverTune module")
+        self.outcome = self.run(pl_module, dm.train_dataloader())
+        if trainer.is_global_zero:
+            self.save(trainer, pl_module, self.outcome)
+        pl_module.receive_inversion(self.outcome)
+
+    # --- artefacts ----------------------------------------------------------------------------------
+    def save(self, trainer: L.Trainer, pl_module: L.LightningModule, outcome: InversionOutcome) -> Path:
+        """Write PNGs, the trigger tensors and ``report.json``; log images and scalars to the loggers."""
+        folder = Path(trainer.default_root_dir) / self.dirname
+        folder.mkdir(parents=True, exist_ok=True)
+        trigger = outcome.trigger
+        mask, pattern = trigger.mask.detach().cpu(), trigger.pattern.detach().cpu()
+        images = {"mask": mask, "pattern": pattern, "masked_pattern": mask * pattern}
+        examples = next(iter(_CleanImages(trainer.datamodule.train_dataloader(), torch.device("cpu"))))[:8]
+        images["examples"] = make_grid(torch.cat([examples, trigger.cpu()(examples)]), nrow=examples.shape[0], padding=1)
+        for name, image in images.items():
+            save_image(self._upscale(image), folder / f"{name}.png")
+        save_file({"mask": mask.contiguous(), "pattern": pattern.contiguous()}, str(folder / "trigger.safetensors"))
+        trigger.to(pl_module.device)
+        summary = outcome.summary(list(pl_module.class_names))
+        summary["config"] = {"uap": self.uap_kind, "uap_fit": self.uap_fit, "inversion": self.inversion,
+                             "reference_source": self.reference_source, "oracle_target": self.target}
+        atomic_write_json(folder / "report.json", summary)
+        scalars = {"invert/asr": outcome.inverted_asr, "invert/mask_l1": summary["mask_l1"],
+                   "identify/target": float(outcome.target)}
+        if outcome.identification is not None:
+            scalars["identify/margin"] = outcome.identification.margin
+        for logger in trainer.loggers:
+            logger.log_metrics(scalars, step=0)
+            if hasattr(logger, "log_image"):
+                logger.log_image("invert/trigger", [self._upscale(images[k]) for k in ("mask", "pattern", "examples")],
+                                 caption=["mask", "pattern", "clean | triggered"])
+        log.info("trigger inversion artefacts written to %s", folder)
+        return folder
+
+    def _upscale(self, image: Tensor) -> Tensor:
+        if self.image_scale <= 1:
+            return image
+        return F.interpolate(image[None], scale_factor=self.image_scale, mode="nearest")[0]
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_memory(device: torch.device, stage: str) -> dict[str, float]:
+    if device.type != "cuda":
+        return {}
+    return {f"{stage}_peak_mib": torch.cuda.max_memory_allocated(device) / 2**20}

@@ -1,0 +1,314 @@
+"""InverTune step 3 as a LightningModule: activation tuning of a suspect CLIP model.
+
+    python train.py --config configs/invertune_clip_shapes.yaml --model.victim=<export folder or .ckpt>
+
+The :class:`callbacks.trigger_inversion.TriggerInversion` callback (steps 1 and 2, at ``on_fit_start``)
+identifies the target class and inverts its trigger on the datamodule's clean images and hands the
+result to :meth:`InverTuneModule.receive_inversion`. At ``on_train_start`` the module draws one batch
+of ``tuning_batch_size`` clean images (64) and begins an activation-tuning session
+(:class:`defenses.invertune.ActivationTuner`); every training step runs one tuning iteration on that
+same batch (the incoming batch only paces Lightning's loop). After ``iterations`` steps the lowest-loss
+state is loaded and the module asks the trainer to stop, which runs a final validation.
+
+Validation and test log, on clean and really-triggered evaluation images (the real trigger is used for
+reporting only): ``before/ca``, ``before/asr`` (the untouched suspect, a frozen copy) and ``{stage}/ca``,
+``{stage}/asr`` (the tuned model), plus ``before/inverted_asr`` / ``{stage}/inverted_asr`` (the inverted
+trigger towards the identified target; a diagnostic). ``export()`` writes the tuned model in the
+standard export format, so ``evaluate.py`` and ``init_from`` accept it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from attacks.io import atomic_write_json
+from defenses.frozen import FrozenCopy
+from defenses.invertune import ActivationTuner, ActivationTuningResult, TuningSession
+from defenses.invertune.zero_shot import _batch_images
+from defenses.victim import load_victim
+from metrics import AttackSuccessRate
+from model_families.clip import zero_shot_weights
+from model_families.clip.export import save_clip_export
+
+log = logging.getLogger(__name__)
+
+warnings.filterwarnings("ignore", message=r".*configure_optimizers` returned `None`.*")
+
+
+class InverTuneModule(L.LightningModule):
+    """Activation tuning of a possibly backdoored CLIP model with an inverted trigger (InverTune step 3).
+
+    Args:
+        victim: the suspect model: an export folder, a Lightning ``.ckpt`` or (with ``model_name``) an
+            open_clip checkpoint file. A missing path is a ``FileNotFoundError`` naming it.
+        model_name: architecture of a plain checkpoint file (unused for export folders).
+        tuning_batch_size: clean images in the single tuning batch (64 in the paper).
+        iterations: tuning iterations (training steps) on that batch.
+        num_layers, granularity, update_scope, lr, weight_decay, grad_clip, min_lr, activation_weight,
+            preserve_weight, freeze_bn_stats: :class:`defenses.invertune.ActivationTuner`
+            (``update_scope="neurons"``: the paper's neuron-restricted updates; ``"model_code"``: the
+            authors' code, masks only inside the loss).
+        zero_shot_templates: prompt templates of the zero-shot head (``embedded``, ``imagenet80``, a list).
+        exclude_target_class: ASR ignores evaluation images whose true class is the target.
+        seed: seeds the choice of the tuning batch.
+    """
+
+    def __init__(
+        self,
+        victim: str,
+        model_name: str | None = None,
+        tuning_batch_size: int = 64,
+        iterations: int = 200,
+        num_layers: int = 3,
+        granularity: Literal["channel", "element"] = "channel",
+        update_scope: Literal["neurons", "model_code"] = "neurons",
+        lr: float = 2e-6,
+        weight_decay: float = 1e-4,
+        grad_clip: float = 1.0,
+        min_lr: float = 1e-7,
+        activation_weight: float = 1.0,
+        preserve_weight: float = 0.5,
+        freeze_bn_stats: bool = True,
+        zero_shot_templates: str | list[str] = "embedded",
+        exclude_target_class: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if tuning_batch_size < 1:
+            raise ValueError(f"model.tuning_batch_size must be >= 1, got {tuning_batch_size}")
+        self.bundle = load_victim(victim, model_name)
+        self.model = self.bundle.model
+        self.normalize = self.bundle.normalize
+        self.frozen = FrozenCopy(self.model)  # theta0: the suspect before tuning
+        self.automatic_optimization = False
+        self.tuner = ActivationTuner(
+            self.model,
+            self.normalize,
+            num_layers=num_layers,
+            granularity=granularity,
+            update_scope=update_scope,
+            iterations=iterations,
+            lr=lr,
+            weight_decay=weight_decay,
+            grad_clip=grad_clip,
+            min_lr=min_lr,
+            activation_weight=activation_weight,
+            preserve_weight=preserve_weight,
+            freeze_bn_stats=freeze_bn_stats,
+        )
+        self.class_names: list[str] = []
+        self.report_target: int | None = None  # the true target, for ASR reporting only
+        self.inversion = None  # callbacks.trigger_inversion.InversionOutcome
+        self.session: TuningSession | None = None
+        self.tuning_result: ActivationTuningResult | None = None
+        self.timings: dict[str, float] = {}
+        self._text_embeds: Tensor | None = None
+
+    # --- what the TriggerInversion callback uses ------------------------------------------------------
+    @property
+    def suspect_model(self) -> nn.Module:
+        """The untouched suspect model (theta0): identification and inversion run on it."""
+        return self.frozen.model
+
+    def class_text_embeds(self) -> Tensor:
+        """``C x D`` zero-shot class embeddings of the suspect (cached; the text tower is never tuned)."""
+        if not self.class_names:
+            raise ValueError("the datamodule gave no class names: InverTune needs the class vocabulary")
+        if self._text_embeds is None or self._text_embeds.device != self.device:
+            self._text_embeds = zero_shot_weights(
+                self.suspect_model,
+                self.bundle.tokenizer,
+                self.class_names,
+                self.hparams.zero_shot_templates,
+                self.device,
+            )
+        return self._text_embeds
+
+    def receive_inversion(self, outcome) -> None:
+        """Store the identified target and inverted trigger (from the callback)."""
+        if not 0 <= outcome.target < len(self.class_names):
+            raise ValueError(
+                f"identified target {outcome.target} is not in the class vocabulary of {len(self.class_names)}"
+            )
+        self.inversion = outcome
+        self.timings.update(outcome.timings)
+        self._build_inverted_metrics()
+
+    # --- wiring -------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule
+        names = list(getattr(dm, "class_names", []) or [])
+        if not names:
+            raise ValueError(f"{type(dm).__name__} has no class_names: InverTune needs the class vocabulary")
+        if self.class_names and names != self.class_names:
+            self._text_embeds = None
+        self.class_names = names
+        self.report_target = getattr(dm, "target_index", None)
+        n = len(names)
+        self.metrics = nn.ModuleDict()
+        for split in ("val", "test"):
+            for when in ("before", "after"):
+                self.metrics[f"{split}_{when}_ca"] = MulticlassAccuracy(num_classes=n, average="micro")
+                if self.report_target is not None:
+                    self.metrics[f"{split}_{when}_asr"] = AttackSuccessRate(
+                        self.report_target, exclude_target_class=self.hparams.exclude_target_class
+                    )
+        self.metrics.to(self.device)
+        if self.inversion is not None:
+            self._build_inverted_metrics()
+
+    def _build_inverted_metrics(self) -> None:
+        if not hasattr(self, "metrics"):
+            return
+        for split in ("val", "test"):
+            for when in ("before", "after"):
+                self.metrics[f"{split}_{when}_inverted_asr"] = AttackSuccessRate(
+                    self.inversion.target, exclude_target_class=self.hparams.exclude_target_class
+                ).to(self.device)
+
+    def configure_optimizers(self) -> None:
+        """The tuning session owns its AdamW (it is built once the neurons are selected)."""
+        return None
+
+    # --- tuning -------------------------------------------------------------------------------------
+    def tuning_batch(self) -> Tensor:
+        """``tuning_batch_size`` clean images from the datamodule's clean loader, in a seeded order."""
+        images, count = [], 0
+        generator = torch.Generator().manual_seed(self.hparams.seed)
+        for batch in self.trainer.datamodule.train_dataloader():
+            x = _batch_images(batch, "clean images")
+            images.append(x)
+            count += x.shape[0]
+            if count >= self.hparams.tuning_batch_size:
+                break
+        if count == 0:
+            raise ValueError("the defender's clean image set is empty: activation tuning needs clean images")
+        if count < self.hparams.tuning_batch_size:
+            raise ValueError(
+                f"the defender's clean set holds {count} images, fewer than "
+                f"model.tuning_batch_size={self.hparams.tuning_batch_size}"
+            )
+        pool = torch.cat(images)
+        keep = torch.randperm(pool.shape[0], generator=generator)[: self.hparams.tuning_batch_size]
+        return pool[keep].to(self.device)
+
+    def on_train_start(self) -> None:
+        if self.inversion is None:
+            raise RuntimeError(
+                "no inverted trigger: add callbacks.trigger_inversion.TriggerInversion to trainer.callbacks "
+                "(it runs target identification and trigger inversion before tuning)"
+            )
+        start = time.perf_counter()
+        self.session = self.tuner.begin(self.tuning_batch(), self.inversion.trigger)
+        selection = {
+            name: int(self.session.result.neurons[name].channel_mask.sum()) for name in self.session.layers
+        }
+        log.info("activation tuning: layers %s, selected neurons %s", list(self.session.layers), selection)
+        self._tuning_start = start
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        if self.session is None or self.session.done:
+            raise RuntimeError("training_step without an open tuning session (is the trainer restarted?)")
+        record = self.session.step()
+        self.log_dict(
+            {f"train/{k}": record[k] for k in ("loss", "activation", "preserve", "lr")},
+            prog_bar=True,
+            batch_size=self.hparams.tuning_batch_size,
+        )
+        if self.session.done:
+            self.tuning_result = self.session.finish()
+            self.timings["tuning_s"] = time.perf_counter() - self._tuning_start
+            if self.device.type == "cuda":
+                self.timings["tuning_peak_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+            log.info(
+                "activation tuning done: best loss %.4f at iteration %d",
+                self.tuning_result.best_loss,
+                self.tuning_result.best_iteration,
+            )
+            self.trainer.should_stop = True  # a final validation then ends fit
+        return torch.tensor(record["loss"])
+
+    def on_train_end(self) -> None:
+        if self.session is not None:
+            self.session.close()
+
+    # --- evaluation ---------------------------------------------------------------------------------
+    def classify(self, model: nn.Module, images: Tensor) -> Tensor:
+        features = model.encode_image(self.normalize(images), normalize=True)
+        return features @ self.class_text_embeds().T
+
+    def eval_step(self, batch: dict, split: str) -> None:
+        n = len(batch["label"])
+        labels = batch["label"]
+        for when, model in (("before", self.suspect_model), ("after", self.model)):
+            key = "before" if when == "before" else split
+            ca = self.metrics[f"{split}_{when}_ca"]
+            ca.update(self.classify(model, batch["image"]), labels)
+            self.log(f"{key}/ca", ca, prog_bar=True, batch_size=n)
+            if self.report_target is not None and "image_triggered" in batch:
+                asr = self.metrics[f"{split}_{when}_asr"]
+                asr.update(self.classify(model, batch["image_triggered"]), labels)
+                self.log(f"{key}/asr", asr, prog_bar=True, batch_size=n)
+            if self.inversion is not None:
+                inverted = self.metrics[f"{split}_{when}_inverted_asr"]
+                trigger = self.inversion.trigger.to(self.device)
+                inverted.update(self.classify(model, trigger(batch["image"])), labels)
+                self.log(f"{key}/inverted_asr", inverted, batch_size=n)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.eval_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.eval_step(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        if self.inversion is not None:
+            self.log("identify/target", float(self.inversion.target))
+            self.log("invert/asr", self.inversion.inverted_asr)
+            if self.inversion.identification is not None:
+                self.log("identify/margin", self.inversion.identification.margin)
+
+    # --- results ------------------------------------------------------------------------------------
+    def report(self) -> dict:
+        """JSON-ready summary: identification, inversion, layer/neuron selection, tuning, timings."""
+        out: dict = {"victim": self.hparams.victim, "timings": dict(self.timings)}
+        if self.inversion is not None:
+            out["inversion"] = self.inversion.summary(self.class_names)
+        if self.report_target is not None:
+            out["true_target"] = self.class_names[self.report_target]
+        result = self.tuning_result
+        if result is not None:
+            out["tuning"] = {
+                "selected_layers": result.selected_layers,
+                "divergences": result.divergences,
+                "selected_neurons": {n: int(s.channel_mask.sum()) for n, s in result.neurons.items()},
+                "neurons_per_layer": {n: int(s.channel_mask.numel()) for n, s in result.neurons.items()},
+                "best_loss": result.best_loss,
+                "best_iteration": result.best_iteration,
+                "first": result.history[0] if result.history else None,
+                "last": result.history[-1] if result.history else None,
+                "update_scope": self.hparams.update_scope,
+            }
+        return out
+
+    def on_fit_end(self) -> None:
+        if self.trainer.is_global_zero:
+            path = Path(self.trainer.default_root_dir) / "invertune_report.json"
+            atomic_write_json(path, self.report())
+            log.info("InverTune report written to %s", path)
+
+    def export(self, path: str | Path, run_config: dict | None = None) -> Path:
+        """The tuned model in the standard export format (loadable by ``init_from`` / evaluate.py)."""
+        return save_clip_export(self.bundle, path, run_config)

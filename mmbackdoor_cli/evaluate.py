@@ -1,0 +1,102 @@
+"""Evaluate checkpoints on clean and triggered data: a markdown table on stdout and a JSON file.
+
+    python evaluate.py --config configs/clip_shapes_badnet.yaml \
+        --checkpoint clean=runs/clip_shapes_clean/latest_export \
+        --checkpoint poisoned=runs/clip_shapes_badnet/latest_export \
+        --output results.json [--split test] [-- --data.init_args.attack=blended ...]
+
+The config gives the data, the trigger and the target; each checkpoint (an export folder or a Lightning
+.ckpt) is loaded through ``--model.init_args.init_from``. Arguments after ``--`` are passed on to the
+config as dotted overrides. The JSON records the config file, the overrides and every metric.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import sys
+from pathlib import Path
+
+from attacks import atomic_write_json
+from mmbackdoor_cli.cli import MMBackdoorCLI
+
+METRIC_COLUMNS = ("ca", "asr", "loss")
+
+
+def parse_checkpoint(spec: str) -> tuple[str, str]:
+    name, sep, path = spec.partition("=")
+    return (name, path) if sep else (Path(spec).parent.name or spec, spec)
+
+
+def evaluate_checkpoint(config: str, checkpoint: str, split: str = "test", overrides: list[str] | None = None,
+                        root: str = "runs/eval") -> dict[str, float]:
+    """Metrics of one checkpoint (`{split}/ca`, `{split}/asr`, ...) under `config` (+ `overrides`)."""
+    if not Path(checkpoint).exists():
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    if not Path(config).is_file():
+        raise FileNotFoundError(f"config not found: {config}")
+    args = [
+        "--config", config,
+        f"--model.init_args.init_from={checkpoint}",
+        "--trainer.logger=false",
+        f"--trainer.default_root_dir={root}",
+        "--data.init_args.poison_rate=0",
+        "--data.init_args.poison_count=null",
+        *(overrides or []),
+    ]
+    cli = MMBackdoorCLI(args=args, run=False)
+    run = cli.trainer.test if split == "test" else cli.trainer.validate
+    results = run(cli.model, datamodule=cli.datamodule, verbose=False)
+    metrics = {k: float(v) for k, v in results[0].items()}
+    variant = getattr(getattr(cli.model, "metrics", {}).get(f"{split}_asr", None), "variant", None)
+    if variant is not None:
+        metrics["asr_variant"] = variant
+    return metrics
+
+
+def markdown_table(rows: dict[str, dict], split: str) -> str:
+    keys = [k for k in METRIC_COLUMNS if any(f"{split}/{k}" in r for r in rows.values())]
+    extra = sorted({k for r in rows.values() for k in r if k.startswith(f"{split}/") and k.split("/", 1)[1] not in keys})
+    header = ["model", *[k.upper() for k in keys], *extra]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, r in rows.items():
+        cells = [name, *[_fmt(r.get(f"{split}/{k}")) for k in keys], *[_fmt(r.get(k)) for k in extra]]
+        lines.append("| " + " | ".join(cells) + " |")
+    variants = {r.get("asr_variant") for r in rows.values()} - {None}
+    if variants:
+        lines.append(f"\nASR variant: {', '.join(sorted(variants))} (exclude-target: images of the target class are not counted)")
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, overrides = argv[:cut], argv[cut + 1 :]
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="experiment YAML (data, trigger, target, model class)")
+    parser.add_argument("--checkpoint", action="append", required=True,
+                        help="NAME=PATH or PATH of an export folder / .ckpt; repeat to compare models")
+    parser.add_argument("--split", choices=("val", "test"), default="test")
+    parser.add_argument("--output", default=None, help="JSON file to write (default: runs/eval/<config>-<time>.json)")
+    args = parser.parse_args(argv)
+    rows = {}
+    for spec in args.checkpoint:
+        name, path = parse_checkpoint(spec)
+        rows[name] = evaluate_checkpoint(args.config, path, args.split, overrides)
+        rows[name]["checkpoint"] = path
+    table = markdown_table(rows, args.split)
+    print(table)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    output = Path(args.output or f"runs/eval/{Path(args.config).stem}-{stamp}.json")
+    atomic_write_json(output, {"config": args.config, "overrides": overrides, "split": args.split, "results": rows,
+                               "created_at": stamp})
+    print(f"\nresults written to {output}")
+    return rows

@@ -1,0 +1,213 @@
+#!/usr/bin/env python
+"""Attack x defense table on the embedded world: CA and ASR of each poisoned model before and after
+CleanCLIP, PAR and InverTune, whether target identification found the true target, and the ASR of the
+inverted trigger on the poisoned model.
+
+    python scripts/defense_table.py [--attacks badnet blended sig wanet] \
+        [--defenses cleanclip par invertune] [--root runs/defense_table] [--threads 2]
+
+For each attack ``A`` the poisoned model is ``runs/clip_shapes_A/latest_export`` (made by
+``configs/clip_shapes_A.yaml``). Each defense runs through ``train.py``'s CLI in this process with
+``configs/<defense>_clip_shapes.yaml``; its data block gets the attack's trigger settings, which the
+defender datamodule uses only to *report* ASR. Every model (``none`` = the poisoned one) is then scored
+by ``evaluate.py``'s :func:`evaluate_checkpoint` with the attack's own config on the test split, so all
+numbers come from the same evaluation code. Prints a markdown table and writes JSON
+(``<root>/table.json``) with every metric, the InverTune reports and the wall times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from attacks.io import atomic_write_json  # noqa: E402
+from mmbackdoor_cli.cli import main as cli_main  # noqa: E402
+from mmbackdoor_cli.evaluate import evaluate_checkpoint  # noqa: E402
+
+ATTACKS = ("badnet", "blended", "sig", "wanet")
+DEFENSES = ("cleanclip", "par", "invertune")
+DEFENSE_NAMES = {"none": "none", "cleanclip": "CleanCLIP", "par": "PAR", "invertune": "InverTune"}
+REPORT_KEYS = ("attack", "attack_kwargs", "target_class", "poison_seed", "target_templates", "world_seed")
+"""Data keys copied from the attack config into the defender's: the real trigger, for reporting only."""
+
+
+def attack_data_overrides(attack_config: Path) -> list[str]:
+    """``--data.init_args.K=V`` for the trigger/target keys of an attack config (reporting only)."""
+    config = yaml.safe_load(attack_config.read_text())
+    data = config.get("data", {}).get("init_args", {})
+    if data.get("attack") is None or data.get("target_class") is None:
+        raise ValueError(f"{attack_config}: data.init_args needs 'attack' and 'target_class'")
+    return [f"--data.init_args.{key}={_cli_value(data[key])}" for key in REPORT_KEYS if key in data]
+
+
+def _cli_value(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def run_defense(config: Path, victim: Path, run_root: Path, overrides: list[str]) -> tuple[Path, object, float]:
+    """Fit one defense through the train.py CLI; returns (export folder, LightningModule, seconds)."""
+    start = time.perf_counter()
+    cli = cli_main(
+        [
+            "fit",
+            "--config", str(config),
+            f"--model.init_args.victim={victim}",
+            "--trainer.logger=false",
+            "--trainer.enable_checkpointing=false",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            f"--trainer.default_root_dir={run_root}",
+            *overrides,
+        ]
+    )
+    export = getattr(cli.trainer, "mmbackdoor_export", None)
+    if export is None:
+        raise RuntimeError(f"{config}: the run wrote no export (see {run_root})")
+    return Path(export), cli.model, time.perf_counter() - start
+
+
+def score(attack_config: Path, checkpoint: Path, eval_root: Path) -> dict[str, float]:
+    metrics = evaluate_checkpoint(
+        str(attack_config), str(checkpoint), "test",
+        ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"],
+        root=str(eval_root),
+    )
+    return {"ca": metrics["test/ca"], "asr": metrics["test/asr"]}
+
+
+def fmt(value: float | None) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+def markdown(results: dict, defenses: list[str]) -> str:
+    columns = ["none", *defenses]
+    header = ["attack"]
+    for d in columns:
+        header += [f"{DEFENSE_NAMES[d]} CA", f"{DEFENSE_NAMES[d]} ASR"]
+    with_invertune = "invertune" in defenses
+    if with_invertune:
+        header += ["identified target (true)", "margin", "inverted-trigger ASR"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for attack, row in results.items():
+        cells = [attack]
+        for d in columns:
+            cells += [fmt(row["scores"].get(d, {}).get("ca")), fmt(row["scores"].get(d, {}).get("asr"))]
+        if with_invertune and "invertune" in row:
+            info = row["invertune"]
+            mark = "yes" if info["target_found"] else "no"
+            cells += [f"{info['identified_target']} ({info['true_target']}): {mark}", fmt(info.get("margin")),
+                      fmt(info["inverted_asr"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def acceptance(results: dict) -> dict:
+    """The issue's acceptance counts over the attacks (embedded world)."""
+    rows = [r for r in results.values() if "invertune" in r and "none" in r["scores"]]
+    found = sum(r["invertune"]["target_found"] for r in rows)
+    removed = sum(
+        r["scores"]["none"]["asr"] >= 0.90
+        and r["scores"]["invertune"]["asr"] <= 0.05
+        and r["scores"]["none"]["ca"] - r["scores"]["invertune"]["ca"] <= 0.05
+        for r in rows
+    )
+    reproduced = sum(r["invertune"]["inverted_asr"] >= 0.80 for r in rows)
+    return {"attacks": len(rows), "target_found": found, "asr_removed_ca_kept": removed,
+            "inverted_trigger_asr_ge_0.80": reproduced}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--attacks", nargs="+", default=list(ATTACKS))
+    parser.add_argument("--defenses", nargs="+", default=list(DEFENSES), choices=DEFENSES)
+    parser.add_argument("--models", default="runs", help="folder holding clip_shapes_<attack>/latest_export")
+    parser.add_argument("--configs", default="configs")
+    parser.add_argument("--root", default="runs/defense_table", help="where defense runs and table.json go")
+    parser.add_argument("--output", default=None, help="JSON file (default: <root>/table.json)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--extra", nargs="*", default=[], metavar="DEFENSE:--key=value",
+                        help="extra CLI overrides for one defense, e.g. invertune:--model.init_args.iterations=50")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    configs, root = Path(args.configs), Path(args.root)
+    extra: dict[str, list[str]] = {}
+    for item in args.extra:
+        defense, sep, override = item.partition(":")
+        if not sep or defense not in DEFENSES:
+            raise ValueError(f"--extra expects DEFENSE:--key=value with DEFENSE in {DEFENSES}, got {item!r}")
+        extra.setdefault(defense, []).append(override)
+
+    # fail before any work when an input is missing
+    jobs = []
+    for attack in args.attacks:
+        attack_config = configs / f"clip_shapes_{attack}.yaml"
+        victim = Path(args.models) / f"clip_shapes_{attack}" / "latest_export"
+        for path, what in ((attack_config, "attack config"), (victim, "poisoned model")):
+            if not path.exists():
+                raise FileNotFoundError(f"{what} not found: {path} (train it with configs/clip_shapes_{attack}.yaml)")
+        for defense in args.defenses:
+            if not (configs / f"{defense}_clip_shapes.yaml").is_file():
+                raise FileNotFoundError(f"defense config not found: {configs / f'{defense}_clip_shapes.yaml'}")
+        jobs.append((attack, attack_config, victim.resolve()))
+
+    started = time.perf_counter()
+    results: dict[str, dict] = {}
+    for attack, attack_config, victim in jobs:
+        overrides = attack_data_overrides(attack_config)
+        true_target = yaml.safe_load(attack_config.read_text())["data"]["init_args"]["target_class"]
+        row: dict = {"victim": str(victim), "scores": {}, "seconds": {}, "exports": {}}
+        t0 = time.perf_counter()
+        row["scores"]["none"] = score(attack_config, victim, root / "eval")
+        row["seconds"]["eval_none"] = time.perf_counter() - t0
+        for defense in args.defenses:
+            run_root = root / attack / defense
+            export, module, seconds = run_defense(
+                configs / f"{defense}_clip_shapes.yaml", victim, run_root, overrides + extra.get(defense, [])
+            )
+            row["seconds"][defense] = seconds
+            row["exports"][defense] = str(export)
+            t0 = time.perf_counter()
+            row["scores"][defense] = score(attack_config, export, root / "eval")
+            row["seconds"][f"eval_{defense}"] = time.perf_counter() - t0
+            if defense == "invertune":
+                report = module.report()
+                inversion = report["inversion"]
+                row["invertune"] = {
+                    "identified_target": inversion["target"],
+                    "true_target": true_target,
+                    "target_found": inversion["target"] == true_target,
+                    "ranking": inversion.get("ranking"),
+                    "margin": inversion.get("margin"),
+                    "inverted_asr": inversion["inverted_asr"],
+                    "report": report,
+                }
+            del module
+        results[attack] = row
+        print(f"[{attack}] done after {time.perf_counter() - started:.0f} s: {row['scores']}", flush=True)
+
+    total = time.perf_counter() - started
+    table = markdown(results, args.defenses)
+    summary = acceptance(results)
+    print("\n" + table)
+    print(f"\nacceptance counts: {summary}")
+    print(f"total wall time: {total / 60:.1f} min ({args.threads} threads)")
+    output = Path(args.output or root / "table.json")
+    atomic_write_json(output, {"command": " ".join(["python", "scripts/defense_table.py", *(argv or sys.argv[1:])]),
+                               "results": results, "table": table, "acceptance": summary,
+                               "total_seconds": total, "threads": args.threads})
+    print(f"results written to {output}")
+    return {"results": results, "acceptance": summary, "total_seconds": total}
+
+
+if __name__ == "__main__":
+    main()

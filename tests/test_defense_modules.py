@@ -1,0 +1,242 @@
+"""Defense LightningModules, the trigger-inversion callback and the defender datamodule.
+
+Tiny randomly initialised ``tiny-rn-shapes`` exports and a few dozen embedded-world images: these
+tests check the wiring (errors, artefacts, exports, restricted updates end to end), not the defense's
+effect, which ``scripts/defense_table.py`` measures on the real poisoned models.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from callbacks.trigger_inversion import TriggerInversion
+from datamodules.defender_shapes import DefenderShapesDataModule
+from defenses.victim import load_victim
+from lightning_modules.cleanclip import CleanCLIPFineTuning
+from lightning_modules.invertune import InverTuneModule
+from lightning_modules.par import PARFineTuning
+from mmbackdoor_cli.cli import main as cli_main
+from model_families.clip import create_clip, save_clip_export
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TINY_DATA = [
+    "--data.init_args.clean_size=64",
+    "--data.init_args.val_size=16",
+    "--data.init_args.test_size=16",
+    "--data.init_args.batch_size=32",
+    "--data.init_args.eval_batch_size=16",
+]
+QUIET = [
+    "--trainer.logger=false",
+    "--trainer.enable_checkpointing=false",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def victim(tmp_path_factory) -> Path:
+    """A random tiny-rn-shapes export standing in for a suspect model."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("victim") / "export"
+    save_clip_export(create_clip("tiny-rn-shapes"), path)
+    return path
+
+
+def run_cli(config: str, victim: Path, root: Path, *extra: str):
+    return cli_main(
+        ["fit", "--config", str(CONFIGS / config), f"--model.victim={victim}",
+         f"--trainer.default_root_dir={root}", *QUIET, *TINY_DATA, *extra]
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# never a silent fall-back to another model
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("module", [InverTuneModule, CleanCLIPFineTuning, PARFineTuning])
+def test_missing_victim_is_an_error_naming_it(module, tmp_path) -> None:
+    missing = tmp_path / "no_such_export"
+    with pytest.raises(FileNotFoundError, match="no_such_export"):
+        module(victim=str(missing))
+    with pytest.raises(ValueError, match="model.victim is required"):
+        module(victim="")
+
+
+def test_export_folder_without_metadata_is_an_error(tmp_path) -> None:
+    (tmp_path / "half_export").mkdir()
+    with pytest.raises(FileNotFoundError, match="mmbackdoor.json"):
+        load_victim(str(tmp_path / "half_export"))
+
+
+def test_plain_checkpoint_needs_an_architecture(tmp_path) -> None:
+    weights = tmp_path / "weights.pt"
+    weights.write_bytes(b"")
+    with pytest.raises(ValueError, match="model.model_name"):
+        load_victim(str(weights))
+
+
+def test_cli_with_a_missing_victim_fails_before_training(tmp_path) -> None:
+    # jsonargparse wraps the module's FileNotFoundError in a ValueError that keeps its message
+    with pytest.raises((FileNotFoundError, ValueError), match="victim checkpoint not found: .*not_there"):
+        run_cli("invertune_clip_shapes.yaml", tmp_path / "not_there", tmp_path / "runs")
+
+
+def test_victim_is_loaded_bit_exactly(victim) -> None:
+    module = InverTuneModule(victim=str(victim))
+    saved = load_file(str(victim / "model.safetensors"))
+    for name, tensor in module.model.state_dict().items():
+        assert torch.equal(tensor, saved[name]), name
+    assert module.suspect_model is not module.model
+    assert not any(p.requires_grad for p in module.suspect_model.parameters())
+
+
+# ------------------------------------------------------------------------------------------------
+# the defender's data
+# ------------------------------------------------------------------------------------------------
+
+
+def test_defender_data_are_clean_and_disjoint_from_the_test_split() -> None:
+    dm = DefenderShapesDataModule(clean_size=40, val_size=10, test_size=10, attack="badnet", target_class="star")
+    dm.setup("fit")
+    assert len(dm.train_data) == 40 and len(dm.val_set) == 10 and len(dm.test_set) == 10
+    assert dm.plan is None, "the defender's data must never be poisoned"
+    clean = torch.stack([dm.train_data[i]["image"] for i in range(40)])
+    val = torch.stack([dm.val_set[i]["image"] for i in range(10)])
+    test = torch.stack([dm.test_set[i]["image"] for i in range(10)])
+    for other in (val, test):
+        assert not any(torch.equal(a, b) for a in clean for b in other)
+    batch = next(iter(dm.train_dataloader()))
+    assert "image_triggered" not in batch and not batch["poison_image"].any()
+
+
+def test_defender_data_reject_an_empty_clean_set_and_poisoning() -> None:
+    with pytest.raises(ValueError, match="clean_size must be >= 1"):
+        DefenderShapesDataModule(clean_size=0)
+    with pytest.raises(ValueError, match="clean"):
+        DefenderShapesDataModule(clean_size=10, attack="badnet", target_class="star", poison_rate=0.1)
+
+
+def test_reporting_target_outside_the_vocabulary_is_an_error() -> None:
+    dm = DefenderShapesDataModule(clean_size=8, val_size=4, test_size=4, attack="badnet", target_class="unicorn")
+    with pytest.raises(ValueError, match="unicorn"):
+        dm.setup("fit")
+
+
+# ------------------------------------------------------------------------------------------------
+# the trigger-inversion callback
+# ------------------------------------------------------------------------------------------------
+
+
+def module_with_vocabulary(victim: Path) -> InverTuneModule:
+    module = InverTuneModule(victim=str(victim), tuning_batch_size=8)
+    module.class_names = ["circle", "square", "triangle", "star"]
+    return module
+
+
+def test_given_target_outside_the_vocabulary_is_an_error(victim) -> None:
+    images = [{"image": torch.rand(8, 3, 32, 32)}]
+    with pytest.raises(ValueError, match="'unicorn' is not in the class vocabulary"):
+        TriggerInversion(target="unicorn").run(module_with_vocabulary(victim), images)
+
+
+def test_identified_target_outside_the_vocabulary_is_rejected(victim) -> None:
+    module = module_with_vocabulary(victim)
+
+    class Outcome:
+        target = 7
+        timings: dict = {}
+
+    with pytest.raises(ValueError, match="not in the class vocabulary"):
+        module.receive_inversion(Outcome())
+
+
+def test_empty_clean_set_is_an_error(victim) -> None:
+    with pytest.raises(ValueError, match="empty"):
+        TriggerInversion(uap_epochs=1, epochs=1).run(module_with_vocabulary(victim), [])
+
+
+def test_inversion_runs_on_clean_batches_and_reports(victim) -> None:
+    images = [{"image": torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(i))} for i in range(2)]
+    outcome = TriggerInversion(uap_epochs=1, epochs=1, reference_source="predicted").run(
+        module_with_vocabulary(victim), images
+    )
+    assert outcome.identification is not None and outcome.target == outcome.identification.target
+    assert len(outcome.trigger.history) == 2 and 0.0 <= outcome.inverted_asr <= 1.0
+    assert outcome.num_clean_images == 32 and outcome.num_reference_images >= 1
+    summary = outcome.summary(["circle", "square", "triangle", "star"])
+    assert summary["ranking"][0] == summary["target"]
+    assert set(summary["timings"]) >= {"identification_s", "inversion_s"}
+
+
+def test_tuning_without_inversion_is_an_error(victim, tmp_path) -> None:
+    with pytest.raises(RuntimeError, match="TriggerInversion"):
+        run_cli("invertune_clip_shapes.yaml", victim, tmp_path, "--trainer.callbacks=[]")
+
+
+# ------------------------------------------------------------------------------------------------
+# end to end through train.py
+# ------------------------------------------------------------------------------------------------
+
+
+def test_invertune_end_to_end_restricted_updates(victim, tmp_path) -> None:
+    cli = run_cli(
+        "invertune_clip_shapes.yaml", victim, tmp_path,
+        "--model.tuning_batch_size=32", "--model.iterations=3", "--model.lr=0.01",
+        "--trainer.callbacks.init_args.uap_epochs=1", "--trainer.callbacks.init_args.epochs=1",
+    )
+    metrics = cli.trainer.callback_metrics
+    for key in ("before/ca", "before/asr", "val/ca", "val/asr", "val/inverted_asr", "invert/asr"):
+        assert key in metrics, key
+    module = cli.model
+    result = module.tuning_result
+    assert result is not None and len(result.history) == 3
+    assert module.session.done
+    run_dir = Path(cli.trainer.default_root_dir)
+    for name in ("mask.png", "pattern.png", "examples.png", "trigger.safetensors", "report.json"):
+        assert (run_dir / "trigger_inversion" / name).is_file(), name
+    report = json.loads((run_dir / "invertune_report.json").read_text())
+    assert report["tuning"]["selected_layers"] == result.selected_layers
+    assert report["true_target"] == "star"
+    # the export holds the tuned model; outside the selected neurons it is bit-identical to the victim
+    before = load_file(str(victim / "model.safetensors"))
+    after = load_file(str(Path(cli.trainer.mmbackdoor_export) / "model.safetensors"))
+    changed = False
+    for name, tensor in after.items():
+        mask = result.parameter_masks.get(name)
+        if mask is None:
+            assert torch.equal(tensor, before[name]), f"{name} changed outside the selection"
+        else:
+            assert torch.equal(tensor[~mask.cpu()], before[name][~mask.cpu()]), name
+            changed |= not torch.equal(tensor, before[name])
+    assert changed or result.best_iteration == 0
+
+
+@pytest.mark.parametrize("config", ["cleanclip_clip_shapes.yaml", "par_clip_shapes.yaml"])
+def test_baselines_fit_and_export(config, victim, tmp_path) -> None:
+    cli = run_cli(config, victim, tmp_path, "--trainer.max_epochs=1", "--trainer.check_val_every_n_epoch=1",
+                  "--trainer.limit_train_batches=2")
+    metrics = cli.trainer.callback_metrics
+    assert {"train/loss", "val/ca", "val/asr"} <= set(metrics)
+    after = load_file(str(Path(cli.trainer.mmbackdoor_export) / "model.safetensors"))
+    before = load_file(str(victim / "model.safetensors"))
+    assert any(not torch.equal(after[k], before[k]) for k in before), "fine-tuning changed nothing"
+    if isinstance(cli.model, PARFineTuning):
+        frozen = cli.model.frozen.model
+        assert not frozen.training
+        for name, tensor in frozen.state_dict().items():
+            assert torch.equal(tensor.cpu(), before[name]), f"PAR's frozen copy moved: {name}"
