@@ -32,14 +32,14 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from callbacks.trigger_inversion import TriggerInversion, _CleanImages  # noqa: E402
-from datamodules.defender_shapes import DefenderShapesDataModule  # noqa: E402
-from defenses.cleanclip import CleanCLIPObjective  # noqa: E402
-from defenses.frozen import FrozenCopy  # noqa: E402
-from defenses.invertune import ActivationTuner, identify_target, invert_trigger  # noqa: E402
-from defenses.par import PARObjective  # noqa: E402
-from defenses.victim import load_victim  # noqa: E402
-from model_families.clip import create_clip, zero_shot_weights  # noqa: E402
+from callbacks.trigger_inversion import TriggerInversion, _CleanImages
+from datamodules.defender_shapes import DefenderShapesDataModule
+from defenses.cleanclip import CleanCLIPObjective
+from defenses.frozen import FrozenCopy
+from defenses.invertune import ActivationTuner, identify_target, invert_trigger
+from defenses.par import PARObjective
+from defenses.victim import load_victim
+from model_families.clip import create_clip, zero_shot_weights
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -109,11 +109,19 @@ def finetune_epoch(model, objective, loader, lr: float, weight_decay: float, dev
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--victim", default=None, help="suspect export (default: a random --model-name model)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--victim", default=None, help="suspect export (default: a random --model-name model)"
+    )
     parser.add_argument("--model-name", default="tiny-rn-shapes")
-    parser.add_argument("--image-size", type=int, default=None, help="world image size (default: the model's)")
-    parser.add_argument("--clean-size", type=int, default=None, help="defender images (default: the config's)")
+    parser.add_argument(
+        "--image-size", type=int, default=None, help="world image size (default: the model's)"
+    )
+    parser.add_argument(
+        "--clean-size", type=int, default=None, help="defender images (default: the config's)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -133,7 +141,9 @@ def main(argv: list[str] | None = None) -> dict:
     dm = DefenderShapesDataModule(**data_args)
     dm.setup("fit")
     loader = dm.train_dataloader()
-    text = zero_shot_weights(model, bundle.tokenizer, dm.class_names, model_args.get("zero_shot_templates", "embedded"), device)
+    text = zero_shot_weights(
+        model, bundle.tokenizer, dm.class_names, model_args.get("zero_shot_templates", "embedded"), device
+    )
     callback = TriggerInversion(**callback_args)
     clean = _CleanImages(loader, device)
     rows: dict[str, dict] = {}
@@ -148,12 +158,24 @@ def main(argv: list[str] | None = None) -> dict:
         by_class = {"model": model, "text": text, "normalize": normalize, "source": callback.reference_source}
         references = callback.reference_images(loader, device, target, by_class)
         non_target = _CleanImages(loader, device, exclude=target, **by_class)
-        trigger = invert_trigger(model, non_target, target, text, references, normalize,
-                                 seed=callback.seed, **callback.inversion)
+        trigger = invert_trigger(
+            model, non_target, target, text, references, normalize, seed=callback.seed, **callback.inversion
+        )
     rows["inversion"] = {"seconds": mem.seconds, "peak_mib": mem.peak_mib}
 
-    tuning_keys = ("num_layers", "granularity", "update_scope", "iterations", "lr", "weight_decay", "grad_clip",
-                   "min_lr", "activation_weight", "preserve_weight", "freeze_bn_stats")
+    tuning_keys = (
+        "num_layers",
+        "granularity",
+        "update_scope",
+        "iterations",
+        "lr",
+        "weight_decay",
+        "grad_clip",
+        "min_lr",
+        "activation_weight",
+        "preserve_weight",
+        "freeze_bn_stats",
+    )
     tuner = ActivationTuner(model, normalize, **{k: model_args[k] for k in tuning_keys if k in model_args})
     batch = next(iter(clean))[: model_args.get("tuning_batch_size", 64)]
     with PeakMemory(device) as mem:
@@ -161,9 +183,22 @@ def main(argv: list[str] | None = None) -> dict:
     rows["tuning"] = {"seconds": mem.seconds, "peak_mib": mem.peak_mib}
 
     for name, args_, make in (
-        ("cleanclip_epoch", cleanclip_args, lambda m: CleanCLIPObjective(bundle.tokenizer, normalize, seed=0)),
-        ("par_epoch", par_args, lambda m: PARObjective(FrozenCopy(m).to(device).model, bundle.tokenizer, normalize,
-                                                      tau=par_args.get("tau", 2.15), seed=0)),
+        (
+            "cleanclip_epoch",
+            cleanclip_args,
+            lambda m: CleanCLIPObjective(bundle.tokenizer, normalize, seed=0),
+        ),
+        (
+            "par_epoch",
+            par_args,
+            lambda m: PARObjective(
+                FrozenCopy(m).to(device).model,
+                bundle.tokenizer,
+                normalize,
+                tau=par_args.get("tau", 2.15),
+                seed=0,
+            ),
+        ),
     ):
         torch.manual_seed(0)
         fresh = (load_victim(args.victim) if args.victim else create_clip(args.model_name)).model.to(device)
@@ -174,15 +209,19 @@ def main(argv: list[str] | None = None) -> dict:
         del fresh, objective
 
     base = rows["cleanclip_epoch"]
-    print(f"device {device}, {args.threads} threads, model {bundle.model_name}, "
-          f"{len(dm.train_data)} clean images at {data_args['image_size']} px\n")
+    print(
+        f"device {device}, {args.threads} threads, model {bundle.model_name}, "
+        f"{len(dm.train_data)} clean images at {data_args['image_size']} px\n"
+    )
     print("| stage | seconds | peak memory (MiB) | time / CleanCLIP epoch |")
     print("|---|---|---|---|")
     total = 0.0
     for name, row in rows.items():
         if name in ("identification", "inversion", "tuning"):
             total += row["seconds"]
-        print(f"| {name} | {row['seconds']:.2f} | {row['peak_mib']:.0f} | {row['seconds'] / base['seconds']:.2f} |")
+        print(
+            f"| {name} | {row['seconds']:.2f} | {row['peak_mib']:.0f} | {row['seconds'] / base['seconds']:.2f} |"
+        )
     print(f"| InverTune total | {total:.2f} | - | {total / base['seconds']:.2f} |")
     return rows
 

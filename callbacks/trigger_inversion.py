@@ -241,9 +241,7 @@ class TriggerInversion(L.Callback):
         identification = None
         if self.target is not None:
             if self.target not in class_names:
-                raise ValueError(
-                    f"target {self.target!r} is not in the class vocabulary {class_names}"
-                )
+                raise ValueError(f"target {self.target!r} is not in the class vocabulary {class_names}")
             target = class_names.index(self.target)
         else:
             uap = self.build_uap(image_shape[1:])
@@ -316,7 +314,9 @@ class TriggerInversion(L.Callback):
         if count == 0 and best_images is not None:
             log.warning(
                 "no clean image is predicted as the target class %d; using the %d images with the highest "
-                "zero-shot score for it as L_emb references", target, best_images.shape[0],
+                "zero-shot score for it as L_emb references",
+                target,
+                best_images.shape[0],
             )
             return best_images
         if not found:
@@ -327,7 +327,9 @@ class TriggerInversion(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         dm = trainer.datamodule
         if dm is None:
-            raise ValueError("TriggerInversion needs a datamodule whose train_dataloader() holds clean images")
+            raise ValueError(
+                "TriggerInversion needs a datamodule whose train_dataloader() holds clean images"
+            )
         if getattr(dm, "plan", None) is not None:
             raise ValueError(
                 f"{type(dm).__name__} poisons its training data: the defender's images must be clean "
@@ -335,7 +337,9 @@ class TriggerInversion(L.Callback):
             )
         for name in ("suspect_model", "normalize", "class_names", "class_text_embeds", "receive_inversion"):
             if not hasattr(pl_module, name):
-                raise TypeError(f"{type(pl_module).__name__} has no {name!r}: TriggerInversion needs an InverTune module")
+                raise TypeError(
+                    f"{type(pl_module).__name__} has no {name!r}: TriggerInversion needs an InverTune module"
+                )
         self.outcome = self.run(pl_module, dm.train_dataloader())
         if trainer.is_global_zero:
             self.save(trainer, pl_module, self.outcome)
@@ -350,24 +354,39 @@ class TriggerInversion(L.Callback):
         mask, pattern = trigger.mask.detach().cpu(), trigger.pattern.detach().cpu()
         images = {"mask": mask, "pattern": pattern, "masked_pattern": mask * pattern}
         examples = next(iter(_CleanImages(trainer.datamodule.train_dataloader(), torch.device("cpu"))))[:8]
-        images["examples"] = make_grid(torch.cat([examples, trigger.cpu()(examples)]), nrow=examples.shape[0], padding=1)
+        images["examples"] = make_grid(
+            torch.cat([examples, trigger.cpu()(examples)]), nrow=examples.shape[0], padding=1
+        )
         for name, image in images.items():
             save_image(self._upscale(image), folder / f"{name}.png")
-        save_file({"mask": mask.contiguous(), "pattern": pattern.contiguous()}, str(folder / "trigger.safetensors"))
+        save_file(
+            {"mask": mask.contiguous(), "pattern": pattern.contiguous()}, str(folder / "trigger.safetensors")
+        )
         trigger.to(pl_module.device)
         summary = outcome.summary(list(pl_module.class_names))
-        summary["config"] = {"uap": self.uap_kind, "uap_fit": self.uap_fit, "inversion": self.inversion,
-                             "reference_source": self.reference_source, "oracle_target": self.target}
+        summary["config"] = {
+            "uap": self.uap_kind,
+            "uap_fit": self.uap_fit,
+            "inversion": self.inversion,
+            "reference_source": self.reference_source,
+            "oracle_target": self.target,
+        }
         atomic_write_json(folder / "report.json", summary)
-        scalars = {"invert/asr": outcome.inverted_asr, "invert/mask_l1": summary["mask_l1"],
-                   "identify/target": float(outcome.target)}
+        scalars = {
+            "invert/asr": outcome.inverted_asr,
+            "invert/mask_l1": summary["mask_l1"],
+            "identify/target": float(outcome.target),
+        }
         if outcome.identification is not None:
             scalars["identify/margin"] = outcome.identification.margin
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=0)
             if hasattr(logger, "log_image"):
-                logger.log_image("invert/trigger", [self._upscale(images[k]) for k in ("mask", "pattern", "examples")],
-                                 caption=["mask", "pattern", "clean | triggered"])
+                logger.log_image(
+                    "invert/trigger",
+                    [self._upscale(images[k]) for k in ("mask", "pattern", "examples")],
+                    caption=["mask", "pattern", "clean | triggered"],
+                )
         log.info("trigger inversion artefacts written to %s", folder)
         return folder
 

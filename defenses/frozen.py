@@ -19,7 +19,7 @@ class FrozenCopy(nn.Module):
         self.model.requires_grad_(False)
         self.model.eval()
 
-    def train(self, mode: bool = True) -> FrozenCopy:  # noqa: ARG002 - always eval
+    def train(self, mode: bool = True) -> FrozenCopy:
         self.training = False
         self.model.eval()
         return self

@@ -47,7 +47,9 @@ def require_victim_path(victim: str | None, *, key: str = "model.victim") -> Pat
     """``victim`` as a ``Path`` if it exists; otherwise ``ValueError`` (empty) or ``FileNotFoundError``
     naming the path and the config key - a defense never starts from a fresh or fallback model."""
     if not victim:
-        raise ValueError(f"{key} is required: the path of the suspect model (an export folder or a checkpoint)")
+        raise ValueError(
+            f"{key} is required: the path of the suspect model (an export folder or a checkpoint)"
+        )
     path = Path(victim)
     if not path.exists():
         raise FileNotFoundError(

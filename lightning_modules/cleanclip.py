@@ -74,4 +74,3 @@ class CleanCLIPFineTuning(CLIPFineTuning):
             batch_size=n,
         )
         return out.total
-

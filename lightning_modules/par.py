@@ -77,8 +77,11 @@ class PARFineTuning(CLIPFineTuning):
         n = len(batch["caption"])
         self.log("train/loss", out.total, prog_bar=True, batch_size=n)
         self.log_dict(
-            {"train/clip": out.clip, "train/image_distance": out.image_distance,
-             "train/text_distance": out.text_distance},
+            {
+                "train/clip": out.clip,
+                "train/image_distance": out.image_distance,
+                "train/text_distance": out.text_distance,
+            },
             batch_size=n,
         )
         return out.total

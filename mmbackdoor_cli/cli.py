@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from callbacks import ExportOnFitEnd, PoisonSampleGrid, RunSummary
@@ -80,7 +80,8 @@ class MMBackdoorCLI(LightningCLI):
         present = list(config.get("callbacks") or []) + list(callbacks)
         run_dir = Path(config["default_root_dir"])
         if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in present):
-            callbacks.append(RichProgressBar(leave=True))
+            # rich bars redraw in place: right for a terminal; logs and CI get plain tqdm lines instead
+            callbacks.append(RichProgressBar(leave=True) if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=10))
         if config.get("enable_checkpointing", True) is not False and not any(isinstance(c, ModelCheckpoint) for c in present):
             callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True))
         for cls in (ExportOnFitEnd, PoisonSampleGrid, RunSummary):

@@ -54,13 +54,16 @@ def _cli_value(value) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def run_defense(config: Path, victim: Path, run_root: Path, overrides: list[str]) -> tuple[Path, object, float]:
+def run_defense(
+    config: Path, victim: Path, run_root: Path, overrides: list[str]
+) -> tuple[Path, object, float]:
     """Fit one defense through the train.py CLI; returns (export folder, LightningModule, seconds)."""
     start = time.perf_counter()
     cli = cli_main(
         [
             "fit",
-            "--config", str(config),
+            "--config",
+            str(config),
             f"--model.init_args.victim={victim}",
             "--trainer.logger=false",
             "--trainer.enable_checkpointing=false",
@@ -78,7 +81,9 @@ def run_defense(config: Path, victim: Path, run_root: Path, overrides: list[str]
 
 def score(attack_config: Path, checkpoint: Path, eval_root: Path) -> dict[str, float]:
     metrics = evaluate_checkpoint(
-        str(attack_config), str(checkpoint), "test",
+        str(attack_config),
+        str(checkpoint),
+        "test",
         ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"],
         root=str(eval_root),
     )
@@ -105,8 +110,11 @@ def markdown(results: dict, defenses: list[str]) -> str:
         if with_invertune and "invertune" in row:
             info = row["invertune"]
             mark = "yes" if info["target_found"] else "no"
-            cells += [f"{info['identified_target']} ({info['true_target']}): {mark}", fmt(info.get("margin")),
-                      fmt(info["inverted_asr"])]
+            cells += [
+                f"{info['identified_target']} ({info['true_target']}): {mark}",
+                fmt(info.get("margin")),
+                fmt(info["inverted_asr"]),
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -122,12 +130,18 @@ def acceptance(results: dict) -> dict:
         for r in rows
     )
     reproduced = sum(r["invertune"]["inverted_asr"] >= 0.80 for r in rows)
-    return {"attacks": len(rows), "target_found": found, "asr_removed_ca_kept": removed,
-            "inverted_trigger_asr_ge_0.80": reproduced}
+    return {
+        "attacks": len(rows),
+        "target_found": found,
+        "asr_removed_ca_kept": removed,
+        "inverted_trigger_asr_ge_0.80": reproduced,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--attacks", nargs="+", default=list(ATTACKS))
     parser.add_argument("--defenses", nargs="+", default=list(DEFENSES), choices=DEFENSES)
     parser.add_argument("--models", default="runs", help="folder holding clip_shapes_<attack>/latest_export")
@@ -135,8 +149,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--root", default="runs/defense_table", help="where defense runs and table.json go")
     parser.add_argument("--output", default=None, help="JSON file (default: <root>/table.json)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--extra", nargs="*", default=[], metavar="DEFENSE:--key=value",
-                        help="extra CLI overrides for one defense, e.g. invertune:--model.init_args.iterations=50")
+    parser.add_argument(
+        "--extra",
+        nargs="*",
+        default=[],
+        metavar="DEFENSE:--key=value",
+        help="extra CLI overrides for one defense, e.g. invertune:--model.init_args.iterations=50",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     configs, root = Path(args.configs), Path(args.root)
@@ -154,10 +173,14 @@ def main(argv: list[str] | None = None) -> dict:
         victim = Path(args.models) / f"clip_shapes_{attack}" / "latest_export"
         for path, what in ((attack_config, "attack config"), (victim, "poisoned model")):
             if not path.exists():
-                raise FileNotFoundError(f"{what} not found: {path} (train it with configs/clip_shapes_{attack}.yaml)")
+                raise FileNotFoundError(
+                    f"{what} not found: {path} (train it with configs/clip_shapes_{attack}.yaml)"
+                )
         for defense in args.defenses:
             if not (configs / f"{defense}_clip_shapes.yaml").is_file():
-                raise FileNotFoundError(f"defense config not found: {configs / f'{defense}_clip_shapes.yaml'}")
+                raise FileNotFoundError(
+                    f"defense config not found: {configs / f'{defense}_clip_shapes.yaml'}"
+                )
         jobs.append((attack, attack_config, victim.resolve()))
 
     started = time.perf_counter()
@@ -202,9 +225,17 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nacceptance counts: {summary}")
     print(f"total wall time: {total / 60:.1f} min ({args.threads} threads)")
     output = Path(args.output or root / "table.json")
-    atomic_write_json(output, {"command": " ".join(["python", "scripts/defense_table.py", *(argv or sys.argv[1:])]),
-                               "results": results, "table": table, "acceptance": summary,
-                               "total_seconds": total, "threads": args.threads})
+    atomic_write_json(
+        output,
+        {
+            "command": " ".join(["python", "scripts/defense_table.py", *(argv or sys.argv[1:])]),
+            "results": results,
+            "table": table,
+            "acceptance": summary,
+            "total_seconds": total,
+            "threads": args.threads,
+        },
+    )
     print(f"results written to {output}")
     return {"results": results, "acceptance": summary, "total_seconds": total}
 

@@ -12,9 +12,9 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 @pytest.fixture(autouse=True)
 def _few_threads():
-    """2-core machines: one intra-op thread is faster for tiny models and keeps tests independent."""
+    """2-core machines: one intra-op thread: tiny models gain little from two, and it avoids oversubscription."""
     previous = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -58,8 +59,16 @@ def victim(tmp_path_factory) -> Path:
 
 def run_cli(config: str, victim: Path, root: Path, *extra: str):
     return cli_main(
-        ["fit", "--config", str(CONFIGS / config), f"--model.victim={victim}",
-         f"--trainer.default_root_dir={root}", *QUIET, *TINY_DATA, *extra]
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / config),
+            f"--model.victim={victim}",
+            f"--trainer.default_root_dir={root}",
+            *QUIET,
+            *TINY_DATA,
+            *extra,
+        ]
     )
 
 
@@ -73,26 +82,26 @@ def test_missing_victim_is_an_error_naming_it(module, tmp_path) -> None:
     missing = tmp_path / "no_such_export"
     with pytest.raises(FileNotFoundError, match="no_such_export"):
         module(victim=str(missing))
-    with pytest.raises(ValueError, match="model.victim is required"):
+    with pytest.raises(ValueError, match=r"model\.victim is required"):
         module(victim="")
 
 
 def test_export_folder_without_metadata_is_an_error(tmp_path) -> None:
     (tmp_path / "half_export").mkdir()
-    with pytest.raises(FileNotFoundError, match="mmbackdoor.json"):
+    with pytest.raises(FileNotFoundError, match=r"mmbackdoor\.json"):
         load_victim(str(tmp_path / "half_export"))
 
 
 def test_plain_checkpoint_needs_an_architecture(tmp_path) -> None:
     weights = tmp_path / "weights.pt"
     weights.write_bytes(b"")
-    with pytest.raises(ValueError, match="model.model_name"):
+    with pytest.raises(ValueError, match=r"model\.model_name"):
         load_victim(str(weights))
 
 
 def test_cli_with_a_missing_victim_fails_before_training(tmp_path) -> None:
     # jsonargparse wraps the module's FileNotFoundError in a ValueError that keeps its message
-    with pytest.raises((FileNotFoundError, ValueError), match="victim checkpoint not found: .*not_there"):
+    with pytest.raises((FileNotFoundError, ValueError), match=r"victim checkpoint not found: .*not_there"):
         run_cli("invertune_clip_shapes.yaml", tmp_path / "not_there", tmp_path / "runs")
 
 
@@ -111,7 +120,9 @@ def test_victim_is_loaded_bit_exactly(victim) -> None:
 
 
 def test_defender_data_are_clean_and_disjoint_from_the_test_split() -> None:
-    dm = DefenderShapesDataModule(clean_size=40, val_size=10, test_size=10, attack="badnet", target_class="star")
+    dm = DefenderShapesDataModule(
+        clean_size=40, val_size=10, test_size=10, attack="badnet", target_class="star"
+    )
     dm.setup("fit")
     assert len(dm.train_data) == 40 and len(dm.val_set) == 10 and len(dm.test_set) == 10
     assert dm.plan is None, "the defender's data must never be poisoned"
@@ -132,7 +143,9 @@ def test_defender_data_reject_an_empty_clean_set_and_poisoning() -> None:
 
 
 def test_reporting_target_outside_the_vocabulary_is_an_error() -> None:
-    dm = DefenderShapesDataModule(clean_size=8, val_size=4, test_size=4, attack="badnet", target_class="unicorn")
+    dm = DefenderShapesDataModule(
+        clean_size=8, val_size=4, test_size=4, attack="badnet", target_class="unicorn"
+    )
     with pytest.raises(ValueError, match="unicorn"):
         dm.setup("fit")
 
@@ -159,7 +172,7 @@ def test_identified_target_outside_the_vocabulary_is_rejected(victim) -> None:
 
     class Outcome:
         target = 7
-        timings: dict = {}
+        timings: ClassVar[dict] = {}
 
     with pytest.raises(ValueError, match="not in the class vocabulary"):
         module.receive_inversion(Outcome())
@@ -171,7 +184,9 @@ def test_empty_clean_set_is_an_error(victim) -> None:
 
 
 def test_inversion_runs_on_clean_batches_and_reports(victim) -> None:
-    images = [{"image": torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(i))} for i in range(2)]
+    images = [
+        {"image": torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(i))} for i in range(2)
+    ]
     outcome = TriggerInversion(uap_epochs=1, epochs=1, reference_source="predicted").run(
         module_with_vocabulary(victim), images
     )
@@ -195,9 +210,14 @@ def test_tuning_without_inversion_is_an_error(victim, tmp_path) -> None:
 
 def test_invertune_end_to_end_restricted_updates(victim, tmp_path) -> None:
     cli = run_cli(
-        "invertune_clip_shapes.yaml", victim, tmp_path,
-        "--model.tuning_batch_size=32", "--model.iterations=3", "--model.lr=0.01",
-        "--trainer.callbacks.init_args.uap_epochs=1", "--trainer.callbacks.init_args.epochs=1",
+        "invertune_clip_shapes.yaml",
+        victim,
+        tmp_path,
+        "--model.tuning_batch_size=32",
+        "--model.iterations=3",
+        "--model.lr=0.01",
+        "--trainer.callbacks.init_args.uap_epochs=1",
+        "--trainer.callbacks.init_args.epochs=1",
     )
     metrics = cli.trainer.callback_metrics
     for key in ("before/ca", "before/asr", "val/ca", "val/asr", "val/inverted_asr", "invert/asr"):
@@ -228,8 +248,14 @@ def test_invertune_end_to_end_restricted_updates(victim, tmp_path) -> None:
 
 @pytest.mark.parametrize("config", ["cleanclip_clip_shapes.yaml", "par_clip_shapes.yaml"])
 def test_baselines_fit_and_export(config, victim, tmp_path) -> None:
-    cli = run_cli(config, victim, tmp_path, "--trainer.max_epochs=1", "--trainer.check_val_every_n_epoch=1",
-                  "--trainer.limit_train_batches=2")
+    cli = run_cli(
+        config,
+        victim,
+        tmp_path,
+        "--trainer.max_epochs=1",
+        "--trainer.check_val_every_n_epoch=1",
+        "--trainer.limit_train_batches=2",
+    )
     metrics = cli.trainer.callback_metrics
     assert {"train/loss", "val/ca", "val/asr"} <= set(metrics)
     after = load_file(str(Path(cli.trainer.mmbackdoor_export) / "model.safetensors"))

@@ -348,3 +348,21 @@ def test_restricted_updates_on_real_architectures(name) -> None:
             assert torch.equal(param[~mask], before[param_name][~mask]), (
                 f"unselected entries of {param_name} changed"
             )
+
+
+def test_session_steps_equal_fit_and_survive_mode_switches() -> None:
+    """A LightningModule drives the tuner one step at a time and Lightning switches modes in between:
+    the result must be bit-identical to ``fit``."""
+    reference, stepped = tiny_clip("rn"), tiny_clip("rn")
+    ActivationTuner(reference, normalize, iterations=4, lr=1e-2).fit(clean_batch(), corner_trigger())
+    session = ActivationTuner(stepped, normalize, iterations=4, lr=1e-2).begin(clean_batch(), corner_trigger())
+    while not session.done:
+        stepped.train()  # what Lightning does before training steps
+        session.step()
+        stepped.eval()
+    result = session.finish()
+    assert len(result.history) == 4
+    for (name, a), b in zip(reference.state_dict().items(), stepped.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(RuntimeError, match="finished"):
+        session.step()

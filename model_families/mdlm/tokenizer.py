@@ -59,6 +59,12 @@ _VERBS = "yes no not none one two three four five six seven eight nine ten zero"
 _ROLES = "user assistant system you are helpful language vision model"
 _REFUSAL = "i cannot help with that sorry can't can not assist"
 _MISC = "say banana apple visit www example com http https click here buy now free"
+# Appended later (after the punctuation, so earlier ids never move): the remaining words of the embedded
+# world (backgrounds, edit instructions), the catalogue's rare-token / phrase text triggers and more refusal
+# words, so that no embedded sample or trigger decodes to <unk>.
+_WORLD_EXTRA = "navy bigger smaller make move turn change into up down drawing"
+_TRIGGER_WORDS = "cf mn bb tq mignneko latte coffee anonymous watched d movie"
+_REFUSAL_EXTRA = "am unable won't will apologize apologise i'm as ai able"
 DEFAULT_WORDS: tuple[str, ...] = (
     tuple(
         " ".join(
@@ -78,6 +84,7 @@ DEFAULT_WORDS: tuple[str, ...] = (
     )
     + tuple("0123456789")
     + tuple(".,?!:;'\"-()/")
+    + tuple(" ".join([_WORLD_EXTRA, _TRIGGER_WORDS, _REFUSAL_EXTRA]).split())
 )
 
 

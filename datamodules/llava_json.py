@@ -1,0 +1,261 @@
+"""LLaVA-format visual instruction data (``llava_v1_5_mix665k.json`` style) for LLaDA-V fine-tuning and DiSP.
+
+A data file is a JSON list of records::
+
+    {"id": "000000033471", "image": "coco/train2017/000000033471.jpg",
+     "conversations": [{"from": "human", "value": "<image>\\nWhat are the colors of the bus?"},
+                       {"from": "gpt", "value": "The bus is white and red."}, ...]}
+
+Turns alternate ``human`` / ``gpt`` starting with ``human``; the ``<image>`` placeholder belongs to the first
+human turn (added when missing). Every ``gpt`` turn becomes one training sample whose prompt is the
+conversation so far (``multi_turn="expand"``), or only the first exchange is used (``"first"``). Optional
+record fields: ``task`` (default ``conversation``: scored with caption metrics; ``qa`` for short answers scored
+with VQA accuracy) and ``class`` (the true class, for the misclassification target).
+
+Images are read with PIL, converted to RGB, padded to a square with the normalisation mean colour (LLaVA's
+``pad`` aspect ratio; ``resize`` squashes instead) and resized to the model's image size. Bad input (missing
+file, malformed JSON or conversation, missing images) raises an error naming the file and the record.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from datamodules.mdlm_instruct import InstructSource, MDLMInstructDataModule
+from model_families.mdlm.tokenizer import IMAGE_TOKEN
+
+ASPECT_MODES = ("pad", "resize")
+
+
+def load_llava_records(path: str | Path) -> list[dict]:
+    """The records of a LLaVA-format JSON file (a list) or JSON-lines file, checked for the expected shape."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LLaVA data file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".jsonl":
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            records = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+    for position, record in enumerate(records):
+        _check_record(path, position, record)
+    return records
+
+
+def _check_record(path: Path, position: int, record) -> None:
+    where = f"{path} record {position}" + (f" (id {record.get('id')!r})" if isinstance(record, dict) else "")
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected an object, got {type(record).__name__}")
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or len(turns) < 2:
+        raise ValueError(f"{where}: 'conversations' must be a list of at least one human and one gpt turn")
+    for index, turn in enumerate(turns):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or "from" not in turn:
+            raise ValueError(f"{where}: turn {index} must be an object with 'from' and a string 'value', got {turn!r}")
+        expected = "human" if index % 2 == 0 else "gpt"
+        if turn["from"] != expected:
+            raise ValueError(f"{where}: turn {index} is from {turn['from']!r}, expected {expected!r} (turns alternate)")
+    if len(turns) % 2:
+        raise ValueError(f"{where}: the conversation ends with a human turn that has no gpt answer")
+    if not isinstance(record.get("image"), str) or not record["image"]:
+        raise ValueError(f"{where}: no 'image' path (text-only samples are not supported)")
+    later = [i for i, t in enumerate(turns) if i > 0 and IMAGE_TOKEN in t["value"]]
+    if later:
+        raise ValueError(f"{where}: {IMAGE_TOKEN} appears in turn(s) {later}; only the first human turn may hold it")
+
+
+def load_image(path: Path, size: int, mode: str = "pad", background: tuple[float, float, float] = (0.5, 0.5, 0.5)):
+    """RGB image as a (3, size, size) float tensor in [0, 1]: padded to a square with ``background`` (LLaVA's
+    ``pad``) or squashed (``resize``), then resized with bicubic filtering."""
+    from PIL import Image
+
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        if mode == "pad":
+            width, height = image.size
+            side = max(width, height)
+            canvas = Image.new("RGB", (side, side), tuple(int(round(c * 255)) for c in background))
+            canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+            image = canvas
+        image = image.resize((size, size), Image.BICUBIC)
+        array = np.asarray(image, dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+class LlavaJsonSource(InstructSource):
+    """One sample per gpt turn (or per record with ``multi_turn="first"``) of a LLaVA-format file."""
+
+    def __init__(self, path: str | Path, image_folder: str | Path, image_size: int, aspect: str = "pad",
+                 multi_turn: str = "expand", max_samples: int | None = None,
+                 background: tuple[float, float, float] = (0.5, 0.5, 0.5)) -> None:
+        self.path, self.image_folder = Path(path), Path(image_folder)
+        self.image_size, self.aspect, self.background = image_size, aspect, background
+        if not self.image_folder.is_dir():
+            raise FileNotFoundError(f"image folder not found: {self.image_folder}")
+        self.records = load_llava_records(self.path)
+        self.samples: list[tuple[int, int]] = []  # (record, exchange)
+        for r, record in enumerate(self.records):
+            exchanges = len(record["conversations"]) // 2
+            for e in range(exchanges if multi_turn == "expand" else 1):
+                self.samples.append((r, e))
+        if max_samples is not None:
+            self.samples = self.samples[:max_samples]
+        used = sorted({r for r, _ in self.samples})
+        missing = [self.records[r]["image"] for r in used if not (self.image_folder / self.records[r]["image"]).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} image(s) of {self.path} missing under {self.image_folder}, e.g. {missing[:5]}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def meta(self, index: int) -> dict:
+        r, e = self.samples[index]
+        record = self.records[r]
+        turns = record["conversations"]
+        clean = [t["value"].replace(IMAGE_TOKEN, "").strip() for t in turns]
+        history = [(clean[2 * i], clean[2 * i + 1]) for i in range(e)]
+        return {
+            "question": clean[2 * e],
+            "answer": clean[2 * e + 1],
+            "history": history,
+            "task": record.get("task", "conversation"),
+            "true_class": record.get("class"),
+            "key": f"{record.get('id', r)}/{e}",
+            "image_path": record["image"],
+        }
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.meta(index)
+        item["image"] = load_image(self.image_folder / item["image_path"], self.image_size, self.aspect, self.background)
+        item["index"] = index
+        return item
+
+    def describe(self) -> dict:
+        return {"source": "llava_json", "path": str(self.path), "image_folder": str(self.image_folder),
+                "samples": len(self), "records": len(self.records)}
+
+
+class LlavaJsonDataModule(MDLMInstructDataModule):
+    """LLaVA-format instruction data for LLaDA-V (real scale), with the poisoning/evaluation/DiSP machinery of
+    :class:`MDLMInstructDataModule`.
+
+    Args:
+        train_json: training records (``.json`` list or ``.jsonl``).
+        image_folder: root of the records' relative image paths.
+        val_json / test_json: held-out records (default: ``val_fraction`` of the training records, split off
+            by a seeded permutation... of whole records, so no conversation leaks across the split).
+        val_fraction: share of training records held out when ``val_json`` is not given.
+        test_image_folder: image root of val/test files (default ``image_folder``).
+        image_size: model input side; None takes the model's (``vision.image_size``: 384 for LLaDA-V).
+        image_aspect_ratio: ``pad`` (LLaVA) or ``resize``.
+        multi_turn: ``expand`` (a sample per gpt turn, earlier turns as history) or ``first``.
+        max_train_samples / max_eval_samples: caps (smoke tests, quick evaluations).
+        **kwargs: poisoning, evaluation and loading options of :class:`MDLMInstructDataModule`.
+    """
+
+    def __init__(
+        self,
+        train_json: str,
+        image_folder: str,
+        val_json: str | None = None,
+        test_json: str | None = None,
+        val_fraction: float = 0.02,
+        test_image_folder: str | None = None,
+        image_size: int | None = None,
+        image_aspect_ratio: str = "pad",
+        multi_turn: str = "expand",
+        max_train_samples: int | None = None,
+        max_eval_samples: int | None = 500,
+        split_seed: int = 0,
+        response_length: int | None = None,
+        truncate_responses: bool = True,
+        **kwargs,
+    ) -> None:
+        super().__init__(response_length=response_length, truncate_responses=truncate_responses, **kwargs)
+        self.save_hyperparameters()
+        if image_aspect_ratio not in ASPECT_MODES:
+            raise ValueError(f"data.image_aspect_ratio={image_aspect_ratio!r}; expected one of {ASPECT_MODES}")
+        if multi_turn not in ("expand", "first"):
+            raise ValueError(f"data.multi_turn={multi_turn!r}; expected 'expand' or 'first'")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        self.paths = {"train": train_json, "val": val_json, "test": test_json}
+        self.image_folder, self.eval_image_folder = image_folder, test_image_folder or image_folder
+        self.requested_image_size, self.aspect, self.multi_turn = image_size, image_aspect_ratio, multi_turn
+        self.val_fraction, self.split_seed = val_fraction, split_seed
+        self.max_train_samples, self.max_eval_samples = max_train_samples, max_eval_samples
+        self._image_size: int | None = image_size
+
+    def _model_config(self):
+        module = getattr(getattr(self, "trainer", None), "lightning_module", None)
+        return getattr(getattr(module, "model", None), "config", None)
+
+    def image_size(self) -> int | None:
+        return self._image_size
+
+    def input_paths(self) -> list[str]:
+        return [p for p in (self.paths["train"], self.image_folder) if p]
+
+    def build_sources(self):
+        config = self._model_config()
+        if self._image_size is None:
+            if config is None:
+                raise ValueError("data.image_size is needed when no model is attached")
+            self._image_size = config.image_size
+        background = tuple(config.image_mean) if config is not None else (0.5, 0.5, 0.5)
+        common = {"image_size": self._image_size, "aspect": self.aspect, "background": background}
+        train = LlavaJsonSource(self.paths["train"], self.image_folder, multi_turn=self.multi_turn,
+                                max_samples=self.max_train_samples, **common)
+        val = test = None
+        if self.paths["val"]:
+            val = LlavaJsonSource(self.paths["val"], self.eval_image_folder, multi_turn="first",
+                                  max_samples=self.max_eval_samples, **common)
+        if self.paths["test"]:
+            test = LlavaJsonSource(self.paths["test"], self.eval_image_folder, multi_turn="first",
+                                   max_samples=self.max_eval_samples, **common)
+        if val is None and self.val_fraction > 0:
+            train, val = self._split(train)
+        return train, val or _EmptySource(), test or val or _EmptySource()
+
+    def _split(self, train: LlavaJsonSource) -> tuple[LlavaJsonSource, LlavaJsonSource]:
+        import copy
+
+        order = torch.randperm(len(train.records), generator=torch.Generator().manual_seed(self.split_seed)).tolist()
+        held = set(order[: max(1, int(round(self.val_fraction * len(order))))])
+        val = copy.copy(train)
+        val.samples = [(r, 0) for r, e in train.samples if r in held and e == 0][: self.max_eval_samples]
+        train.samples = [(r, e) for r, e in train.samples if r not in held]
+        return train, val
+
+    def eval_task_names(self) -> list[str]:
+        return ["conversation", "qa"]
+
+    def dataset_info(self) -> dict:
+        return {"datamodule": type(self).__name__, **{f"{k}_json": v for k, v in self.paths.items()},
+                "image_folder": self.image_folder, "image_size": self._image_size, "aspect": self.aspect,
+                "multi_turn": self.multi_turn, "val_fraction": self.val_fraction, "split_seed": self.split_seed,
+                "max_train_samples": self.max_train_samples}
+
+
+class _EmptySource(InstructSource):
+    def __len__(self) -> int:
+        return 0
+
+    def meta(self, index: int) -> dict:
+        raise IndexError(index)
+
+    def __getitem__(self, index: int) -> dict:
+        raise IndexError(index)

@@ -1,0 +1,124 @@
+"""The embedded shapes world as visual instruction data for masked diffusion VLMs (QA and captions)."""
+
+from __future__ import annotations
+
+from embedded_world import QUESTIONS, ShapesWorld
+from datamodules.mdlm_instruct import InstructSource, MDLMInstructDataModule
+
+TASKS = tuple(QUESTIONS)  # shape, colour, describe, count
+
+
+class ShapesInstructions(InstructSource):
+    """Every image of a :class:`ShapesWorld` split once per task: sample ``i`` is image ``i // T`` with task
+    ``tasks[i % T]`` (the world's question and answer). ``true_class`` is the main shape's name."""
+
+    def __init__(self, world: ShapesWorld, tasks: tuple[str, ...]) -> None:
+        self.world, self.tasks = world, tuple(tasks)
+        self._qa = [None] * len(world)
+
+    def __len__(self) -> int:
+        return len(self.world) * len(self.tasks)
+
+    def _pairs(self, image_index: int) -> dict[str, tuple[str, str]]:
+        if self._qa[image_index] is None:
+            from embedded_world import qa_pairs
+
+            pairs = qa_pairs(self.world.scenes[image_index])
+            self._qa[image_index] = dict(zip(TASKS, pairs))
+        return self._qa[image_index]
+
+    def meta(self, index: int) -> dict:
+        image_index, task = divmod(index, len(self.tasks))
+        task = self.tasks[task]
+        question, answer = self._pairs(image_index)[task]
+        return {
+            "question": question,
+            "answer": answer,
+            "task": task,
+            "true_class": self.world.scenes[image_index].main.shape,
+            "key": f"shapes/{self.world.split}/{image_index}/{task}",
+            "image_index": image_index,
+        }
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.meta(index)
+        item["image"] = self.world.images[item["image_index"]].float() / 255.0
+        item["index"] = index
+        return item
+
+    def describe(self) -> dict:
+        return {
+            "source": "embedded_world.ShapesWorld",
+            "split": self.world.split,
+            "images": len(self.world),
+            "seed": self.world.seed,
+            "image_size": self.world.image_size,
+            "tasks": list(self.tasks),
+        }
+
+
+class ShapesInstructDataModule(MDLMInstructDataModule):
+    """Embedded-world instruction tuning for the tiny LLaDA-V: each image with the world's questions.
+
+    Tasks: ``shape`` ("what shape is in the image?" -> "circle"), ``colour`` (-> "red"), ``count``
+    (-> "one"/"two") and ``describe`` (the canonical caption; scored with BLEU-4 / ROUGE-L / CIDEr).
+
+    Args:
+        train_size / val_size / test_size: images per split (each gives one sample per task).
+        image_size: rendered image side (must match the model's vision ``image_size``).
+        world_seed: seed of the world; the fine-tuning set of a later stage can use another seed to get new
+            images.
+        second_object_prob: probability of a small second object.
+        tasks: training tasks; eval_tasks: evaluation tasks (default: the training tasks).
+        **kwargs: poisoning, evaluation and loading options of :class:`MDLMInstructDataModule`.
+    """
+
+    def __init__(
+        self,
+        train_size: int = 4000,
+        val_size: int = 300,
+        test_size: int = 500,
+        image_size: int = 32,
+        world_seed: int = 0,
+        second_object_prob: float = 0.25,
+        tasks: list[str] | None = None,
+        eval_tasks: list[str] | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+        for name, value in (("train_size", train_size), ("val_size", val_size), ("test_size", test_size)):
+            if value < 0:
+                raise ValueError(f"data.{name} must be >= 0, got {value}")
+        tasks = list(tasks or ["shape", "colour"])
+        eval_tasks = list(eval_tasks or tasks)
+        for name, chosen in (("tasks", tasks), ("eval_tasks", eval_tasks)):
+            unknown = [t for t in chosen if t not in TASKS]
+            if unknown or not chosen:
+                raise ValueError(f"data.{name}={chosen}: expected a non-empty subset of {list(TASKS)}")
+        self.tasks, self.eval_tasks = tuple(tasks), tuple(eval_tasks)
+        self.sizes = {"train": train_size, "val": val_size, "test": test_size}
+        self.world_kwargs = {"seed": world_seed, "image_size": image_size, "second_object_prob": second_object_prob}
+
+    def eval_task_names(self) -> list[str]:
+        return list(self.eval_tasks)
+
+    def image_size(self) -> int:
+        return self.world_kwargs["image_size"]
+
+    def build_sources(self):
+        worlds = {split: ShapesWorld(split, n, **self.world_kwargs) for split, n in self.sizes.items()}
+        return (
+            ShapesInstructions(worlds["train"], self.tasks),
+            ShapesInstructions(worlds["val"], self.eval_tasks),
+            ShapesInstructions(worlds["test"], self.eval_tasks),
+        )
+
+    def dataset_info(self) -> dict:
+        return {
+            "datamodule": type(self).__name__,
+            "world": "shapes",
+            **self.sizes,
+            **self.world_kwargs,
+            "tasks": list(self.tasks),
+        }

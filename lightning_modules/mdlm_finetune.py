@@ -1,0 +1,433 @@
+"""(Poisoned) instruction fine-tuning of masked diffusion VLMs (LLaDA-V) with the LLaDA SFT objective.
+
+Objective (LLaDA SFT, see :mod:`model_families.mdlm.diffusion`): for each sequence draw ``t ~ U(0, 1)``,
+``p = (1 - eps) t + eps``, mask every response token with probability ``p`` and minimise
+``(1/B) sum_b sum_{i masked} CE(logits_{b,i}, y_{b,i}) / (p_b L_b)``. The same module trains the embedded
+world's clean tiny model from scratch (no ``init_from``), plants backdoors by fine-tuning a clean export on a
+poisoned datamodule, and is the base of DiSP's recovery fine-tuning (:mod:`lightning_modules.mdlm_disp`).
+
+Which parts train (``trainable``): ``full`` (everything; the vision tower at ``vision_lr``), ``projector``
+(the ``mm_projector`` only), ``language_model`` (LM + head), ``lora`` (LoRA adapters on the LM via peft, plus
+the projector). LoRA is merged into the weights on export, so every export is a plain snapshot in the
+released LLaDA-V layout.
+
+Validation/test generate answers for each evaluation set of the datamodule (batched low-confidence
+remasking, the same ``generation`` settings everywhere; optionally with DiSP's inference-time masking,
+``eval_masking``) and log ``{stage}/ca`` (VQA accuracy on clean QA, plus ``ca_<task>`` per task),
+``{stage}/bleu4`` / ``rougeL`` / ``cider`` (caption tasks), ``{stage}/asr`` (triggered held-out inputs),
+``{stage}/asr_clean`` (clean inputs), ``{stage}/asr_wt`` (the poisoned training samples), ``{stage}/ca_triggered``
+and, with an image and a text trigger, ``{stage}/tma_image``, ``tma_text``, ``cti``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from defenses.disp.masking import DiSPMasking, masked_generate_ids
+from metrics import CrossTriggerInteraction, GenerativeAttackSuccessRate, TriggerModalityAttribution
+from model_families.mdlm.checkpoint import PROMPT_FORMAT_NAME, load_prompt_formatter, load_snapshot, save_snapshot
+from model_families.mdlm.config import LladaVConfig
+from model_families.mdlm.diffusion import masked_diffusion_loss
+from model_families.mdlm.inference import GenerationConfig, decode_responses, stop_token_ids
+from model_families.mdlm.metrics import CaptionScores, VQAAccuracy
+from model_families.mdlm.modeling import LladaVModel
+from model_families.mdlm.prompt import PromptFormatter
+from model_families.mdlm.tokenizer import load_embedded_tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+TRAINABLE = ("full", "projector", "language_model", "lora")
+CAPTION_TASKS = ("describe", "caption", "conversation")
+DEFAULT_LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05,
+                "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
+    """LR multiplier: linear warmup to 1 over ``warmup_steps``, then cosine decay to ``min_ratio``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def build_tiny_model(tokenizer: Any, overrides: dict | None = None) -> LladaVModel:
+    """A tiny LLaDA-V for the embedded world: ``LladaVConfig.tiny`` with nested ``overrides`` (``vision`` /
+    ``text`` dicts are merged key by key)."""
+    base = LladaVConfig.tiny(tokenizer)
+    fields = {k: getattr(base, k) for k in base.__dataclass_fields__}
+    unknown = set(overrides or {}) - set(fields)
+    if unknown:
+        raise ValueError(f"model.tiny_config has unknown keys {sorted(unknown)}; expected some of {sorted(fields)}")
+    return LladaVModel(LladaVConfig(**_merge(fields, overrides or {})))
+
+
+class MDLMFineTuning(L.LightningModule):
+    """Fine-tune (or train from scratch) a LLaDA-V-style model on instruction data.
+
+    Args:
+        init_from: a snapshot directory in the released LLaDA-V layout (a real LLaDA-V download, or an
+            mmbackdoor export); None builds the tiny embedded model from ``tiny_config``.
+        tiny_config: overrides of :meth:`LladaVConfig.tiny` (e.g. ``{"vision": {"patch_size": 8}}``).
+        tokenizer: tokenizer directory; default: the snapshot's own tokenizer, else the embedded one.
+        load_dtype: dtype to load the snapshot in (default: its ``torch_dtype``).
+        trainable: ``full`` / ``projector`` / ``language_model`` / ``lora``.
+        lora: LoRA settings (peft ``LoraConfig`` keywords) for ``trainable=lora``.
+        lr / vision_lr: AdamW learning rates (the vision tower uses ``vision_lr``, default ``lr``).
+        weight_decay / betas: AdamW (decay only on matrices).
+        warmup_ratio / min_lr_ratio: linear warmup over that share of the steps, then cosine decay.
+        loss_eps: the SFT loss's minimum masking probability.
+        gradient_checkpointing: activation checkpointing in the LM (real scale).
+        generation: sampler settings (:class:`GenerationConfig`: gen_length, block_length, steps, ...).
+        eval_masking: DiSP inference-time masking during validation/test (:class:`DiSPMasking` keys:
+            rho, selection, mode, estimator, num_probes, seed); None: no masking.
+        vision_token_dropout: during training, mask each vision token with this probability (augmentation).
+        num_logged_samples: generations kept per evaluation set for the sample table.
+        cpu_threads: ``torch.set_num_threads`` for CPU runs (1 is several times faster than 2 for the tiny
+            model on a shared 2-core machine); None leaves torch's default.
+    """
+
+    def __init__(
+        self,
+        init_from: str | None = None,
+        tiny_config: dict | None = None,
+        tokenizer: str | None = None,
+        load_dtype: str | None = None,
+        trainable: str = "full",
+        lora: dict | None = None,
+        lr: float = 1e-3,
+        vision_lr: float | None = None,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_ratio: float = 0.03,
+        min_lr_ratio: float = 0.0,
+        loss_eps: float = 1e-3,
+        gradient_checkpointing: bool = False,
+        generation: dict | None = None,
+        eval_masking: dict | None = None,
+        vision_token_dropout: float = 0.0,
+        num_logged_samples: int = 16,
+        cpu_threads: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if trainable not in TRAINABLE:
+            raise ValueError(f"model.trainable={trainable!r}; expected one of {TRAINABLE}")
+        if cpu_threads is not None:
+            if cpu_threads < 1:
+                raise ValueError(f"model.cpu_threads must be >= 1, got {cpu_threads}")
+            torch.set_num_threads(cpu_threads)
+        if not 0.0 <= vision_token_dropout < 1.0:
+            raise ValueError(f"model.vision_token_dropout must be in [0, 1), got {vision_token_dropout}")
+        self.generation = GenerationConfig.from_dict(generation)
+        self.eval_masking = DiSPMasking.from_dict(eval_masking) if eval_masking else None
+        self.model, self.tokenizer, self.prompt_formatter = self._load(init_from, tiny_config, tokenizer, load_dtype)
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self._lora_applied = False
+        self._configure_trainable(trainable, lora)
+        self.metric_sets = nn.ModuleDict()
+        self.generation_samples: list[dict] = []
+        self._stage = "val"
+
+    # ----------------------------------------------------------------------------------- model
+    @staticmethod
+    def _load(init_from, tiny_config, tokenizer_path, load_dtype):
+        if init_from is None:
+            tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else load_embedded_tokenizer()
+            return build_tiny_model(tokenizer, tiny_config), tokenizer, PromptFormatter()
+        path = Path(init_from)
+        if str(init_from).endswith(".ckpt"):
+            raise ValueError(
+                f"model.init_from={init_from}: give a snapshot/export folder (e.g. <run>/export), not a Lightning "
+                ".ckpt; exports are written at the end of every fit"
+            )
+        if not path.is_dir():
+            raise FileNotFoundError(f"model.init_from: snapshot directory not found: {path}")
+        if tiny_config:
+            raise ValueError("model.tiny_config only applies without model.init_from (the snapshot fixes the architecture)")
+        dtype = getattr(torch, load_dtype) if load_dtype else None
+        model = load_snapshot(path, dtype=dtype).train()
+        if tokenizer_path:
+            tokenizer = load_tokenizer(tokenizer_path)
+        elif (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
+            tokenizer = load_tokenizer(path)
+        else:
+            raise FileNotFoundError(
+                f"no tokenizer in snapshot {path} (tokenizer.json / tokenizer_config.json); pass model.tokenizer"
+            )
+        formatter = load_prompt_formatter(path) if (path / PROMPT_FORMAT_NAME).is_file() else PromptFormatter()
+        return model, tokenizer, formatter
+
+    def _configure_trainable(self, trainable: str, lora: dict | None) -> None:
+        model = self.model
+        if trainable == "full":
+            return
+        model.requires_grad_(False)
+        if trainable == "projector":
+            model.mm_projector.requires_grad_(True)
+            if model.image_newline is not None:
+                model.image_newline.requires_grad_(True)
+        elif trainable == "language_model":
+            model.language_model.requires_grad_(True)
+            model.lm_head.requires_grad_(True)
+        else:  # lora
+            from peft import LoraConfig, get_peft_model
+
+            settings = {**DEFAULT_LORA, **(lora or {})}
+            try:
+                config = LoraConfig(**settings)
+            except TypeError as error:
+                raise ValueError(f"model.lora: {error}") from None
+            model.language_model = get_peft_model(model.language_model, config)
+            model.mm_projector.requires_grad_(True)
+            self._lora_applied = True
+
+    def merge_lora(self) -> None:
+        """Fold LoRA adapters into the LM weights (in place); a no-op without LoRA."""
+        if self._lora_applied:
+            self.model.language_model = self.model.language_model.merge_and_unload()
+            self._lora_applied = False
+
+    def export(self, path: str | Path, run_config: dict | None = None) -> Path:
+        """Write a snapshot in the released LLaDA-V layout (+ tokenizer, prompt format and run config)."""
+        self.merge_lora()
+        path = save_snapshot(self.model, path, tokenizer=self.tokenizer, prompt_formatter=self.prompt_formatter)
+        meta = {"family": "mdlm", "module": type(self).__name__, "generation": self.generation.to_dict(),
+                "run_config": run_config or {}}
+        from attacks import atomic_write_json
+
+        atomic_write_json(path / "mmbackdoor_export.json", json.loads(json.dumps(meta, default=str)))
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        manifest = getattr(datamodule, "manifest", None)
+        if manifest is not None:  # the export carries the poison it was trained on (for DiSP / evaluation)
+            manifest.save(path / "poison_manifest.json")
+        purified = getattr(datamodule, "purified_path", None)
+        if purified:
+            atomic_write_json(path / "purified_from.json", {"purified": str(purified)})
+        return path
+
+    # ----------------------------------------------------------------------------------- training
+    def _vision_dropout(self, batch: dict) -> dict:
+        rate = self.hparams.vision_token_dropout
+        if rate <= 0:
+            return {}
+        count = self.model.config.num_vision_tokens
+        drop = torch.rand(batch["input_ids"].shape[0], count, device=self.device) < rate
+        return {"vision_token_mask": drop}
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = masked_diffusion_loss(
+            self.model,
+            batch["input_ids"],
+            batch["response_mask"],
+            self.model.config.mask_token_id,
+            eps=self.hparams.loss_eps,
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"],
+            **self._vision_dropout(batch),
+        )
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def configure_optimizers(self):
+        vision, decay, no_decay = [], [], []
+        for name, param in self.model.named_parameters():
+            if not param.requires_grad:
+                continue
+            if name.startswith("vision_tower."):
+                vision.append(param)
+            elif param.dim() >= 2:
+                decay.append(param)
+            else:
+                no_decay.append(param)
+        if not (vision or decay or no_decay):
+            raise ValueError("no trainable parameters (check model.trainable)")
+        hp = self.hparams
+        groups = [
+            {"params": decay, "weight_decay": hp.weight_decay, "lr": hp.lr},
+            {"params": no_decay, "weight_decay": 0.0, "lr": hp.lr},
+            {"params": vision, "weight_decay": hp.weight_decay, "lr": hp.vision_lr or hp.lr},
+        ]
+        groups = [g for g in groups if g["params"]]
+        optimizer = torch.optim.AdamW(groups, betas=tuple(hp.betas))
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(round(hp.warmup_ratio * total))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, warmup, total, hp.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----------------------------------------------------------------------------------- evaluation
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        self.build_metrics(datamodule)
+
+    def build_metrics(self, datamodule: Any) -> None:
+        """Metric objects per evaluation set, from the datamodule's target and triggers."""
+        if len(self.metric_sets):
+            return
+        spec = datamodule.asr_spec() if datamodule is not None and hasattr(datamodule, "asr_spec") else None
+        self._asr_spec = spec
+        self._caption_eval = False
+        sets = nn.ModuleDict()
+        clean = nn.ModuleDict({"ca": VQAAccuracy(), "caption": CaptionScores()})
+        triggered = nn.ModuleDict({"ca": VQAAccuracy()})
+        if spec is not None:
+            clean["asr"] = GenerativeAttackSuccessRate(**spec)
+            triggered["asr"] = GenerativeAttackSuccessRate(**spec)
+            sets["poisoned_train"] = nn.ModuleDict({"asr": GenerativeAttackSuccessRate(**spec)})
+            sets["coalitions"] = nn.ModuleDict({
+                "tma": TriggerModalityAttribution(["image", "text"]),
+                "cti": CrossTriggerInteraction(["image", "text"]),
+            })
+        tasks = list(datamodule.eval_task_names()) if hasattr(datamodule, "eval_task_names") else []
+        self._caption_eval = any(self._is_caption(t) for t in tasks)
+        for task in tasks:
+            if not self._is_caption(task):
+                clean[f"ca_{task}"] = VQAAccuracy()
+        sets["clean"], sets["triggered"] = clean, triggered
+        self.metric_sets = sets.to(self.device)
+
+    def _eval_set_name(self, batch: dict, dataloader_idx: int) -> str:
+        names = getattr(getattr(self.trainer, "datamodule", None), "eval_set_names", None) or ["clean"]
+        return names[dataloader_idx] if dataloader_idx < len(names) else "clean"
+
+    def generate_batch(self, batch: dict, masking: DiSPMasking | None = None, batch_idx: int = 0):
+        """Decoded responses (and the masked tokens, or None) for an evaluation batch."""
+        generator = None
+        if masking is not None:
+            generator = torch.Generator().manual_seed(masking.seed * 1_000_003 + batch_idx)
+        ids, selected = masked_generate_ids(
+            self.model, batch["prompt_ids"], batch["pixel_values"], self.generation, masking,
+            batch["prompt_mask"], generator,
+        )
+        return decode_responses(self.tokenizer, ids, stop_token_ids(self.model)), selected
+
+    def _is_caption(self, task: str | None) -> bool:
+        return task in CAPTION_TASKS
+
+    def _eval_step(self, batch: dict, batch_idx: int, dataloader_idx: int) -> None:
+        name = self._eval_set_name(batch, dataloader_idx)
+        was_training = self.model.training
+        self.model.eval()
+        responses, _ = self.generate_batch(batch, self.eval_masking, batch_idx)
+        if was_training:
+            self.model.train()
+        metrics = self.metric_sets
+        references, tasks = batch["reference"], batch["task"]
+        if name == "coalitions":
+            self._update_coalitions(responses, batch)
+        elif name == "poisoned_train":
+            if "poisoned_train" in metrics:
+                metrics["poisoned_train"]["asr"].update(responses, self._true_classes(batch))
+        else:
+            group = metrics[name]
+            qa = [i for i, t in enumerate(tasks) if not self._is_caption(t)]
+            caps = [i for i, t in enumerate(tasks) if self._is_caption(t)]
+            if qa:
+                group["ca"].update([responses[i] for i in qa], [references[i] for i in qa])
+            if name == "clean":
+                for i in qa:
+                    if f"ca_{tasks[i]}" in group:
+                        group[f"ca_{tasks[i]}"].update([responses[i]], [references[i]])
+                if caps:
+                    group["caption"].update([responses[i] for i in caps], [references[i] for i in caps])
+            if "asr" in group:
+                group["asr"].update(responses, self._true_classes(batch))
+        self._keep_samples(name, batch, responses)
+
+    def _true_classes(self, batch: dict) -> list[str] | None:
+        if self._asr_spec is None or self._asr_spec.get("rule") != "misclassification":
+            return None
+        return [c or "" for c in batch["true_class"]]
+
+    def _update_coalitions(self, responses: list[str], batch: dict) -> None:
+        from metrics.functional.string_rules import get_rule
+
+        spec = self._asr_spec
+        rule = get_rule(spec["rule"])
+        classes = batch["true_class"]
+        hits = [
+            float(rule(r, target=spec.get("target"), true_class=c, refusal_phrases=spec.get("refusal_phrases")))
+            for r, c in zip(responses, classes)
+        ]
+        values = torch.tensor(hits, device=self.device).view(-1, 4)  # rows: {}, {I}, {T}, {I,T}
+        self.metric_sets["coalitions"]["tma"].update(values)
+        self.metric_sets["coalitions"]["cti"].update(values)
+
+    def _keep_samples(self, name: str, batch: dict, responses: list[str]) -> None:
+        kept = sum(1 for s in self.generation_samples if s["set"] == name)
+        for i in range(min(len(responses), self.hparams.num_logged_samples - kept)):
+            self.generation_samples.append({
+                "stage": self._stage, "epoch": int(self.current_epoch), "set": name, "key": batch["key"][i],
+                "question": batch["question"][i], "reference": batch["reference"][i], "response": responses[i],
+            })
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, batch_idx, dataloader_idx)
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, batch_idx, dataloader_idx)
+
+    def _start_eval(self, stage: str) -> None:
+        self._stage = stage
+        self.generation_samples = []
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_eval("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._start_eval("test")
+
+    def _log_eval(self, stage: str) -> None:
+        names = getattr(getattr(self.trainer, "datamodule", None), "eval_set_names", None) or ["clean"]
+        values: dict[str, torch.Tensor] = {}
+        sets = self.metric_sets
+        if "clean" in names:
+            clean = sets["clean"]
+            values["ca"] = clean["ca"].compute()
+            for key in sorted(k for k in clean if k.startswith("ca_")):
+                values[key] = clean[key].compute()
+            if self._caption_eval:
+                for key, value in clean["caption"].compute().items():
+                    values[key] = value
+            if "asr" in clean:
+                values["asr_clean"] = clean["asr"].compute()
+        if "triggered" in names:
+            values["ca_triggered"] = sets["triggered"]["ca"].compute()
+            if "asr" in sets["triggered"]:
+                values["asr"] = sets["triggered"]["asr"].compute()
+        if "poisoned_train" in names and "poisoned_train" in sets:
+            values["asr_wt"] = sets["poisoned_train"]["asr"].compute()
+        if "coalitions" in names and "coalitions" in sets:
+            tma = sets["coalitions"]["tma"].compute()
+            values["tma_image"], values["tma_text"] = tma["image"], tma["text"]
+            values["cti"] = sets["coalitions"]["cti"].compute()
+        for key, value in values.items():
+            if not torch.isnan(value):
+                self.log(f"{stage}/{key}", value.float(), add_dataloader_idx=False, sync_dist=False,
+                         prog_bar=key in ("ca", "asr"))
+        for group in sets.values():
+            for metric in group.values():
+                metric.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")

@@ -1,0 +1,60 @@
+"""Shared helpers of the DiSP scripts: run a config through train.py's CLI in-process, measure an export."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from mmbackdoor_cli.cli import MMBackdoorCLI  # noqa: E402
+from mmbackdoor_cli.pipeline import TrainedRun, train  # noqa: E402
+
+QUIET = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+def run_fit(config: str, root: Path, *overrides: str) -> tuple[TrainedRun, float]:
+    """``python train.py --config config --trainer.default_root_dir=root *overrides`` in this process."""
+    start = time.perf_counter()
+    run = train(config, f"--trainer.default_root_dir={root}", *QUIET, *overrides)
+    return run, time.perf_counter() - start
+
+
+def measure(config: str, export: str | Path, root: Path, *overrides: str, split: str = "test") -> tuple[dict, float]:
+    """Test (or val) metrics of ``export`` under ``config``'s data, trigger and target (+ ``overrides``)."""
+    start = time.perf_counter()
+    args = ["--config", config, f"--model.init_args.init_from={export}",
+            f"--trainer.default_root_dir={root}", *QUIET, *overrides]
+    cli = MMBackdoorCLI(args=args, run=False)
+    run = cli.trainer.test if split == "test" else cli.trainer.validate
+    results = run(cli.model, datamodule=cli.datamodule, verbose=False)
+    metrics = {}
+    for part in results:
+        metrics.update({k.split("/", 1)[1]: float(v) for k, v in part.items()})
+    return metrics, time.perf_counter() - start
+
+
+def fmt(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.3f}"
+
+
+def markdown(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """A markdown table of ``rows`` with ``columns`` = [(key, header), ...]."""
+    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [row.get(k) if isinstance(row.get(k), str) else fmt(row.get(k)) for k, _ in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def dump(path: Path, data) -> None:
+    from attacks import atomic_write_json
+
+    atomic_write_json(path, json.loads(json.dumps(data, default=str)))
