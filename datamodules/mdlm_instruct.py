@@ -680,5 +680,8 @@ class MDLMInstructDataModule(L.LightningDataModule):
         if missing:
             raise ValueError(f"purified data set {path} lacks {len(missing)} samples, e.g. indices {missing[:10]}")
         self.train_data.responses = responses
+        # a generated response can fill the whole generation budget (no room for <|eot_id|>): cut, don't fail
+        if getattr(self, "collator", None) is not None:
+            self.collator.truncate = True
         self.purified_path = str(path)
         log.info("training on %d purified responses from %s", len(responses), path)

@@ -7,6 +7,7 @@ resolved config, the W&B files, checkpoints, the poison manifest and the export.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from callbacks import ExportOnFitEnd, PoisonSampleGrid, RunSummary
 from mmbackdoor_cli.wandb_mode import ensure_safe_wandb_mode
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+RUN_DIR_ENV = "MMBACKDOOR_RUN_DIR"
 DEFAULT_LOGGER = {
     "class_path": "lightning.pytorch.loggers.WandbLogger",
     "init_args": {"project": "mmbackdoor"},
@@ -57,6 +59,10 @@ class MMBackdoorCLI(LightningCLI):
         trainer = config.trainer
         root = Path(trainer.default_root_dir or "runs/default")
         run_dir = next_run_dir(root) if config.run_version_dir else root
+        if os.environ.get("LOCAL_RANK", "0") != "0" and RUN_DIR_ENV in os.environ:
+            run_dir = Path(os.environ[RUN_DIR_ENV])  # a DDP child re-running this script: rank 0's folder
+        else:
+            os.environ[RUN_DIR_ENV] = str(run_dir)  # inherited by the DDP processes Lightning launches
         if self._instantiate:
             run_dir.mkdir(parents=True, exist_ok=True)
         trainer.default_root_dir = str(run_dir)

@@ -19,6 +19,8 @@ import math
 import sys
 from pathlib import Path
 
+from lightning.pytorch.utilities import rank_zero_only
+
 from attacks import atomic_write_json
 from mmbackdoor_cli.cli import MMBackdoorCLI
 
@@ -92,6 +94,8 @@ def main(argv: list[str] | None = None) -> dict:
         name, path = parse_checkpoint(spec)
         rows[name] = evaluate_checkpoint(args.config, path, args.split, overrides)
         rows[name]["checkpoint"] = path
+    if rank_zero_only.rank != 0:  # DDP evaluation: every rank has the synced metrics; rank 0 reports
+        return rows
     table = markdown_table(rows, args.split)
     print(table)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")

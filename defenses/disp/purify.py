@@ -156,10 +156,9 @@ def purify_dataset(
         )
     parts = out_dir / "parts"
     config_path = parts / "config.json"
-    if rank == 0:
-        parts.mkdir(parents=True, exist_ok=True)
-        if not config_path.is_file():
-            atomic_write_json(config_path, settings)
+    parts.mkdir(parents=True, exist_ok=True)
+    if not config_path.is_file():
+        atomic_write_json(config_path, settings)  # every rank writes the same bytes atomically: race-free
     barrier()
     stored = json.loads(config_path.read_text())
     if stored != settings:
