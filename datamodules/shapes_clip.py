@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import functools
+
 from torch.utils.data import Dataset
 
 from datamodules.image_text import ImageTextPoisonDataModule
 from embedded_world import ShapesWorld
+
+
+@functools.lru_cache(maxsize=8)
+def cached_world(split: str, size: int, seed: int, image_size: int, second_object_prob: float) -> ShapesWorld:
+    """Worlds are pure functions of their arguments: multi-stage commands (quickstart, tables) render once."""
+    return ShapesWorld(split, size, seed=seed, image_size=image_size, second_object_prob=second_object_prob)
 
 
 class _CaptionView(Dataset):
@@ -56,7 +64,7 @@ class ShapesCLIPDataModule(ImageTextPoisonDataModule):
         self.world_kwargs = {"seed": world_seed, "image_size": image_size, "second_object_prob": second_object_prob}
 
     def build_splits(self):
-        worlds = {s: ShapesWorld(s, n, **self.world_kwargs) for s, n in self.sizes.items()}
+        worlds = {s: cached_world(s, n, **self.world_kwargs) for s, n in self.sizes.items()}
         views = [_CaptionView(worlds[s]) for s in ("train", "val", "test")]
         return (*views, list(ShapesWorld.class_names), self.world_kwargs["image_size"])
 

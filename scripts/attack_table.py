@@ -50,7 +50,7 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['attack']} | {r['clean_ca']:.3f} | {r['clean_asr']:.3f} | {r['poisoned_ca']:.3f} | "
                      f"{r['poisoned_asr']:.3f} | {r['clean_ca'] - r['poisoned_ca']:+.3f} |")
-    print("\n## Attacks on the embedded world (tiny-rn-shapes, target 'star', 5% poison, test split, exclude-target ASR)\n")
+    print("\n## Attacks on the embedded world (tiny-rn-shapes, target 'star', 10% poison, 4 epochs, test split, exclude-target ASR)\n")
     print("\n".join(lines))
     elapsed = time.perf_counter() - start
     print(f"\nclean export: {clean}\ntotal time: {elapsed / 60:.1f} min")

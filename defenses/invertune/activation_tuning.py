@@ -44,6 +44,7 @@ from defenses.invertune.zero_shot import Normalize, eval_mode, model_device
 
 Granularity = Literal["channel", "element"]
 UpdateScope = Literal["neurons", "model_code"]
+Pairing = Literal["batch_mean", "per_sample"]
 TuningCallback = Callable[[dict[str, float]], None]
 
 
@@ -303,16 +304,26 @@ def activation_loss(
     triggered_acts: Mapping[str, Tensor],
     loss_masks: Mapping[str, Tensor],
     *,
+    pairing: Pairing = "batch_mean",
     eps: float = 1e-12,
 ) -> Tensor:
     """``L_act = sum_l ||M_l * (mean_b A_l(X) - mean_b A_l(X'))||_2 / ||M_l * mean_b A_l(X)||_2``
-    over the layers of ``loss_masks`` (denominator floored at ``eps``)."""
+    over the layers of ``loss_masks`` (denominator floored at ``eps``).
+
+    ``pairing="per_sample"`` compares every triggered image with its own clean image instead of the
+    batch means: ``||M_l * (A_l(X) - A_l(X'))||_2 / ||M_l * A_l(X)||_2`` with the norms over the batch
+    and all elements (an option; the spec and the authors' code use batch means)."""
     if not loss_masks:
         raise ValueError("activation_loss needs at least one layer mask")
+    if pairing not in ("batch_mean", "per_sample"):
+        raise ValueError(f"pairing must be 'batch_mean' or 'per_sample', got {pairing!r}")
     total = None
     for name, mask in loss_masks.items():
-        clean_mean = clean_acts[name].mean(dim=0)
-        triggered_mean = triggered_acts[name].mean(dim=0)
+        if pairing == "batch_mean":
+            clean_mean = clean_acts[name].mean(dim=0)
+            triggered_mean = triggered_acts[name].mean(dim=0)
+        else:
+            clean_mean, triggered_mean = clean_acts[name], triggered_acts[name]
         mask = mask.to(clean_mean)
         term = torch.linalg.vector_norm(mask * (clean_mean - triggered_mean)) / torch.linalg.vector_norm(
             mask * clean_mean
@@ -423,6 +434,7 @@ class ActivationTuner:
         preserve_weight: float = 0.5,
         freeze_bn_stats: bool = True,
         normalize_features: bool = True,
+        pairing: Pairing = "batch_mean",
         kmeans_iters: int = 100,
         callback: TuningCallback | None = None,
     ) -> None:
@@ -450,6 +462,9 @@ class ActivationTuner:
         self.preserve_weight = preserve_weight
         self.freeze_bn_stats = freeze_bn_stats
         self.normalize_features = normalize_features
+        if pairing not in ("batch_mean", "per_sample"):
+            raise ValueError(f"pairing must be 'batch_mean' or 'per_sample', got {pairing!r}")
+        self.pairing = pairing
         self.kmeans_iters = kmeans_iters
         self.callback = callback
 
@@ -491,7 +506,7 @@ class ActivationTuner:
         ``images`` / ``triggered``; ``reference`` holds ``F_theta0(images)``. Runs in the caller's mode."""
         clean_acts, features = capture_activations(self.model, images, self.normalize, layers)
         triggered_acts, _ = capture_activations(self.model, triggered, self.normalize, layers)
-        act = activation_loss(clean_acts, triggered_acts, loss_masks)
+        act = activation_loss(clean_acts, triggered_acts, loss_masks, pairing=self.pairing)
         preserve = preserve_loss(features, reference, normalize=self.normalize_features)
         total = self.activation_weight * act + self.preserve_weight * preserve
         return {"loss": total, "activation": act, "preserve": preserve}
