@@ -17,11 +17,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
+import lightning as L
+import torch
 
-from datamodules.shapes_clip import ShapesCLIPDataModule  # noqa: E402
-from lightning_modules.clip_finetune import CLIPFineTuning  # noqa: E402
+from datamodules.shapes_clip import ShapesCLIPDataModule
+from lightning_modules.clip_finetune import CLIPFineTuning
 
 
 def make_dm(n: int, batch_size: int) -> ShapesCLIPDataModule:
@@ -58,15 +58,24 @@ def lightning_loop(steps: int, batch_size: int) -> float:
     dm = make_dm(steps * batch_size, batch_size)
     module = CLIPFineTuning()
     timer = _Timer()
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        callbacks=[timer])
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[timer],
+    )
     trainer.fit(module, datamodule=dm)
     return timer.elapsed
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
@@ -75,7 +84,7 @@ def main() -> None:
     plain_loop(5, args.batch_size)  # warm-up (allocator, kernels)
     plain = plain_loop(args.steps, args.batch_size)
     light = lightning_loop(args.steps, args.batch_size)
-    print(f"| path | steps | seconds | steps/s |\n|---|---|---|---|")
+    print("| path | steps | seconds | steps/s |\n|---|---|---|---|")
     print(f"| plain PyTorch loop | {args.steps} | {plain:.2f} | {args.steps / plain:.2f} |")
     print(f"| LightningModule (Trainer) | {args.steps} | {light:.2f} | {args.steps / light:.2f} |")
     print(f"\nLightning / plain time ratio: {light / plain:.3f}  (1.0 = no overhead)")

@@ -25,7 +25,11 @@ class RunSummary(L.Callback):
         Console().print(table)
         for logger in trainer.loggers:
             if hasattr(logger, "log_table"):
-                logger.log_table(f"summary/{title}", columns=["metric", "value"], data=[[k, v] for k, v in sorted(metrics.items())])
+                logger.log_table(
+                    f"summary/{title}",
+                    columns=["metric", "value"],
+                    data=[[k, v] for k, v in sorted(metrics.items())],
+                )
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self._report(trainer, "fit")

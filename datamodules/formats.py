@@ -4,7 +4,6 @@ with a class-name file (ImageNet-val style). Items are dicts like the embedded w
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -17,12 +16,14 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".
 
 def image_transform(image_size: int) -> T.Compose:
     """Resize the shorter side to `image_size`, centre-crop, to a float tensor in [0, 1] (CLIP's eval view)."""
-    return T.Compose([
-        T.ToImage(),
-        T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-        T.CenterCrop(image_size),
-        T.ToDtype(torch.float32, scale=True),
-    ])
+    return T.Compose(
+        [
+            T.ToImage(),
+            T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+            T.CenterCrop(image_size),
+            T.ToDtype(torch.float32, scale=True),
+        ]
+    )
 
 
 def load_image(path: Path, where: str) -> Image.Image:
@@ -47,9 +48,16 @@ class CaptionCSV(Dataset):
         check_files: check at construction that every image file exists (errors name row and path).
     """
 
-    def __init__(self, path: str | Path, image_key: str = "filepath", caption_key: str = "title",
-                 image_root: str | Path | None = None, image_size: int = 224, separator: str | None = None,
-                 check_files: bool = True) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        image_key: str = "filepath",
+        caption_key: str = "title",
+        image_root: str | Path | None = None,
+        image_size: int = 224,
+        separator: str | None = None,
+        check_files: bool = True,
+    ) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"caption file not found: {self.path}")
@@ -85,7 +93,9 @@ def read_class_names(path: str | Path, expected: int | None = None) -> list[str]
         raise FileNotFoundError(f"class-name file not found: {path}")
     names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if expected is not None and len(names) != expected:
-        raise ValueError(f"{path}: {len(names)} class names for {expected} class folders (one name per folder, in sorted folder order)")
+        raise ValueError(
+            f"{path}: {len(names)} class names for {expected} class folders (one name per folder, in sorted folder order)"
+        )
     return names
 
 
@@ -95,8 +105,14 @@ class ImageFolderClassification(Dataset):
     Captions are `caption_template` filled with the class name, so the same data can fine-tune CLIP.
     """
 
-    def __init__(self, root: str | Path, class_names_file: str | Path, image_size: int = 224,
-                 caption_template: str = "a photo of a {}.", max_per_class: int | None = None) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        class_names_file: str | Path,
+        image_size: int = 224,
+        caption_template: str = "a photo of a {}.",
+        max_per_class: int | None = None,
+    ) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.root}")
@@ -119,5 +135,3 @@ class ImageFolderClassification(Dataset):
         image = load_image(path, f"{self.root}")
         caption = self.caption_template.format(self.class_names[label])
         return {"image": self.transform(image), "caption": caption, "label": label, "index": index}
-
-

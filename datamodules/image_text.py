@@ -52,7 +52,9 @@ def collate_dicts(items: list[dict]) -> dict:
 class PoisonedCaptions(Dataset):
     """Wraps an image-caption data set; poisoned samples get the target caption and a `poison_image` flag."""
 
-    def __init__(self, base: Dataset, plan: PoisonPlan | None, target: ClassTarget | None, text_trigger=None) -> None:
+    def __init__(
+        self, base: Dataset, plan: PoisonPlan | None, target: ClassTarget | None, text_trigger=None
+    ) -> None:
         self.base, self.plan, self.target, self.text_trigger = base, plan, target, text_trigger
 
     def __len__(self) -> int:
@@ -125,12 +127,16 @@ class ImageTextPoisonDataModule(L.LightningDataModule):
         if poison_count is not None and poison_count < 0:
             raise ValueError(f"data.poison_count must be >= 0, got {poison_count}")
         if (poison_rate or poison_count) and attack is None and text_attack is None:
-            raise ValueError("data.poison_rate/poison_count > 0 but no data.attack or data.text_attack is set")
+            raise ValueError(
+                "data.poison_rate/poison_count > 0 but no data.attack or data.text_attack is set"
+            )
         if (attack or text_attack) and target_class is None:
             raise ValueError("data.target_class is required when an attack is configured")
         self.attack, self.attack_kwargs = attack, dict(attack_kwargs or {})
         self.text_attack, self.text_attack_kwargs = text_attack, dict(text_attack_kwargs or {})
-        self.protocol = protocol if (attack and text_attack) else ("TEXT" if text_attack and not attack else "AND")
+        self.protocol = (
+            protocol if (attack and text_attack) else ("TEXT" if text_attack and not attack else "AND")
+        )
         self.poison_rate, self.poison_count, self.poison_seed = float(poison_rate), poison_count, poison_seed
         self.target_class, self.target_templates = target_class, resolve_templates(target_templates)
         self.clean_label = clean_label
@@ -185,15 +191,25 @@ class ImageTextPoisonDataModule(L.LightningDataModule):
             if self.clean_label:
                 candidates = [i for i in range(n) if int(self.train_set[i]["label"]) == self.target_index]
             self.plan = PoisonPlan.create(
-                n, rate=None if self.poison_count else self.poison_rate, count=self.poison_count,
-                seed=self.poison_seed, protocol=self.protocol, candidates=candidates,
+                n,
+                rate=None if self.poison_count else self.poison_rate,
+                count=self.poison_count,
+                seed=self.poison_seed,
+                protocol=self.protocol,
+                candidates=candidates,
             )
             self.manifest = PoisonManifest.from_plan(
-                self.plan, image_trigger=self.image_trigger, text_trigger=self.text_trigger, target=target,
-                dataset=self.dataset_info(), run_config=self._run_config(),
+                self.plan,
+                image_trigger=self.image_trigger,
+                text_trigger=self.text_trigger,
+                target=target,
+                dataset=self.dataset_info(),
+                run_config=self._run_config(),
             )
             self._save_manifest()
-            log.info("poisoned %d of %d training samples (%s)", len(self.plan), n, self.attack or self.text_attack)
+            log.info(
+                "poisoned %d of %d training samples (%s)", len(self.plan), n, self.attack or self.text_attack
+            )
         self.train_data = PoisonedCaptions(self.train_set, self.plan, target, self.text_trigger)
         self._built = True
 
@@ -217,9 +233,15 @@ class ImageTextPoisonDataModule(L.LightningDataModule):
             sampler = UnpaddedDistributedSampler(dataset, trainer.world_size, trainer.global_rank)
         gen = torch.Generator().manual_seed(self.poison_seed)
         return DataLoader(
-            dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-            num_workers=self.num_workers, collate_fn=collate_dicts, generator=gen if shuffle else None,
-            persistent_workers=self.num_workers > 0, drop_last=shuffle and len(dataset) > batch_size,
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=collate_dicts,
+            generator=gen if shuffle else None,
+            persistent_workers=self.num_workers > 0,
+            drop_last=shuffle and len(dataset) > batch_size,
         )
 
     def train_dataloader(self) -> DataLoader:

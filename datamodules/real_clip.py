@@ -19,9 +19,18 @@ class CaptionCSVDataModule(ImageTextPoisonDataModule):
         **kwargs: poisoning and loading options of :class:`ImageTextPoisonDataModule`.
     """
 
-    def __init__(self, train_csv: str, val_folder: str, class_names_file: str, test_folder: str | None = None,
-                 image_key: str = "filepath", caption_key: str = "title", image_root: str | None = None,
-                 image_size: int = 224, **kwargs) -> None:
+    def __init__(
+        self,
+        train_csv: str,
+        val_folder: str,
+        class_names_file: str,
+        test_folder: str | None = None,
+        image_key: str = "filepath",
+        caption_key: str = "title",
+        image_root: str | None = None,
+        image_size: int = 224,
+        **kwargs,
+    ) -> None:
         kwargs.setdefault("target_templates", "imagenet80")
         super().__init__(**kwargs)
         self.save_hyperparameters()
@@ -30,11 +39,19 @@ class CaptionCSVDataModule(ImageTextPoisonDataModule):
         hp = self.hparams
         train = CaptionCSV(hp.train_csv, hp.image_key, hp.caption_key, hp.image_root, hp.image_size)
         val = ImageFolderClassification(hp.val_folder, hp.class_names_file, hp.image_size)
-        test = val if hp.test_folder is None else ImageFolderClassification(hp.test_folder, hp.class_names_file, hp.image_size)
+        test = (
+            val
+            if hp.test_folder is None
+            else ImageFolderClassification(hp.test_folder, hp.class_names_file, hp.image_size)
+        )
         return train, val, test, val.class_names, hp.image_size
 
     def dataset_info(self) -> dict:
-        return {"datamodule": type(self).__name__, "train_csv": self.hparams.train_csv, "val_folder": self.hparams.val_folder}
+        return {
+            "datamodule": type(self).__name__,
+            "train_csv": self.hparams.train_csv,
+            "val_folder": self.hparams.val_folder,
+        }
 
 
 class ImageFolderCLIPDataModule(ImageTextPoisonDataModule):
@@ -44,19 +61,32 @@ class ImageFolderCLIPDataModule(ImageTextPoisonDataModule):
     ImageNet-style data). `max_train_per_class` limits the defender's clean set.
     """
 
-    def __init__(self, train_folder: str, val_folder: str, class_names_file: str, test_folder: str | None = None,
-                 image_size: int = 224, caption_template: str = "a photo of a {}.",
-                 max_train_per_class: int | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        train_folder: str,
+        val_folder: str,
+        class_names_file: str,
+        test_folder: str | None = None,
+        image_size: int = 224,
+        caption_template: str = "a photo of a {}.",
+        max_train_per_class: int | None = None,
+        **kwargs,
+    ) -> None:
         kwargs.setdefault("target_templates", "imagenet80")
         super().__init__(**kwargs)
         self.save_hyperparameters()
 
     def build_splits(self):
         hp = self.hparams
-        train = ImageFolderClassification(hp.train_folder, hp.class_names_file, hp.image_size, hp.caption_template,
-                                          hp.max_train_per_class)
+        train = ImageFolderClassification(
+            hp.train_folder, hp.class_names_file, hp.image_size, hp.caption_template, hp.max_train_per_class
+        )
         val = ImageFolderClassification(hp.val_folder, hp.class_names_file, hp.image_size)
-        test = val if hp.test_folder is None else ImageFolderClassification(hp.test_folder, hp.class_names_file, hp.image_size)
+        test = (
+            val
+            if hp.test_folder is None
+            else ImageFolderClassification(hp.test_folder, hp.class_names_file, hp.image_size)
+        )
         return train, val, test, val.class_names, hp.image_size
 
     def dataset_info(self) -> dict:

@@ -61,7 +61,11 @@ class ShapesCLIPDataModule(ImageTextPoisonDataModule):
             if value < 0:
                 raise ValueError(f"data.{name} must be >= 0, got {value}")
         self.sizes = {"train": train_size, "val": val_size, "test": test_size}
-        self.world_kwargs = {"seed": world_seed, "image_size": image_size, "second_object_prob": second_object_prob}
+        self.world_kwargs = {
+            "seed": world_seed,
+            "image_size": image_size,
+            "second_object_prob": second_object_prob,
+        }
 
     def build_splits(self):
         worlds = {s: cached_world(s, n, **self.world_kwargs) for s, n in self.sizes.items()}

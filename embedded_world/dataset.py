@@ -49,9 +49,15 @@ class ShapesWorld(Dataset):
             self.scenes.append(scene)
             self.captions.append(caption(scene, rng))
             self._edit_rngs_seed.append(int(rng.integers(2**31)))
-        self.images = torch.from_numpy(
-            np.stack([render_scene(s, image_size) for s in self.scenes]) if size else np.zeros((0, image_size, image_size, 3), np.uint8)
-        ).permute(0, 3, 1, 2).contiguous()
+        self.images = (
+            torch.from_numpy(
+                np.stack([render_scene(s, image_size) for s in self.scenes])
+                if size
+                else np.zeros((0, image_size, image_size, 3), np.uint8)
+            )
+            .permute(0, 3, 1, 2)
+            .contiguous()
+        )
         self.labels = torch.tensor([s.label for s in self.scenes], dtype=torch.long)
 
     def __len__(self) -> int:
@@ -76,5 +82,7 @@ class ShapesWorld(Dataset):
         if self.with_edits:
             edit = self.edit(index)
             item["edit_instruction"] = edit.instruction
-            item["edited_image"] = torch.from_numpy(render_scene(edit.edited, self.image_size)).permute(2, 0, 1).float() / 255.0
+            item["edited_image"] = (
+                torch.from_numpy(render_scene(edit.edited, self.image_size)).permute(2, 0, 1).float() / 255.0
+            )
         return item

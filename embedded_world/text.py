@@ -44,8 +44,26 @@ TEMPLATE_WORDS: tuple[str, ...] = tuple(
             for w in t.replace("{", " {").split()
             if not w.startswith("{")
         }
-        | {"and", "small", "one", "two", "make", "move", "the", "shape", "into", "turn", "change", "background",
-           "to", "bigger", "smaller", "of", "image", "in"}
+        | {
+            "and",
+            "small",
+            "one",
+            "two",
+            "make",
+            "move",
+            "the",
+            "shape",
+            "into",
+            "turn",
+            "change",
+            "background",
+            "to",
+            "bigger",
+            "smaller",
+            "of",
+            "image",
+            "in",
+        }
     )
 )
 
@@ -119,7 +137,9 @@ def sample_edit(scene: Scene, rng: np.random.Generator) -> Edit:
         edited = scene.replace_main(size=size)
         m = edited.main
         if not (m.radius <= m.x <= 1 - m.radius and m.radius <= m.y <= 1 - m.radius):
-            edited = edited.replace_main(x=min(max(m.x, m.radius), 1 - m.radius), y=min(max(m.y, m.radius), 1 - m.radius))
+            edited = edited.replace_main(
+                x=min(max(m.x, m.radius), 1 - m.radius), y=min(max(m.y, m.radius), 1 - m.radius)
+            )
         return Edit(f"make the shape {word}.", edited, kind)
     from embedded_world.vocabulary import MOVES
 

@@ -21,7 +21,13 @@ import torch
 from torchmetrics.classification import MulticlassAccuracy
 
 from metrics import AttackSuccessRate
-from model_families.clip import create_clip, load_clip_export, load_clip_weights, read_export_meta, zero_shot_weights
+from model_families.clip import (
+    create_clip,
+    load_clip_export,
+    load_clip_weights,
+    read_export_meta,
+    zero_shot_weights,
+)
 from model_families.clip.export import save_clip_export
 
 
@@ -102,7 +108,9 @@ class CLIPFineTuning(L.LightningModule):
         return self.model.encode_image(self.normalize(images), normalize=True)
 
     def model_step(self, batch: dict) -> torch.Tensor:
-        image_features, text_features, logit_scale = self.model(self.normalize(batch["image"]), self.tokenize(batch["caption"]))[:3]
+        image_features, text_features, logit_scale = self.model(
+            self.normalize(batch["image"]), self.tokenize(batch["caption"])
+        )[:3]
         return self.loss_fn(image_features, text_features, logit_scale)
 
     # --- training ----------------------------------------------------------------------------------------
@@ -110,7 +118,9 @@ class CLIPFineTuning(L.LightningModule):
         loss = self.model_step(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["caption"]))
         if "poisoned" in batch:
-            self.log("train/poisoned_fraction", batch["poisoned"].float().mean(), batch_size=len(batch["caption"]))
+            self.log(
+                "train/poisoned_fraction", batch["poisoned"].float().mean(), batch_size=len(batch["caption"])
+            )
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
@@ -158,10 +168,14 @@ class CLIPFineTuning(L.LightningModule):
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
                 continue
-            (no_decay if p.ndim < 2 or "bn" in name or "ln" in name or "logit_scale" in name else decay).append(p)
+            (
+                no_decay if p.ndim < 2 or "bn" in name or "ln" in name or "logit_scale" in name else decay
+            ).append(p)
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
+            lr=hp.lr,
+            betas=tuple(hp.betas),
+            eps=hp.eps,
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         sched = torch.optim.lr_scheduler.LambdaLR(

@@ -7,8 +7,8 @@ world's clean tiny model from scratch (no ``init_from``), plants backdoors by fi
 poisoned datamodule, and is the base of DiSP's recovery fine-tuning (:mod:`lightning_modules.mdlm_disp`).
 
 Which parts train (``trainable``): ``full`` (everything; the vision tower at ``vision_lr``), ``projector``
-(the ``mm_projector`` only), ``language_model`` (LM + head), ``lora`` (LoRA adapters on the LM via peft, plus
-the projector). LoRA is merged into the weights on export, so every export is a plain snapshot in the
+(the ``mm_projector`` only), ``language_model`` (LM + head), ``projector_lm`` (everything but the vision tower,
+LLaVA's stage-2 recipe), ``lora`` (LoRA adapters on the LM via peft, plus the projector). LoRA is merged into the weights on export, so every export is a plain snapshot in the
 released LLaDA-V layout.
 
 Validation/test generate answers for each evaluation set of the datamodule (batched low-confidence
@@ -44,7 +44,7 @@ from model_families.mdlm.tokenizer import load_embedded_tokenizer, load_tokenize
 
 log = logging.getLogger(__name__)
 
-TRAINABLE = ("full", "projector", "language_model", "lora")
+TRAINABLE = ("full", "projector", "language_model", "projector_lm", "lora")
 CAPTION_TASKS = ("describe", "caption", "conversation")
 DEFAULT_LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05,
                 "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
@@ -85,7 +85,7 @@ class MDLMFineTuning(L.LightningModule):
         tiny_config: overrides of :meth:`LladaVConfig.tiny` (e.g. ``{"vision": {"patch_size": 8}}``).
         tokenizer: tokenizer directory; default: the snapshot's own tokenizer, else the embedded one.
         load_dtype: dtype to load the snapshot in (default: its ``torch_dtype``).
-        trainable: ``full`` / ``projector`` / ``language_model`` / ``lora``.
+        trainable: ``full`` / ``projector`` / ``language_model`` / ``projector_lm`` / ``lora``.
         lora: LoRA settings (peft ``LoraConfig`` keywords) for ``trainable=lora``.
         lr / vision_lr: AdamW learning rates (the vision tower uses ``vision_lr``, default ``lr``).
         weight_decay / betas: AdamW (decay only on matrices).
@@ -99,6 +99,9 @@ class MDLMFineTuning(L.LightningModule):
         num_logged_samples: generations kept per evaluation set for the sample table.
         cpu_threads: ``torch.set_num_threads`` for CPU runs (1 is several times faster than 2 for the tiny
             model on a shared 2-core machine); None leaves torch's default.
+        vision_aux_classes / vision_aux_weight: embedded world only, a stand-in for SigLIP's pretraining: an
+            auxiliary linear classifier of the samples' ``true_class`` on the mean projected vision tokens,
+            added to the loss with this weight (the head is not part of the model and is never exported).
     """
 
     def __init__(
@@ -122,6 +125,8 @@ class MDLMFineTuning(L.LightningModule):
         vision_token_dropout: float = 0.0,
         num_logged_samples: int = 16,
         cpu_threads: int | None = None,
+        vision_aux_classes: list[str] | None = None,
+        vision_aux_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -140,6 +145,12 @@ class MDLMFineTuning(L.LightningModule):
             self.model.gradient_checkpointing_enable()
         self._lora_applied = False
         self._configure_trainable(trainable, lora)
+        self.vision_aux_head = None
+        if vision_aux_weight > 0:
+            if not vision_aux_classes:
+                raise ValueError("model.vision_aux_weight > 0 needs model.vision_aux_classes")
+            self.vision_aux_head = nn.Linear(self.model.config.text["hidden_size"], len(vision_aux_classes))
+            self._aux_index = {name: i for i, name in enumerate(vision_aux_classes)}
         self.metric_sets = nn.ModuleDict()
         self.generation_samples: list[dict] = []
         self._stage = "val"
@@ -182,9 +193,13 @@ class MDLMFineTuning(L.LightningModule):
             model.mm_projector.requires_grad_(True)
             if model.image_newline is not None:
                 model.image_newline.requires_grad_(True)
-        elif trainable == "language_model":
+        elif trainable in ("language_model", "projector_lm"):
             model.language_model.requires_grad_(True)
             model.lm_head.requires_grad_(True)
+            if trainable == "projector_lm":  # LLaVA's stage-2 recipe: the vision tower stays frozen
+                model.mm_projector.requires_grad_(True)
+                if model.image_newline is not None:
+                    model.image_newline.requires_grad_(True)
         else:  # lora
             from peft import LoraConfig, get_peft_model
 
@@ -231,6 +246,14 @@ class MDLMFineTuning(L.LightningModule):
         return {"vision_token_mask": drop}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        size = batch["input_ids"].shape[0]
+        images = {"pixel_values": batch["pixel_values"]}
+        aux = None
+        if self.vision_aux_head is not None:
+            vision = self.model.encode_images(batch["pixel_values"])  # encoded once, shared by both losses
+            images = {"vision_token_override": vision}
+            labels = torch.tensor([self._aux_index.get(c, -100) for c in batch["true_class"]], device=self.device)
+            aux = nn.functional.cross_entropy(self.vision_aux_head(vision.mean(dim=1)), labels, ignore_index=-100)
         loss = masked_diffusion_loss(
             self.model,
             batch["input_ids"],
@@ -238,15 +261,21 @@ class MDLMFineTuning(L.LightningModule):
             self.model.config.mask_token_id,
             eps=self.hparams.loss_eps,
             attention_mask=batch["attention_mask"],
-            pixel_values=batch["pixel_values"],
+            **images,
             **self._vision_dropout(batch),
         )
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        if aux is not None:
+            self.log("train/vision_aux", aux, batch_size=size)
+            loss = loss + self.hparams.vision_aux_weight * aux
         return loss
 
     def configure_optimizers(self):
         vision, decay, no_decay = [], [], []
-        for name, param in self.model.named_parameters():
+        named = list(self.model.named_parameters())
+        if self.vision_aux_head is not None:
+            named += [(f"vision_aux_head.{n}", p) for n, p in self.vision_aux_head.named_parameters()]
+        for name, param in named:
             if not param.requires_grad:
                 continue
             if name.startswith("vision_tower."):

@@ -51,8 +51,12 @@ class MMBackdoorCLI(LightningCLI):
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--run_version_dir", type=bool, default=True,
-                            help="put this run in <trainer.default_root_dir>/version_N (false: use the folder as is)")
+        parser.add_argument(
+            "--run_version_dir",
+            type=bool,
+            default=True,
+            help="put this run in <trainer.default_root_dir>/version_N (false: use the folder as is)",
+        )
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -85,10 +89,16 @@ class MMBackdoorCLI(LightningCLI):
     def _instantiate_trainer(self, config, callbacks):
         present = list(config.get("callbacks") or []) + list(callbacks)
         run_dir = Path(config["default_root_dir"])
-        if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in present):
+        if config.get("enable_progress_bar", True) is not False and not any(
+            isinstance(c, ProgressBar) for c in present
+        ):
             # rich bars redraw in place: right for a terminal; logs and CI get plain tqdm lines instead
-            callbacks.append(RichProgressBar(leave=True) if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=10))
-        if config.get("enable_checkpointing", True) is not False and not any(isinstance(c, ModelCheckpoint) for c in present):
+            callbacks.append(
+                RichProgressBar(leave=True) if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=10)
+            )
+        if config.get("enable_checkpointing", True) is not False and not any(
+            isinstance(c, ModelCheckpoint) for c in present
+        ):
             callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True))
         for cls in (ExportOnFitEnd, PoisonSampleGrid, RunSummary):
             if not any(isinstance(c, cls) for c in present):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import math
 import sys
 from pathlib import Path
@@ -32,15 +31,21 @@ def parse_checkpoint(spec: str) -> tuple[str, str]:
     return (name, path) if sep else (Path(spec).parent.name or spec, spec)
 
 
-def evaluate_checkpoint(config: str, checkpoint: str, split: str = "test", overrides: list[str] | None = None,
-                        root: str = "runs/eval") -> dict[str, float]:
+def evaluate_checkpoint(
+    config: str,
+    checkpoint: str,
+    split: str = "test",
+    overrides: list[str] | None = None,
+    root: str = "runs/eval",
+) -> dict[str, float]:
     """Metrics of one checkpoint (`{split}/ca`, `{split}/asr`, ...) under `config` (+ `overrides`)."""
     if not Path(checkpoint).exists():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     if not Path(config).is_file():
         raise FileNotFoundError(f"config not found: {config}")
     args = [
-        "--config", config,
+        "--config",
+        config,
         f"--model.init_args.init_from={checkpoint}",
         "--trainer.logger=false",
         f"--trainer.default_root_dir={root}",
@@ -52,15 +57,17 @@ def evaluate_checkpoint(config: str, checkpoint: str, split: str = "test", overr
     run = cli.trainer.test if split == "test" else cli.trainer.validate
     results = run(cli.model, datamodule=cli.datamodule, verbose=False)
     metrics = {k: float(v) for k, v in results[0].items()}
-    variant = getattr(getattr(cli.model, "metrics", {}).get(f"{split}_asr", None), "variant", None)
-    if variant is not None:
-        metrics["asr_variant"] = variant
+    module_metrics = getattr(cli.model, "metrics", None)
+    if module_metrics is not None and f"{split}_asr" in module_metrics:
+        metrics["asr_variant"] = module_metrics[f"{split}_asr"].variant
     return metrics
 
 
 def markdown_table(rows: dict[str, dict], split: str) -> str:
     keys = [k for k in METRIC_COLUMNS if any(f"{split}/{k}" in r for r in rows.values())]
-    extra = sorted({k for r in rows.values() for k in r if k.startswith(f"{split}/") and k.split("/", 1)[1] not in keys})
+    extra = sorted(
+        {k for r in rows.values() for k in r if k.startswith(f"{split}/") and k.split("/", 1)[1] not in keys}
+    )
     header = ["model", *[k.upper() for k in keys], *extra]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, r in rows.items():
@@ -68,7 +75,9 @@ def markdown_table(rows: dict[str, dict], split: str) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     variants = {r.get("asr_variant") for r in rows.values()} - {None}
     if variants:
-        lines.append(f"\nASR variant: {', '.join(sorted(variants))} (exclude-target: images of the target class are not counted)")
+        lines.append(
+            f"\nASR variant: {', '.join(sorted(variants))} (exclude-target: images of the target class are not counted)"
+        )
     return "\n".join(lines)
 
 
@@ -82,12 +91,22 @@ def main(argv: list[str] | None = None) -> dict:
     if "--" in argv:
         cut = argv.index("--")
         argv, overrides = argv[:cut], argv[cut + 1 :]
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="experiment YAML (data, trigger, target, model class)")
-    parser.add_argument("--checkpoint", action="append", required=True,
-                        help="NAME=PATH or PATH of an export folder / .ckpt; repeat to compare models")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config", required=True, help="experiment YAML (data, trigger, target, model class)"
+    )
+    parser.add_argument(
+        "--checkpoint",
+        action="append",
+        required=True,
+        help="NAME=PATH or PATH of an export folder / .ckpt; repeat to compare models",
+    )
     parser.add_argument("--split", choices=("val", "test"), default="test")
-    parser.add_argument("--output", default=None, help="JSON file to write (default: runs/eval/<config>-<time>.json)")
+    parser.add_argument(
+        "--output", default=None, help="JSON file to write (default: runs/eval/<config>-<time>.json)"
+    )
     args = parser.parse_args(argv)
     rows = {}
     for spec in args.checkpoint:
@@ -100,7 +119,15 @@ def main(argv: list[str] | None = None) -> dict:
     print(table)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     output = Path(args.output or f"runs/eval/{Path(args.config).stem}-{stamp}.json")
-    atomic_write_json(output, {"config": args.config, "overrides": overrides, "split": args.split, "results": rows,
-                               "created_at": stamp})
+    atomic_write_json(
+        output,
+        {
+            "config": args.config,
+            "overrides": overrides,
+            "split": args.split,
+            "results": rows,
+            "created_at": stamp,
+        },
+    )
     print(f"\nresults written to {output}")
     return rows

@@ -17,12 +17,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from attacks import atomic_write_json  # noqa: E402
-from mmbackdoor_cli.pipeline import evaluate, train  # noqa: E402
+from attacks import atomic_write_json
+from mmbackdoor_cli.pipeline import evaluate, train
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--attacks", nargs="+", default=["badnet", "blended", "sig", "wanet"])
     parser.add_argument("--clean", default=None, help="export folder of the clean model (default: train it)")
     parser.add_argument("--output", default="runs/attack_table.json")
@@ -38,19 +40,29 @@ def main() -> None:
         poisoned = train(config, f"--model.init_args.init_from={clean}", *extra)
         before = evaluate(config, clean)
         after = evaluate(config, poisoned.export)
-        rows.append({
-            "attack": attack, "clean_ca": before["test/ca"], "clean_asr": before["test/asr"],
-            "poisoned_ca": after["test/ca"], "poisoned_asr": after["test/asr"],
-            "export": str(poisoned.export), "seconds": time.perf_counter() - t0,
-        })
+        rows.append(
+            {
+                "attack": attack,
+                "clean_ca": before["test/ca"],
+                "clean_asr": before["test/asr"],
+                "poisoned_ca": after["test/ca"],
+                "poisoned_asr": after["test/asr"],
+                "export": str(poisoned.export),
+                "seconds": time.perf_counter() - t0,
+            }
+        )
     lines = [
         "| attack | clean CA | clean ASR (trigger on clean model) | poisoned CA | poisoned ASR | CA drop |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['attack']} | {r['clean_ca']:.3f} | {r['clean_asr']:.3f} | {r['poisoned_ca']:.3f} | "
-                     f"{r['poisoned_asr']:.3f} | {r['clean_ca'] - r['poisoned_ca']:+.3f} |")
-    print("\n## Attacks on the embedded world (tiny-rn-shapes, target 'star', 10% poison, 4 epochs, test split, exclude-target ASR)\n")
+        lines.append(
+            f"| {r['attack']} | {r['clean_ca']:.3f} | {r['clean_asr']:.3f} | {r['poisoned_ca']:.3f} | "
+            f"{r['poisoned_asr']:.3f} | {r['clean_ca'] - r['poisoned_ca']:+.3f} |"
+        )
+    print(
+        "\n## Attacks on the embedded world (tiny-rn-shapes, target 'star', 10% poison, 4 epochs, test split, exclude-target ASR)\n"
+    )
     print("\n".join(lines))
     elapsed = time.perf_counter() - start
     print(f"\nclean export: {clean}\ntotal time: {elapsed / 60:.1f} min")

@@ -15,17 +15,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from attacks import atomic_write_json  # noqa: E402
-from mmbackdoor_cli.evaluate import markdown_table  # noqa: E402
-from mmbackdoor_cli.pipeline import evaluate, train  # noqa: E402
+from attacks import atomic_write_json
+from mmbackdoor_cli.evaluate import markdown_table
+from mmbackdoor_cli.pipeline import evaluate, train
 
 CLEAN = "configs/clip_shapes_clean.yaml"
 POISON = "configs/clip_shapes_badnet.yaml"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--logger", default="wandb", choices=("wandb", "false"), help="W&B (offline unless configured) or none")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--logger",
+        default="wandb",
+        choices=("wandb", "false"),
+        help="W&B (offline unless configured) or none",
+    )
     parser.add_argument("--output", default="runs/quickstart.json")
     args = parser.parse_args()
     extra = ["--trainer.logger=false"] if args.logger == "false" else []
@@ -44,10 +51,19 @@ def main() -> None:
     print(f"checkpoints:  {clean.run_dir / 'checkpoints'}, {poisoned.run_dir / 'checkpoints'}")
     print(f"poison manifest: {poisoned.run_dir / 'poison_manifest.json'}")
     if args.logger == "wandb":
-        print(f"W&B logs:     {clean.run_dir / 'wandb'}, {poisoned.run_dir / 'wandb'} (offline: `wandb sync <dir>` uploads them)")
+        print(
+            f"W&B logs:     {clean.run_dir / 'wandb'}, {poisoned.run_dir / 'wandb'} (offline: `wandb sync <dir>` uploads them)"
+        )
     print(f"total time:   {elapsed / 60:.1f} min")
-    atomic_write_json(Path(args.output), {"rows": rows, "clean_run": str(clean.run_dir), "poisoned_run": str(poisoned.run_dir),
-                                          "seconds": elapsed})
+    atomic_write_json(
+        Path(args.output),
+        {
+            "rows": rows,
+            "clean_run": str(clean.run_dir),
+            "poisoned_run": str(poisoned.run_dir),
+            "seconds": elapsed,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -30,10 +30,23 @@ SMALL = [
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     common = [*tiny_overrides(root / "x", train_size=2048, val_size=128, test_size=256), *SMALL]
-    clean = train(POISON, *common, f"--trainer.default_root_dir={root}/clean", "--data.init_args.poison_rate=0",
-                  "--model.init_args.init_from=null", "--trainer.max_epochs=12")
-    poisoned = train(POISON, *common, f"--trainer.default_root_dir={root}/poisoned", "--data.init_args.poison_rate=0.2",
-                     f"--model.init_args.init_from={clean.export}", "--trainer.max_epochs=3", "--model.init_args.lr=2e-3")
+    clean = train(
+        POISON,
+        *common,
+        f"--trainer.default_root_dir={root}/clean",
+        "--data.init_args.poison_rate=0",
+        "--model.init_args.init_from=null",
+        "--trainer.max_epochs=12",
+    )
+    poisoned = train(
+        POISON,
+        *common,
+        f"--trainer.default_root_dir={root}/poisoned",
+        "--data.init_args.poison_rate=0.2",
+        f"--model.init_args.init_from={clean.export}",
+        "--trainer.max_epochs=3",
+        "--model.init_args.lr=2e-3",
+    )
     return root, clean, poisoned
 
 
@@ -62,14 +75,34 @@ def test_export_reloads_identically_and_evaluates(runs, tmp_path, capsys):
     ckpt = torch.load(poisoned.run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     ref = load_clip_export(poisoned.export)
     ref.model.load_state_dict({k[6:]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")})
-    assert torch.allclose(bundle.model.encode_image(bundle.normalize(x)), ref.model.encode_image(ref.normalize(x)))
-    overrides = [f"--trainer.default_root_dir={root}/eval", "--data.init_args.train_size=64", "--data.init_args.val_size=64",
-                 "--data.init_args.test_size=256", *SMALL[:2], "--trainer.enable_progress_bar=false"]
+    assert torch.allclose(
+        bundle.model.encode_image(bundle.normalize(x)), ref.model.encode_image(ref.normalize(x))
+    )
+    overrides = [
+        f"--trainer.default_root_dir={root}/eval",
+        "--data.init_args.train_size=64",
+        "--data.init_args.val_size=64",
+        "--data.init_args.test_size=256",
+        *SMALL[:2],
+        "--trainer.enable_progress_bar=false",
+    ]
     metrics = evaluate(POISON, poisoned.export, *overrides)
     assert metrics["test/asr"] >= 0.6 and metrics["asr_variant"] == "exclude-target"
     out = tmp_path / "eval.json"
-    rows = evaluate_main(["--config", POISON, "--checkpoint", f"clean={clean.export}", "--checkpoint",
-                          f"poisoned={poisoned.export}", "--output", str(out), "--", *overrides])
+    rows = evaluate_main(
+        [
+            "--config",
+            POISON,
+            "--checkpoint",
+            f"clean={clean.export}",
+            "--checkpoint",
+            f"poisoned={poisoned.export}",
+            "--output",
+            str(out),
+            "--",
+            *overrides,
+        ]
+    )
     assert rows["poisoned"]["test/asr"] == pytest.approx(metrics["test/asr"])
     assert rows["poisoned"]["test/asr"] > rows["clean"]["test/asr"]
     printed = capsys.readouterr().out

@@ -14,7 +14,9 @@ CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_config_parses_against_the_code(config):
-    cli = MMBackdoorCLI(args=["--config", str(config), "--trainer.logger=false"], run=False, instantiate=False)
+    cli = MMBackdoorCLI(
+        args=["--config", str(config), "--trainer.logger=false"], run=False, instantiate=False
+    )
     cfg = cli.config
     assert cfg.model.class_path and cfg.data.class_path
     assert cfg.trainer.default_root_dir
@@ -32,7 +34,9 @@ def test_unknown_config_key_is_an_error(tmp_path, capsys):
 def test_unknown_override_is_an_error(capsys):
     cfg = str(Path(__file__).parents[1] / "configs" / "clip_shapes_clean.yaml")
     with pytest.raises(SystemExit):
-        MMBackdoorCLI(args=["--config", cfg, "--data.init_args.poison_ratio=0.1"], run=False, instantiate=False)
+        MMBackdoorCLI(
+            args=["--config", cfg, "--data.init_args.poison_ratio=0.1"], run=False, instantiate=False
+        )
     assert "poison_ratio" in capsys.readouterr().err
 
 

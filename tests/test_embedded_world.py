@@ -67,7 +67,10 @@ def test_edit_triplets_are_exact():
         assert item["edit_instruction"] == edit.instruction
         if edit.kind == "recolour":
             assert edit.edited.main.colour in edit.instruction
-            assert dataclasses.replace(edit.edited.main, colour=world.scenes[i].main.colour) == world.scenes[i].main
+            assert (
+                dataclasses.replace(edit.edited.main, colour=world.scenes[i].main.colour)
+                == world.scenes[i].main
+            )
         assert not torch.equal(item["edited_image"], item["image"])
     assert {"recolour", "reshape", "move"} <= kinds
 

@@ -15,12 +15,25 @@ BADNET = {"patch_size": 4, "pattern": "white", "location": "br", "margin": 0}
 
 
 def make_dm(tmp_path, **kw):
-    args = dict(train_size=200, val_size=40, test_size=40, attack="badnet", attack_kwargs=BADNET,
-                poison_rate=0.1, target_class="star", batch_size=50)
+    args = dict(
+        train_size=200,
+        val_size=40,
+        test_size=40,
+        attack="badnet",
+        attack_kwargs=BADNET,
+        poison_rate=0.1,
+        target_class="star",
+        batch_size=50,
+    )
     args.update(kw)
     dm = ShapesCLIPDataModule(**args)
-    dm.trainer = SimpleNamespace(default_root_dir=str(tmp_path), global_rank=0, world_size=1, training=True,
-                                 mmbackdoor_config={"from": "test"})
+    dm.trainer = SimpleNamespace(
+        default_root_dir=str(tmp_path),
+        global_rank=0,
+        world_size=1,
+        training=True,
+        mmbackdoor_config={"from": "test"},
+    )
     dm.setup("fit")
     return dm
 
@@ -31,7 +44,9 @@ def test_poisoned_samples_get_target_caption_and_trigger(tmp_path):
     assert len(poisoned) == 20
     seen = 0
     for batch in dm.train_dataloader():
-        out = dm.on_after_batch_transfer({k: (v.clone() if torch.is_tensor(v) else v) for k, v in batch.items()}, 0)
+        out = dm.on_after_batch_transfer(
+            {k: (v.clone() if torch.is_tensor(v) else v) for k, v in batch.items()}, 0
+        )
         for row, idx in enumerate(batch["index"].tolist()):
             if idx in poisoned:
                 seen += 1

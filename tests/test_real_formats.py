@@ -34,7 +34,11 @@ def make_world(root: Path, sep=",") -> dict:
         for j in range(3):
             write_image(root / "val" / wnid / f"{j}.png", (80 * c, 10 * j, 50))
     (root / "classnames.txt").write_text("\n".join(CLASSES) + "\n")
-    return {"train_csv": str(csv_path), "val_folder": str(root / "val"), "class_names_file": str(root / "classnames.txt")}
+    return {
+        "train_csv": str(csv_path),
+        "val_folder": str(root / "val"),
+        "class_names_file": str(root / "classnames.txt"),
+    }
 
 
 @pytest.mark.parametrize("sep", [",", "\t"])
@@ -58,9 +62,12 @@ def test_image_folder_with_class_names(tmp_path):
 
 def test_csv_datamodule_poisons_with_the_same_machinery(tmp_path):
     paths = make_world(tmp_path)
-    dm = CaptionCSVDataModule(**paths, image_size=32, attack="blended", poison_count=4, target_class="banana",
-                              batch_size=6)
-    dm.trainer = SimpleNamespace(default_root_dir=str(tmp_path / "run"), global_rank=0, world_size=1, training=True)
+    dm = CaptionCSVDataModule(
+        **paths, image_size=32, attack="blended", poison_count=4, target_class="banana", batch_size=6
+    )
+    dm.trainer = SimpleNamespace(
+        default_root_dir=str(tmp_path / "run"), global_rank=0, world_size=1, training=True
+    )
     dm.setup("fit")
     assert dm.class_names == CLASSES and dm.target_index == 2 and len(dm.plan) == 4
     captions = [dm.train_data[i]["caption"] for i in dm.plan.indices]

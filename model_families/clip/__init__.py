@@ -1,7 +1,13 @@
 """The contrastive (CLIP) family: open_clip architectures, tiny embedded configs, zero-shot heads, exports."""
 
 from model_families.clip.export import load_clip_export, load_clip_weights, read_export_meta, save_clip_export
-from model_families.clip.factory import ClipBundle, Normalize, create_clip, model_config, register_embedded_configs
+from model_families.clip.factory import (
+    ClipBundle,
+    Normalize,
+    create_clip,
+    model_config,
+    register_embedded_configs,
+)
 from model_families.clip.zero_shot import TEMPLATE_SETS, resolve_templates, zero_shot_weights
 
 __all__ = [

@@ -48,7 +48,9 @@ def read_export_meta(path: str | os.PathLike) -> dict:
     path = Path(path)
     meta_file = path / META
     if not meta_file.is_file():
-        raise FileNotFoundError(f"not an mmbackdoor export: {meta_file} is missing (expected a folder written by train.py)")
+        raise FileNotFoundError(
+            f"not an mmbackdoor export: {meta_file} is missing (expected a folder written by train.py)"
+        )
     meta = json.loads(meta_file.read_text())
     for key in ("family", "model_name"):
         if key not in meta:
@@ -66,7 +68,9 @@ def load_clip_weights(model: torch.nn.Module, source: str | os.PathLike) -> None
         raise FileNotFoundError(f"init checkpoint not found: {source} (model.init_from)")
     if source.is_dir():
         if not (source / WEIGHTS).is_file():
-            raise FileNotFoundError(f"{source / WEIGHTS} is missing (model.init_from must be an export folder or a .ckpt)")
+            raise FileNotFoundError(
+                f"{source / WEIGHTS} is missing (model.init_from must be an export folder or a .ckpt)"
+            )
         state = load_file(str(source / WEIGHTS))
     else:
         ckpt = torch.load(source, map_location="cpu", weights_only=False)
@@ -85,6 +89,8 @@ def load_clip_export(path: str | os.PathLike) -> ClipBundle:
     meta = read_export_meta(path)
     if meta["family"] != "clip":
         raise ValueError(f"{path}: export family is {meta['family']!r}, expected 'clip'")
-    bundle = create_clip(meta["model_name"], image_mean=tuple(meta["image_mean"]), image_std=tuple(meta["image_std"]))
+    bundle = create_clip(
+        meta["model_name"], image_mean=tuple(meta["image_mean"]), image_std=tuple(meta["image_std"])
+    )
     load_clip_weights(bundle.model, path)
     return bundle

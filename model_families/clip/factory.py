@@ -43,8 +43,12 @@ class Normalize(nn.Module):
 
     def __init__(self, mean, std) -> None:
         super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer(
+            "mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False
+        )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
@@ -70,7 +74,7 @@ def model_config(model_name: str) -> dict:
         names = available_architectures()
         raise ValueError(
             f"unknown CLIP architecture {model_name!r}; expected one of open_clip's models, e.g. "
-            f"{', '.join(embedded_model_names() + ['RN50', 'ViT-B-32'])} ({len(names)} available: open_clip.list_models())"
+            f"{', '.join([*embedded_model_names(), 'RN50', 'ViT-B-32'])} ({len(names)} available: open_clip.list_models())"
         )
     return cfg
 

@@ -22,7 +22,9 @@ def resolve_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
     """A named set (see TEMPLATE_SETS) or an explicit list of ``str.format`` templates with one ``{}``."""
     if isinstance(templates, str):
         if templates not in TEMPLATE_SETS:
-            raise ValueError(f"unknown template set {templates!r}; expected one of {sorted(TEMPLATE_SETS)} or a list")
+            raise ValueError(
+                f"unknown template set {templates!r}; expected one of {sorted(TEMPLATE_SETS)} or a list"
+            )
         return TEMPLATE_SETS[templates]
     out = tuple(templates)
     if not out or any("{}" not in t for t in out):
