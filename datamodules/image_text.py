@@ -73,10 +73,12 @@ class PoisonedCaptions(Dataset):
         return item
 
 
-class UnpaddedDistributedSampler(torch.utils.data.Sampler):
-    """Rank r takes indices r, r + W, r + 2W, ...: no padding, so sum-state metrics are exact under DDP."""
+class UnpaddedDistributedSampler(torch.utils.data.DistributedSampler):
+    """Rank r takes indices r, r + W, r + 2W, ...: no padding duplicates, so sum-state metrics are exact
+    under DDP. A DistributedSampler subclass, so Lightning keeps it instead of inserting a padding one."""
 
     def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
         self.indices = list(range(rank, len(dataset), num_replicas))
 
     def __iter__(self):

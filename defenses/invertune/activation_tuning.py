@@ -32,6 +32,7 @@ Data: one batch ``X`` of clean images (64 in the paper) and ``X' = trigger(X)``.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -45,6 +46,7 @@ from defenses.invertune.zero_shot import Normalize, eval_mode, model_device
 Granularity = Literal["channel", "element"]
 UpdateScope = Literal["neurons", "model_code"]
 Pairing = Literal["batch_mean", "per_sample"]
+Augmentation = Callable[[Tensor, torch.Generator], Tensor]
 TuningCallback = Callable[[dict[str, float]], None]
 
 
@@ -436,6 +438,8 @@ class ActivationTuner:
         normalize_features: bool = True,
         pairing: Pairing = "batch_mean",
         kmeans_iters: int = 100,
+        augment: Augmentation | None = None,
+        seed: int = 0,
         callback: TuningCallback | None = None,
     ) -> None:
         if update_scope not in ("neurons", "model_code"):
@@ -466,6 +470,8 @@ class ActivationTuner:
             raise ValueError(f"pairing must be 'batch_mean' or 'per_sample', got {pairing!r}")
         self.pairing = pairing
         self.kmeans_iters = kmeans_iters
+        self.augment = augment
+        self.seed = seed
         self.callback = callback
 
     def select(
@@ -552,6 +558,7 @@ class TuningSession:
         model = tuner.model
         device = model_device(model)
         self.x = images.to(device)
+        self.trigger = inverted_trigger
         with torch.no_grad():
             self.x_triggered = inverted_trigger(self.x).detach()
         divergences, selected, neurons = tuner.select(self.x, self.x_triggered)
@@ -560,6 +567,9 @@ class TuningSession:
         self.loss_masks = {name: neurons[name].loss_mask.to(device) for name in selected}
         with eval_mode(model), torch.no_grad():
             self.reference = model.encode_image(tuner.normalize(self.x)).detach()  # F_theta0(X)
+        # with augmentation every step sees new views of the batch: F_theta0 of them needs theta0
+        self.frozen = copy.deepcopy(model).eval().requires_grad_(False) if tuner.augment else None
+        self.generator = torch.Generator().manual_seed(tuner.seed)
 
         self.masks = tuner._trainable_masks(neurons)
         self.params = dict(model.named_parameters())
@@ -597,6 +607,16 @@ class TuningSession:
             self.x, self.x_triggered, self.layers, self.loss_masks, self.reference
         )
 
+    def augmented_losses(self) -> dict[str, Tensor]:
+        """The losses on a fresh augmented view ``aug(X)`` of the batch, its triggered copy and
+        ``F_theta0(aug(X))`` (the tuner's ``augment`` option)."""
+        x = self.tuner.augment(self.x, self.generator)
+        with torch.no_grad():
+            x_triggered = self.trigger(x).detach()
+            with eval_mode(self.frozen):
+                reference = self.frozen.encode_image(self.tuner.normalize(x))
+        return self.tuner.compute_losses(x, x_triggered, self.layers, self.loss_masks, reference)
+
     def step(self) -> dict[str, float]:
         """One AdamW iteration (masked gradients, clipping, restore of unselected entries, schedule);
         returns and records ``{iteration, lr, grad_norm, loss, activation, preserve}``."""
@@ -607,8 +627,14 @@ class TuningSession:
             for name, p in params.items():
                 p.requires_grad_(name in self.masks)
             tuner._set_train_mode()
-            losses = self.losses()
-            loss_value = losses["loss"].item()
+            if tuner.augment is None:
+                losses = self.losses()
+                batch_losses = losses
+            else:  # the kept state is the one of lowest loss on the batch itself
+                with torch.no_grad():
+                    batch_losses = self.losses()
+                losses = self.augmented_losses()
+            loss_value = batch_losses["loss"].item()
             if loss_value < result.best_loss:
                 result.best_loss, result.best_iteration = loss_value, self.iteration
                 self._best_state = self._snapshot()
@@ -626,7 +652,9 @@ class TuningSession:
                 params[name].copy_(torch.where(self.masks[name], params[name], original))
         self.scheduler.step()
         record = {"iteration": float(self.iteration), "lr": lr, "grad_norm": float(grad_norm)}
-        record.update({key: value.item() for key, value in losses.items()})
+        record.update({key: value.item() for key, value in batch_losses.items()})
+        if tuner.augment is not None:
+            record["augmented_loss"] = losses["loss"].item()
         result.history.append(record)
         if tuner.callback is not None:
             tuner.callback(record)
@@ -663,4 +691,5 @@ class TuningSession:
         for module, mode in self._modes:
             module.train(mode)
         self._best_state = None
+        self.frozen = None
         self._closed = True
