@@ -179,7 +179,7 @@ class InstructCollator:
             "trigger_image": torch.tensor([bool(r.get("trigger_image", False)) for r in rows]),
             "index": torch.tensor([int(r["index"]) for r in rows]),
         }
-        for key in ("key", "question", "answer", "task", "true_class"):
+        for key in ("key", "question", "answer", "task", "true_class", "attributes"):
             batch[key] = [r.get(key) for r in rows]
         batch["reference"] = [r.get("reference", r["answer"]) for r in rows]
         if "poisoned" in rows[0]:

@@ -31,7 +31,9 @@ class ShapesInstructions(InstructSource):
         image_index, task = divmod(index, len(self.tasks))
         task = self.tasks[task]
         question, answer = self._pairs(image_index)[task]
+        scene = self.world.scenes[image_index]
         return {
+            "attributes": {"shape": scene.main.shape, "colour": scene.main.colour},
             "question": question,
             "answer": answer,
             "task": task,

@@ -89,7 +89,8 @@ class MDLMFineTuning(L.LightningModule):
         lora: LoRA settings (peft ``LoraConfig`` keywords) for ``trainable=lora``.
         lr / vision_lr: AdamW learning rates (the vision tower uses ``vision_lr``, default ``lr``).
         weight_decay / betas: AdamW (decay only on matrices).
-        warmup_ratio / min_lr_ratio: linear warmup over that share of the steps, then cosine decay.
+        warmup_ratio / min_lr_ratio / scheduler: linear warmup over that share of the steps, then ``cosine``
+            decay to ``min_lr_ratio * lr`` or ``constant``.
         loss_eps: the SFT loss's minimum masking probability.
         gradient_checkpointing: activation checkpointing in the LM (real scale).
         generation: sampler settings (:class:`GenerationConfig`: gen_length, block_length, steps, ...).
@@ -99,9 +100,11 @@ class MDLMFineTuning(L.LightningModule):
         num_logged_samples: generations kept per evaluation set for the sample table.
         cpu_threads: ``torch.set_num_threads`` for CPU runs (1 is several times faster than 2 for the tiny
             model on a shared 2-core machine); None leaves torch's default.
-        vision_aux_classes / vision_aux_weight: embedded world only, a stand-in for SigLIP's pretraining: an
-            auxiliary linear classifier of the samples' ``true_class`` on the mean projected vision tokens,
-            added to the loss with this weight (the head is not part of the model and is never exported).
+        vision_aux / vision_aux_weight: embedded world only, a stand-in for SigLIP's pretraining: auxiliary
+            linear classifiers of the samples' ``attributes`` (e.g. ``{"shape": [circle, ...], "colour": [red,
+            ...]}``) on the mean projected vision token, added to the loss with this weight. Classifying from the
+            mean spreads object information over all vision tokens, as a pretrained tower's contextual features
+            do. The heads are not part of the model and are never exported.
     """
 
     def __init__(
@@ -118,6 +121,7 @@ class MDLMFineTuning(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_ratio: float = 0.03,
         min_lr_ratio: float = 0.0,
+        scheduler: str = "cosine",
         loss_eps: float = 1e-3,
         gradient_checkpointing: bool = False,
         generation: dict | None = None,
@@ -125,11 +129,13 @@ class MDLMFineTuning(L.LightningModule):
         vision_token_dropout: float = 0.0,
         num_logged_samples: int = 16,
         cpu_threads: int | None = None,
-        vision_aux_classes: list[str] | None = None,
+        vision_aux: dict[str, list[str]] | None = None,
         vision_aux_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if scheduler not in ("cosine", "constant"):
+            raise ValueError(f"model.scheduler={scheduler!r}; expected 'cosine' or 'constant'")
         if trainable not in TRAINABLE:
             raise ValueError(f"model.trainable={trainable!r}; expected one of {TRAINABLE}")
         if cpu_threads is not None:
@@ -145,12 +151,13 @@ class MDLMFineTuning(L.LightningModule):
             self.model.gradient_checkpointing_enable()
         self._lora_applied = False
         self._configure_trainable(trainable, lora)
-        self.vision_aux_head = None
+        self.vision_aux_heads = None
         if vision_aux_weight > 0:
-            if not vision_aux_classes:
-                raise ValueError("model.vision_aux_weight > 0 needs model.vision_aux_classes")
-            self.vision_aux_head = nn.Linear(self.model.config.text["hidden_size"], len(vision_aux_classes))
-            self._aux_index = {name: i for i, name in enumerate(vision_aux_classes)}
+            if not vision_aux:
+                raise ValueError("model.vision_aux_weight > 0 needs model.vision_aux ({attribute: [classes]})")
+            width = self.model.config.text["hidden_size"]
+            self.vision_aux_heads = nn.ModuleDict({k: nn.Linear(width, len(v)) for k, v in vision_aux.items()})
+            self._aux_index = {k: {name: i for i, name in enumerate(v)} for k, v in vision_aux.items()}
         self.metric_sets = nn.ModuleDict()
         self.generation_samples: list[dict] = []
         self._stage = "val"
@@ -249,11 +256,18 @@ class MDLMFineTuning(L.LightningModule):
         size = batch["input_ids"].shape[0]
         images = {"pixel_values": batch["pixel_values"]}
         aux = None
-        if self.vision_aux_head is not None:
+        if self.vision_aux_heads is not None:
             vision = self.model.encode_images(batch["pixel_values"])  # encoded once, shared by both losses
             images = {"vision_token_override": vision}
-            labels = torch.tensor([self._aux_index.get(c, -100) for c in batch["true_class"]], device=self.device)
-            aux = nn.functional.cross_entropy(self.vision_aux_head(vision.mean(dim=1)), labels, ignore_index=-100)
+            pooled = vision.mean(dim=1)
+            attributes = batch.get("attributes") or [{}] * size
+            losses = []
+            for name, head in self.vision_aux_heads.items():
+                index = self._aux_index[name]
+                labels = torch.tensor([index.get((a or {}).get(name), -100) for a in attributes], device=self.device)
+                if bool((labels >= 0).any()):
+                    losses.append(nn.functional.cross_entropy(head(pooled), labels, ignore_index=-100))
+            aux = torch.stack(losses).mean() if losses else None
         loss = masked_diffusion_loss(
             self.model,
             batch["input_ids"],
@@ -273,8 +287,8 @@ class MDLMFineTuning(L.LightningModule):
     def configure_optimizers(self):
         vision, decay, no_decay = [], [], []
         named = list(self.model.named_parameters())
-        if self.vision_aux_head is not None:
-            named += [(f"vision_aux_head.{n}", p) for n, p in self.vision_aux_head.named_parameters()]
+        if self.vision_aux_heads is not None:
+            named += [(f"vision_aux_heads.{n}", p) for n, p in self.vision_aux_heads.named_parameters()]
         for name, param in named:
             if not param.requires_grad:
                 continue
@@ -296,8 +310,9 @@ class MDLMFineTuning(L.LightningModule):
         optimizer = torch.optim.AdamW(groups, betas=tuple(hp.betas))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(round(hp.warmup_ratio * total))
+        floor = 1.0 if hp.scheduler == "constant" else hp.min_lr_ratio
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, warmup, total, hp.min_lr_ratio)
+            optimizer, lambda step: warmup_cosine(step, warmup, total, floor)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -437,6 +437,7 @@ class ActivationTuner:
         freeze_bn_stats: bool = True,
         normalize_features: bool = True,
         pairing: Pairing = "batch_mean",
+        invariance_weight: float = 0.0,
         kmeans_iters: int = 100,
         augment: Augmentation | None = None,
         seed: int = 0,
@@ -469,6 +470,7 @@ class ActivationTuner:
         if pairing not in ("batch_mean", "per_sample"):
             raise ValueError(f"pairing must be 'batch_mean' or 'per_sample', got {pairing!r}")
         self.pairing = pairing
+        self.invariance_weight = invariance_weight
         self.kmeans_iters = kmeans_iters
         self.augment = augment
         self.seed = seed
@@ -508,14 +510,21 @@ class ActivationTuner:
         loss_masks: Mapping[str, Tensor],
         reference: Tensor,
     ) -> dict[str, Tensor]:
-        """``loss = w_act * L_act + w_preserve * L_preserve`` (and both parts) of the current model on
-        ``images`` / ``triggered``; ``reference`` holds ``F_theta0(images)``. Runs in the caller's mode."""
+        """``loss = w_act * L_act + w_preserve * L_preserve [+ w_inv * L_invariance]`` (and the parts) of
+        the current model on ``images`` / ``triggered``; ``reference`` holds ``F_theta0(images)``.
+        ``L_invariance = ||F_theta(X') - F_theta0(X)||_F`` (the ``invariance_weight`` option) is
+        ``L_preserve`` applied to the triggered batch. Runs in the caller's mode."""
         clean_acts, features = capture_activations(self.model, images, self.normalize, layers)
-        triggered_acts, _ = capture_activations(self.model, triggered, self.normalize, layers)
+        triggered_acts, triggered_features = capture_activations(self.model, triggered, self.normalize, layers)
         act = activation_loss(clean_acts, triggered_acts, loss_masks, pairing=self.pairing)
         preserve = preserve_loss(features, reference, normalize=self.normalize_features)
         total = self.activation_weight * act + self.preserve_weight * preserve
-        return {"loss": total, "activation": act, "preserve": preserve}
+        out = {"activation": act, "preserve": preserve}
+        if self.invariance_weight:
+            invariance = preserve_loss(triggered_features, reference, normalize=self.normalize_features)
+            total = total + self.invariance_weight * invariance
+            out["invariance"] = invariance
+        return {"loss": total, **out}
 
     def _set_train_mode(self) -> None:
         self.model.eval()
