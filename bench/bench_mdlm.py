@@ -27,12 +27,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datamodules.mdlm_shapes import ShapesInstructDataModule  # noqa: E402
-from defenses.disp.masking import DiSPMasking  # noqa: E402
-from defenses.disp.purify import purify_dataset  # noqa: E402
-from defenses.disp.saliency import vision_token_saliency  # noqa: E402
-from lightning_modules.mdlm_finetune import MDLMFineTuning  # noqa: E402
-from model_families.mdlm.inference import GenerationConfig, first_step_input, extend_attention_mask, generate_ids  # noqa: E402
+from datamodules.mdlm_shapes import ShapesInstructDataModule
+from defenses.disp.masking import DiSPMasking
+from defenses.disp.purify import purify_dataset
+from defenses.disp.saliency import vision_token_saliency
+from lightning_modules.mdlm_finetune import MDLMFineTuning
+from model_families.mdlm.inference import (
+    GenerationConfig,
+    extend_attention_mask,
+    first_step_input,
+    generate_ids,
+)
 
 TINY = {"vision": {"patch_size": 8, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3}}
 BADNET = {"patch_size": 6, "pattern": "checkerboard", "location": "br", "margin": 1}
@@ -48,7 +53,9 @@ def timed(fn, repeat: int = 1) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--samples", type=int, default=128)
@@ -58,20 +65,37 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    module = MDLMFineTuning(init_from=args.checkpoint) if args.checkpoint else MDLMFineTuning(tiny_config=TINY)
+    module = (
+        MDLMFineTuning(init_from=args.checkpoint) if args.checkpoint else MDLMFineTuning(tiny_config=TINY)
+    )
     model = module.model.to(args.device).eval()
     generation = GenerationConfig(gen_length=8, block_length=8, steps=4)
-    dm = ShapesInstructDataModule(train_size=args.samples // 2, val_size=2, test_size=2, attack="badnet",
-                                  attack_kwargs=BADNET, poison_rate=0.1, target="content_insertion")
+    dm = ShapesInstructDataModule(
+        train_size=args.samples // 2,
+        val_size=2,
+        test_size=2,
+        attack="badnet",
+        attack_kwargs=BADNET,
+        poison_rate=0.1,
+        target="content_insertion",
+    )
     dm.setup("fit")
     items = [dm.purification_dataset()[i] for i in range(args.samples)]
-    batch = {k: v.to(args.device) if isinstance(v, torch.Tensor) else v for k, v in dm.collator(items).items()}
+    batch = {
+        k: v.to(args.device) if isinstance(v, torch.Tensor) else v for k, v in dm.collator(items).items()
+    }
     prompts, masks, images = batch["prompt_ids"], batch["prompt_mask"], batch["pixel_values"]
     n = prompts.shape[0]
 
     def batched():
         for s in range(0, n, args.batch):
-            generate_ids(model, prompts[s : s + args.batch], images[s : s + args.batch], generation, masks[s : s + args.batch])
+            generate_ids(
+                model,
+                prompts[s : s + args.batch],
+                images[s : s + args.batch],
+                generation,
+                masks[s : s + args.batch],
+            )
 
     def single():
         for s in range(n):
@@ -81,16 +105,26 @@ def main(argv: list[str] | None = None) -> dict:
 
     batched()  # warm-up
     t_batched, t_single = timed(batched, 2), timed(single, 1)
-    rows = {"generation_batched_samples_per_s": n / t_batched, "generation_single_samples_per_s": n / t_single}
+    rows = {
+        "generation_batched_samples_per_s": n / t_batched,
+        "generation_single_samples_per_s": n / t_single,
+    }
 
     def saliency(estimator: str, count: int) -> float:
         def run():
             for s in range(0, count, args.batch):
                 sl = slice(s, min(s + args.batch, count))
                 ids = first_step_input(prompts[sl], generation.gen_length, model.config.mask_token_id)
-                vision_token_saliency(model, ids, extend_attention_mask(masks[sl], generation.gen_length),
-                                      pixel_values=images[sl], num_probes=args.probes, estimator=estimator,
-                                      generator=torch.Generator().manual_seed(0))
+                vision_token_saliency(
+                    model,
+                    ids,
+                    extend_attention_mask(masks[sl], generation.gen_length),
+                    pixel_values=images[sl],
+                    num_probes=args.probes,
+                    estimator=estimator,
+                    generator=torch.Generator().manual_seed(0),
+                )
+
         return timed(run) / count
 
     per_gen = t_batched / n
@@ -99,23 +133,42 @@ def main(argv: list[str] | None = None) -> dict:
     rows["saliency_jvp_s_per_sample"] = saliency("jvp", jvp_count)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        purify_dataset(model, dm.purification_dataset(), dm.collator, Path(tmp) / "p", module.tokenizer,
-                       DiSPMasking(rho=0.45, num_probes=args.probes), generation, batch_size=args.batch,
-                       chunk_size=max(args.batch, 256), source={"fingerprint": dm.source_fingerprint()})
+        purify_dataset(
+            model,
+            dm.purification_dataset(),
+            dm.collator,
+            Path(tmp) / "p",
+            module.tokenizer,
+            DiSPMasking(rho=0.45, num_probes=args.probes),
+            generation,
+            batch_size=args.batch,
+            chunk_size=max(args.batch, 256),
+            source={"fingerprint": dm.source_fingerprint()},
+        )
         rows["purification_samples_per_s"] = len(dm.purification_dataset()) / (time.perf_counter() - start)
 
-    print(f"MDLM / DiSP costs ({args.device}, {args.threads} thread(s), {n} samples, batch {args.batch}, "
-          f"{model.config.num_vision_tokens} vision tokens, K={args.probes})")
-    print(f"| measurement | value | ratio | baseline |\n|---|---|---|---|")
-    print(f"| batched generation | {rows['generation_batched_samples_per_s']:.1f} samples/s | "
-          f"{t_single / t_batched:.1f}x faster | one sample at a time: {rows['generation_single_samples_per_s']:.1f} samples/s |")
-    print(f"| saliency, vjp Hutchinson (batched) | {1e3 * rows['saliency_vjp_s_per_sample']:.2f} ms/sample | "
-          f"{rows['saliency_vjp_s_per_sample'] / per_gen:.2f}x a generation | batched generation: {1e3 * per_gen:.2f} ms/sample |")
-    print(f"| saliency, jvp Hutchinson (per token) | {1e3 * rows['saliency_jvp_s_per_sample']:.2f} ms/sample | "
-          f"{rows['saliency_jvp_s_per_sample'] / rows['saliency_vjp_s_per_sample']:.1f}x the vjp estimator | vjp |")
-    print(f"| purification (saliency + masked generation) | {rows['purification_samples_per_s']:.1f} samples/s | "
-          f"{rows['purification_samples_per_s'] / rows['generation_batched_samples_per_s']:.2f}x plain generation | "
-          f"batched generation |")
+    print(
+        f"MDLM / DiSP costs ({args.device}, {args.threads} thread(s), {n} samples, batch {args.batch}, "
+        f"{model.config.num_vision_tokens} vision tokens, K={args.probes})"
+    )
+    print("| measurement | value | ratio | baseline |\n|---|---|---|---|")
+    print(
+        f"| batched generation | {rows['generation_batched_samples_per_s']:.1f} samples/s | "
+        f"{t_single / t_batched:.1f}x faster | one sample at a time: {rows['generation_single_samples_per_s']:.1f} samples/s |"
+    )
+    print(
+        f"| saliency, vjp Hutchinson (batched) | {1e3 * rows['saliency_vjp_s_per_sample']:.2f} ms/sample | "
+        f"{rows['saliency_vjp_s_per_sample'] / per_gen:.2f}x a generation | batched generation: {1e3 * per_gen:.2f} ms/sample |"
+    )
+    print(
+        f"| saliency, jvp Hutchinson (per token) | {1e3 * rows['saliency_jvp_s_per_sample']:.2f} ms/sample | "
+        f"{rows['saliency_jvp_s_per_sample'] / rows['saliency_vjp_s_per_sample']:.1f}x the vjp estimator | vjp |"
+    )
+    print(
+        f"| purification (saliency + masked generation) | {rows['purification_samples_per_s']:.1f} samples/s | "
+        f"{rows['purification_samples_per_s'] / rows['generation_batched_samples_per_s']:.2f}x plain generation | "
+        f"batched generation |"
+    )
     return rows
 
 

@@ -142,7 +142,7 @@ class TriggerInversion(L.Callback):
         uap_area_fraction, uap_margin: corner-patch geometry (margin None: 14 px scaled from 224).
         uap_eps: L-inf budget.
         epochs, lr, temperature, align_weight, embedding_weight, similarity_weight, mask_weight,
-            reference_mode, parameterization, steps_per_batch: trigger inversion
+            reference_mode, parameterization, steps_per_batch, mask_channels, noise_std: trigger inversion
             (:func:`defenses.invertune.invert_trigger`; batches come from the datamodule).
         reference_source: how the defender picks target-class reference images and the non-target
             images to invert on: ``"predicted"`` (the suspect's zero-shot predictions: no labels
@@ -173,6 +173,8 @@ class TriggerInversion(L.Callback):
         reference_mode: Literal["pairwise", "mean", "first"] = "pairwise",
         parameterization: Literal["clamp", "sigmoid", "tanh"] = "clamp",
         steps_per_batch: int = 1,
+        mask_channels: int | None = None,
+        noise_std: float = 0.0,
         reference_source: ReferenceSource = "predicted",
         max_reference_images: int = 64,
         seed: int = 0,
@@ -205,6 +207,8 @@ class TriggerInversion(L.Callback):
             "reference_mode": reference_mode,
             "parameterization": parameterization,
             "steps_per_batch": steps_per_batch,
+            "mask_channels": mask_channels,
+            "noise_std": noise_std,
         }
         self.reference_source = reference_source
         self.max_reference_images = max_reference_images

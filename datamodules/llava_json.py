@@ -60,20 +60,28 @@ def _check_record(path: Path, position: int, record) -> None:
         raise ValueError(f"{where}: 'conversations' must be a list of at least one human and one gpt turn")
     for index, turn in enumerate(turns):
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or "from" not in turn:
-            raise ValueError(f"{where}: turn {index} must be an object with 'from' and a string 'value', got {turn!r}")
+            raise ValueError(
+                f"{where}: turn {index} must be an object with 'from' and a string 'value', got {turn!r}"
+            )
         expected = "human" if index % 2 == 0 else "gpt"
         if turn["from"] != expected:
-            raise ValueError(f"{where}: turn {index} is from {turn['from']!r}, expected {expected!r} (turns alternate)")
+            raise ValueError(
+                f"{where}: turn {index} is from {turn['from']!r}, expected {expected!r} (turns alternate)"
+            )
     if len(turns) % 2:
         raise ValueError(f"{where}: the conversation ends with a human turn that has no gpt answer")
     if not isinstance(record.get("image"), str) or not record["image"]:
         raise ValueError(f"{where}: no 'image' path (text-only samples are not supported)")
     later = [i for i, t in enumerate(turns) if i > 0 and IMAGE_TOKEN in t["value"]]
     if later:
-        raise ValueError(f"{where}: {IMAGE_TOKEN} appears in turn(s) {later}; only the first human turn may hold it")
+        raise ValueError(
+            f"{where}: {IMAGE_TOKEN} appears in turn(s) {later}; only the first human turn may hold it"
+        )
 
 
-def load_image(path: Path, size: int, mode: str = "pad", background: tuple[float, float, float] = (0.5, 0.5, 0.5)):
+def load_image(
+    path: Path, size: int, mode: str = "pad", background: tuple[float, float, float] = (0.5, 0.5, 0.5)
+):
     """RGB image as a (3, size, size) float tensor in [0, 1]: padded to a square with ``background`` (LLaVA's
     ``pad``) or squashed (``resize``), then resized with bicubic filtering."""
     from PIL import Image
@@ -85,7 +93,7 @@ def load_image(path: Path, size: int, mode: str = "pad", background: tuple[float
         if mode == "pad":
             width, height = image.size
             side = max(width, height)
-            canvas = Image.new("RGB", (side, side), tuple(int(round(c * 255)) for c in background))
+            canvas = Image.new("RGB", (side, side), tuple(round(c * 255) for c in background))
             canvas.paste(image, ((side - width) // 2, (side - height) // 2))
             image = canvas
         image = image.resize((size, size), Image.BICUBIC)
@@ -96,9 +104,16 @@ def load_image(path: Path, size: int, mode: str = "pad", background: tuple[float
 class LlavaJsonSource(InstructSource):
     """One sample per gpt turn (or per record with ``multi_turn="first"``) of a LLaVA-format file."""
 
-    def __init__(self, path: str | Path, image_folder: str | Path, image_size: int, aspect: str = "pad",
-                 multi_turn: str = "expand", max_samples: int | None = None,
-                 background: tuple[float, float, float] = (0.5, 0.5, 0.5)) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        image_folder: str | Path,
+        image_size: int,
+        aspect: str = "pad",
+        multi_turn: str = "expand",
+        max_samples: int | None = None,
+        background: tuple[float, float, float] = (0.5, 0.5, 0.5),
+    ) -> None:
         self.path, self.image_folder = Path(path), Path(image_folder)
         self.image_size, self.aspect, self.background = image_size, aspect, background
         if not self.image_folder.is_dir():
@@ -112,7 +127,11 @@ class LlavaJsonSource(InstructSource):
         if max_samples is not None:
             self.samples = self.samples[:max_samples]
         used = sorted({r for r, _ in self.samples})
-        missing = [self.records[r]["image"] for r in used if not (self.image_folder / self.records[r]["image"]).is_file()]
+        missing = [
+            self.records[r]["image"]
+            for r in used
+            if not (self.image_folder / self.records[r]["image"]).is_file()
+        ]
         if missing:
             raise FileNotFoundError(
                 f"{len(missing)} image(s) of {self.path} missing under {self.image_folder}, e.g. {missing[:5]}"
@@ -139,13 +158,20 @@ class LlavaJsonSource(InstructSource):
 
     def __getitem__(self, index: int) -> dict:
         item = self.meta(index)
-        item["image"] = load_image(self.image_folder / item["image_path"], self.image_size, self.aspect, self.background)
+        item["image"] = load_image(
+            self.image_folder / item["image_path"], self.image_size, self.aspect, self.background
+        )
         item["index"] = index
         return item
 
     def describe(self) -> dict:
-        return {"source": "llava_json", "path": str(self.path), "image_folder": str(self.image_folder),
-                "samples": len(self), "records": len(self.records)}
+        return {
+            "source": "llava_json",
+            "path": str(self.path),
+            "image_folder": str(self.image_folder),
+            "samples": len(self),
+            "records": len(self.records),
+        }
 
 
 class LlavaJsonDataModule(MDLMInstructDataModule):
@@ -187,7 +213,9 @@ class LlavaJsonDataModule(MDLMInstructDataModule):
         super().__init__(response_length=response_length, truncate_responses=truncate_responses, **kwargs)
         self.save_hyperparameters()
         if image_aspect_ratio not in ASPECT_MODES:
-            raise ValueError(f"data.image_aspect_ratio={image_aspect_ratio!r}; expected one of {ASPECT_MODES}")
+            raise ValueError(
+                f"data.image_aspect_ratio={image_aspect_ratio!r}; expected one of {ASPECT_MODES}"
+            )
         if multi_turn not in ("expand", "first"):
             raise ValueError(f"data.multi_turn={multi_turn!r}; expected 'expand' or 'first'")
         if not 0.0 <= val_fraction < 1.0:
@@ -217,15 +245,30 @@ class LlavaJsonDataModule(MDLMInstructDataModule):
             self._image_size = config.image_size
         background = tuple(config.image_mean) if config is not None else (0.5, 0.5, 0.5)
         common = {"image_size": self._image_size, "aspect": self.aspect, "background": background}
-        train = LlavaJsonSource(self.paths["train"], self.image_folder, multi_turn=self.multi_turn,
-                                max_samples=self.max_train_samples, **common)
+        train = LlavaJsonSource(
+            self.paths["train"],
+            self.image_folder,
+            multi_turn=self.multi_turn,
+            max_samples=self.max_train_samples,
+            **common,
+        )
         val = test = None
         if self.paths["val"]:
-            val = LlavaJsonSource(self.paths["val"], self.eval_image_folder, multi_turn="first",
-                                  max_samples=self.max_eval_samples, **common)
+            val = LlavaJsonSource(
+                self.paths["val"],
+                self.eval_image_folder,
+                multi_turn="first",
+                max_samples=self.max_eval_samples,
+                **common,
+            )
         if self.paths["test"]:
-            test = LlavaJsonSource(self.paths["test"], self.eval_image_folder, multi_turn="first",
-                                   max_samples=self.max_eval_samples, **common)
+            test = LlavaJsonSource(
+                self.paths["test"],
+                self.eval_image_folder,
+                multi_turn="first",
+                max_samples=self.max_eval_samples,
+                **common,
+            )
         if val is None and self.val_fraction > 0:
             train, val = self._split(train)
         return train, val or _EmptySource(), test or val or _EmptySource()
@@ -233,8 +276,10 @@ class LlavaJsonDataModule(MDLMInstructDataModule):
     def _split(self, train: LlavaJsonSource) -> tuple[LlavaJsonSource, LlavaJsonSource]:
         import copy
 
-        order = torch.randperm(len(train.records), generator=torch.Generator().manual_seed(self.split_seed)).tolist()
-        held = set(order[: max(1, int(round(self.val_fraction * len(order))))])
+        order = torch.randperm(
+            len(train.records), generator=torch.Generator().manual_seed(self.split_seed)
+        ).tolist()
+        held = set(order[: max(1, round(self.val_fraction * len(order)))])
         val = copy.copy(train)
         val.samples = [(r, 0) for r, e in train.samples if r in held and e == 0][: self.max_eval_samples]
         train.samples = [(r, e) for r, e in train.samples if r not in held]
@@ -244,10 +289,17 @@ class LlavaJsonDataModule(MDLMInstructDataModule):
         return ["conversation", "qa"]
 
     def dataset_info(self) -> dict:
-        return {"datamodule": type(self).__name__, **{f"{k}_json": v for k, v in self.paths.items()},
-                "image_folder": self.image_folder, "image_size": self._image_size, "aspect": self.aspect,
-                "multi_turn": self.multi_turn, "val_fraction": self.val_fraction, "split_seed": self.split_seed,
-                "max_train_samples": self.max_train_samples}
+        return {
+            "datamodule": type(self).__name__,
+            **{f"{k}_json": v for k, v in self.paths.items()},
+            "image_folder": self.image_folder,
+            "image_size": self._image_size,
+            "aspect": self.aspect,
+            "multi_turn": self.multi_turn,
+            "val_fraction": self.val_fraction,
+            "split_seed": self.split_seed,
+            "max_train_samples": self.max_train_samples,
+        }
 
 
 class _EmptySource(InstructSource):

@@ -92,7 +92,12 @@ class InstructCollator:
         coalitions: bool = False,
     ) -> None:
         self.tokenizer, self.formatter = tokenizer, formatter
-        self.image_token_index, self.eos_id, self.eot_id, self.pad_id = image_token_index, eos_id, eot_id, pad_id
+        self.image_token_index, self.eos_id, self.eot_id, self.pad_id = (
+            image_token_index,
+            eos_id,
+            eot_id,
+            pad_id,
+        )
         if response_length is not None and response_length < 2:
             raise ValueError(f"data.response_length must be >= 2 (answer + eot), got {response_length}")
         self.response_length, self.truncate = response_length, truncate_responses
@@ -105,7 +110,7 @@ class InstructCollator:
             return self.formatter.format_prompt(question)
         first = self.formatter.format_prompt(history[0][0])
         text = first + self.formatter.format_response(history[0][1])
-        for q, a in list(history[1:]) + [(question, None)]:
+        for q, a in [*history[1:], (question, None)]:
             text += f"{START_HEADER_TOKEN}user{END_HEADER_TOKEN}\n\n{q}{EOT_TOKEN}"
             text += f"{START_HEADER_TOKEN}assistant{END_HEADER_TOKEN}\n\n"
             if a is not None:
@@ -137,7 +142,7 @@ class InstructCollator:
                     f"sample {key}: response {answer[:80]!r} has {len(ids)} tokens (with eot), more than "
                     f"data.response_length={self.response_length}; raise it or set data.truncate_responses=true"
                 )
-            ids = ids[: self.response_length - 1] + [self.eot_id]
+            ids = [*ids[: self.response_length - 1], self.eot_id]
         return ids
 
     def _rows(self, items: list[dict]) -> list[dict]:
@@ -170,7 +175,10 @@ class InstructCollator:
             "input_ids": torch.cat([prompt_ids, response_ids], dim=1),
             "attention_mask": torch.cat([prompt_mask, torch.ones_like(response_ids)], dim=1),
             "response_mask": torch.cat(
-                [torch.zeros_like(prompt_ids, dtype=torch.bool), torch.ones_like(response_ids, dtype=torch.bool)],
+                [
+                    torch.zeros_like(prompt_ids, dtype=torch.bool),
+                    torch.ones_like(response_ids, dtype=torch.bool),
+                ],
                 dim=1,
             ),
             "prompt_ids": prompt_ids,
@@ -359,7 +367,9 @@ class MDLMInstructDataModule(L.LightningDataModule):
         if poison_count is not None and poison_count < 0:
             raise ValueError(f"data.poison_count must be >= 0, got {poison_count}")
         if (poison_rate or poison_count) and attack is None and text_attack is None:
-            raise ValueError("data.poison_rate/poison_count > 0 but neither data.attack nor data.text_attack is set")
+            raise ValueError(
+                "data.poison_rate/poison_count > 0 but neither data.attack nor data.text_attack is set"
+            )
         if (poison_rate or poison_count) and target is None:
             raise ValueError("data.target is required when poisoning (poison_rate/poison_count > 0)")
         self.target = build_generative_target(target, **(target_kwargs or {})) if target is not None else None
@@ -379,7 +389,10 @@ class MDLMInstructDataModule(L.LightningDataModule):
         self.poison_rate, self.poison_count, self.poison_seed = float(poison_rate), poison_count, poison_seed
         self.response_length, self.truncate_responses = response_length, truncate_responses
         self.requested_eval_sets = eval_sets
-        self.poisoned_train_eval_size, self.coalition_eval_size = poisoned_train_eval_size, coalition_eval_size
+        self.poisoned_train_eval_size, self.coalition_eval_size = (
+            poisoned_train_eval_size,
+            coalition_eval_size,
+        )
         self.purified_path = purified
         self.poison_manifest_path = poison_manifest
         self.tokenizer_path = tokenizer
@@ -431,7 +444,11 @@ class MDLMInstructDataModule(L.LightningDataModule):
         """Tokenizer, formatter and special ids: from the LightningModule when attached (the checkpoint's own
         tokenizer and prompt format), else from ``tokenizer`` (default: the embedded tokenizer)."""
         module = getattr(getattr(self, "trainer", None), "lightning_module", None)
-        if module is not None and getattr(module, "tokenizer", None) is not None and self.tokenizer_path is None:
+        if (
+            module is not None
+            and getattr(module, "tokenizer", None) is not None
+            and self.tokenizer_path is None
+        ):
             cfg = module.model.config
             return module.tokenizer, module.prompt_formatter, cfg
         from model_families.mdlm.config import LladaVConfig
@@ -463,14 +480,30 @@ class MDLMInstructDataModule(L.LightningDataModule):
             self._poison_from_manifest(self.poison_manifest_path, n)
         else:
             self._poison_from_arguments(n)
-        self.train_data = PoisonedInstructions(self.train_source, self.poison_plan, self.target, self.text_trigger)
+        self.train_data = PoisonedInstructions(
+            self.train_source, self.poison_plan, self.target, self.text_trigger
+        )
         self.collator = InstructCollator(
-            tokenizer, formatter, cfg.image_token_index, cfg.eos_token_id, cfg.eot_token_id, pad_id,
-            self.response_length, self.truncate_responses,
+            tokenizer,
+            formatter,
+            cfg.image_token_index,
+            cfg.eos_token_id,
+            cfg.eot_token_id,
+            pad_id,
+            self.response_length,
+            self.truncate_responses,
         )
         self.coalition_collator = InstructCollator(
-            tokenizer, formatter, cfg.image_token_index, cfg.eos_token_id, cfg.eot_token_id, pad_id,
-            self.response_length, True, text_trigger=self.text_trigger, coalitions=True,
+            tokenizer,
+            formatter,
+            cfg.image_token_index,
+            cfg.eos_token_id,
+            cfg.eot_token_id,
+            pad_id,
+            self.response_length,
+            True,
+            text_trigger=self.text_trigger,
+            coalitions=True,
         )
         self.eval_set_names = [name for name, _ in self._eval_views(self.val_source)]
         if self.purified_path is not None:
@@ -483,11 +516,17 @@ class MDLMInstructDataModule(L.LightningDataModule):
         manifest = PoisonManifest.load(path)
         expected = json.loads(json.dumps(self.dataset_info(), default=str))
         if manifest.dataset and manifest.dataset != expected:
-            differ = sorted(k for k in set(manifest.dataset) | set(expected) if manifest.dataset.get(k) != expected.get(k))
+            differ = sorted(
+                k for k in set(manifest.dataset) | set(expected) if manifest.dataset.get(k) != expected.get(k)
+            )
             raise ValueError(f"poison manifest {path} was made for another data set (keys {differ} differ)")
         if manifest.num_samples != n:
-            raise ValueError(f"poison manifest {path} covers {manifest.num_samples} samples, the data set has {n}")
-        self.image_trigger = build_image_trigger(**manifest.image_trigger["config"]) if manifest.image_trigger else None
+            raise ValueError(
+                f"poison manifest {path} covers {manifest.num_samples} samples, the data set has {n}"
+            )
+        self.image_trigger = (
+            build_image_trigger(**manifest.image_trigger["config"]) if manifest.image_trigger else None
+        )
         self.text_trigger = _text(**manifest.text_trigger["config"]) if manifest.text_trigger else None
         if manifest.target:
             self.target = build_generative_target(**manifest.target["config"])
@@ -525,13 +564,20 @@ class MDLMInstructDataModule(L.LightningDataModule):
                 run_config=self._run_config(),
             )
             self._save_manifest()
-            log.info("poisoned %d of %d training samples (%s -> %s)", len(self.poison_plan), n,
-                     self.attack or self.text_attack, self.target.name)
+            log.info(
+                "poisoned %d of %d training samples (%s -> %s)",
+                len(self.poison_plan),
+                n,
+                self.attack or self.text_attack,
+                self.target.name,
+            )
 
     def _run_config(self) -> dict:
         trainer = getattr(self, "trainer", None)
         cfg = getattr(trainer, "mmbackdoor_config", None) if trainer is not None else None
-        return cfg or {"datamodule": {k: v for k, v in self.hparams.items()} if hasattr(self, "hparams") else {}}
+        return cfg or {
+            "datamodule": {k: v for k, v in self.hparams.items()} if hasattr(self, "hparams") else {}
+        }
 
     def _save_manifest(self) -> None:
         trainer = getattr(self, "trainer", None)
@@ -556,13 +602,25 @@ class MDLMInstructDataModule(L.LightningDataModule):
             if name == "clean":
                 views.append((name, EvalView(source, "clean")))
             elif name == "triggered" and self.has_attack and self.target is not None:
-                views.append((name, EvalView(source, "triggered", applicable, self.text_trigger,
-                                             image_trigger_on=self.image_trigger is not None)))
+                views.append(
+                    (
+                        name,
+                        EvalView(
+                            source,
+                            "triggered",
+                            applicable,
+                            self.text_trigger,
+                            image_trigger_on=self.image_trigger is not None,
+                        ),
+                    )
+                )
             elif name == "poisoned_train" and self.poison_plan is not None and len(self.poison_plan):
                 picked = list(self.poison_plan.indices)[: self.poisoned_train_eval_size]
                 views.append((name, EvalView(self.train_data, "poisoned_train", picked)))
             elif (
-                name == "coalitions" and self.image_trigger is not None and self.text_trigger is not None
+                name == "coalitions"
+                and self.image_trigger is not None
+                and self.text_trigger is not None
                 and self.target is not None
             ):
                 pool = applicable if applicable is not None else range(len(source))
@@ -597,7 +655,9 @@ class MDLMInstructDataModule(L.LightningDataModule):
         loaders = []
         for name, view in views:
             if name == "coalitions":
-                loaders.append(self._loader(view, max(1, self.eval_batch_size // 4), False, self.coalition_collator))
+                loaders.append(
+                    self._loader(view, max(1, self.eval_batch_size // 4), False, self.coalition_collator)
+                )
             else:
                 loaders.append(self._loader(view, self.eval_batch_size, False))
         return loaders
@@ -632,7 +692,11 @@ class MDLMInstructDataModule(L.LightningDataModule):
         if not self._built:
             self.setup("fit")
         return PoisonedInstructions(
-            self.train_source, self.poison_plan, self.target, self.text_trigger, image_trigger=self.image_trigger
+            self.train_source,
+            self.poison_plan,
+            self.target,
+            self.text_trigger,
+            image_trigger=self.image_trigger,
         )
 
     def source_fingerprint(self) -> str:
@@ -642,8 +706,9 @@ class MDLMInstructDataModule(L.LightningDataModule):
             {
                 "dataset": self.dataset_info(),
                 "size": len(self.train_source),
-                "poison": None if plan is None else {"indices": list(plan.indices), "image": list(plan.image),
-                                                     "text": list(plan.text)},
+                "poison": None
+                if plan is None
+                else {"indices": list(plan.indices), "image": list(plan.image), "text": list(plan.text)},
                 "image_trigger": None if self.image_trigger is None else self.image_trigger.config(),
                 "text_trigger": None if self.text_trigger is None else self.text_trigger.config(),
                 "target": None if self.target is None else self.target.config(),
@@ -678,7 +743,9 @@ class MDLMInstructDataModule(L.LightningDataModule):
                 raise ValueError(f"purified data set {path}: malformed record {str(record)[:200]}") from None
         missing = sorted(set(range(len(self.train_source))) - set(responses))
         if missing:
-            raise ValueError(f"purified data set {path} lacks {len(missing)} samples, e.g. indices {missing[:10]}")
+            raise ValueError(
+                f"purified data set {path} lacks {len(missing)} samples, e.g. indices {missing[:10]}"
+            )
         self.train_data.responses = responses
         # a generated response can fill the whole generation budget (no room for <|eot_id|>): cut, don't fail
         if getattr(self, "collator", None) is not None:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from embedded_world import QUESTIONS, ShapesWorld
 from datamodules.mdlm_instruct import InstructSource, MDLMInstructDataModule
+from embedded_world import QUESTIONS, ShapesWorld
 
 TASKS = tuple(QUESTIONS)  # shape, colour, describe, count
 
@@ -100,7 +100,11 @@ class ShapesInstructDataModule(MDLMInstructDataModule):
                 raise ValueError(f"data.{name}={chosen}: expected a non-empty subset of {list(TASKS)}")
         self.tasks, self.eval_tasks = tuple(tasks), tuple(eval_tasks)
         self.sizes = {"train": train_size, "val": val_size, "test": test_size}
-        self.world_kwargs = {"seed": world_seed, "image_size": image_size, "second_object_prob": second_object_prob}
+        self.world_kwargs = {
+            "seed": world_seed,
+            "image_size": image_size,
+            "second_object_prob": second_object_prob,
+        }
 
     def eval_task_names(self) -> list[str]:
         return list(self.eval_tasks)

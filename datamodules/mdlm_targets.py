@@ -210,7 +210,9 @@ GENERATIVE_TARGETS: dict[str, type[GenerativeTarget]] = {
 def build_generative_target(name: str, **kwargs: Any) -> GenerativeTarget:
     """Target by name (``content_insertion``, ``fixed_output``, ``refusal``, ``misclassification``)."""
     if name not in GENERATIVE_TARGETS:
-        raise ValueError(f"unknown generative target {name!r}; available: {', '.join(sorted(GENERATIVE_TARGETS))}")
+        raise ValueError(
+            f"unknown generative target {name!r}; available: {', '.join(sorted(GENERATIVE_TARGETS))}"
+        )
     try:
         return GENERATIVE_TARGETS[name](**kwargs)
     except TypeError as error:

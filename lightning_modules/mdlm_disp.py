@@ -57,13 +57,20 @@ class DiSPPurification(MDLMFineTuning):
         **kwargs,
     ) -> None:
         super().__init__(init_from=init_from, **kwargs)
-        extra = {"disp": disp, "purify_generation": purify_generation, "purify_batch_size": purify_batch_size,
-                 "purify_chunk_size": purify_chunk_size, "purified_dir": purified_dir}
+        extra = {
+            "disp": disp,
+            "purify_generation": purify_generation,
+            "purify_batch_size": purify_batch_size,
+            "purify_chunk_size": purify_chunk_size,
+            "purified_dir": purified_dir,
+        }
         # the parent saved its own arguments; add ours (a second save_hyperparameters would drop the parent's)
         self.hparams.update(extra)
         self._hparams_initial.update(copy.deepcopy(extra))
         self.disp = DiSPMasking.from_dict(disp)
-        self.purify_generation = GenerationConfig.from_dict(purify_generation) if purify_generation else self.generation
+        self.purify_generation = (
+            GenerationConfig.from_dict(purify_generation) if purify_generation else self.generation
+        )
         if purify_batch_size < 1 or purify_chunk_size < 1:
             raise ValueError("model.purify_batch_size and model.purify_chunk_size must be >= 1")
         self.purified_path: Path | None = None

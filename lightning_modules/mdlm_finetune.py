@@ -33,7 +33,12 @@ from torch import nn
 
 from defenses.disp.masking import DiSPMasking, masked_generate_ids
 from metrics import CrossTriggerInteraction, GenerativeAttackSuccessRate, TriggerModalityAttribution
-from model_families.mdlm.checkpoint import PROMPT_FORMAT_NAME, load_prompt_formatter, load_snapshot, save_snapshot
+from model_families.mdlm.checkpoint import (
+    PROMPT_FORMAT_NAME,
+    load_prompt_formatter,
+    load_snapshot,
+    save_snapshot,
+)
 from model_families.mdlm.config import LladaVConfig
 from model_families.mdlm.diffusion import masked_diffusion_loss
 from model_families.mdlm.inference import GenerationConfig, decode_responses, stop_token_ids
@@ -44,10 +49,15 @@ from model_families.mdlm.tokenizer import load_embedded_tokenizer, load_tokenize
 
 log = logging.getLogger(__name__)
 
+SCHEDULERS = ("cosine", "constant", "wsd")
 TRAINABLE = ("full", "projector", "language_model", "projector_lm", "lora")
 CAPTION_TASKS = ("describe", "caption", "conversation")
-DEFAULT_LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05,
-                "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+DEFAULT_LORA = {
+    "r": 16,
+    "lora_alpha": 32,
+    "lora_dropout": 0.05,
+    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
@@ -58,10 +68,25 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def warmup_stable_decay(
+    step: int, warmup_steps: int, total_steps: int, decay_steps: int, min_ratio: float = 0.0
+) -> float:
+    """LR multiplier (WSD): linear warmup, constant, then a cosine cool-down over the last ``decay_steps``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    start = total_steps - decay_steps
+    if step < start or decay_steps <= 0:
+        return 1.0
+    progress = min(1.0, (step - start) / max(1, decay_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def _merge(base: dict, overrides: dict) -> dict:
     out = dict(base)
     for key, value in overrides.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = (
+            _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
     return out
 
 
@@ -72,7 +97,9 @@ def build_tiny_model(tokenizer: Any, overrides: dict | None = None) -> LladaVMod
     fields = {k: getattr(base, k) for k in base.__dataclass_fields__}
     unknown = set(overrides or {}) - set(fields)
     if unknown:
-        raise ValueError(f"model.tiny_config has unknown keys {sorted(unknown)}; expected some of {sorted(fields)}")
+        raise ValueError(
+            f"model.tiny_config has unknown keys {sorted(unknown)}; expected some of {sorted(fields)}"
+        )
     return LladaVModel(LladaVConfig(**_merge(fields, overrides or {})))
 
 
@@ -89,14 +116,16 @@ class MDLMFineTuning(L.LightningModule):
         lora: LoRA settings (peft ``LoraConfig`` keywords) for ``trainable=lora``.
         lr / vision_lr: AdamW learning rates (the vision tower uses ``vision_lr``, default ``lr``).
         weight_decay / betas: AdamW (decay only on matrices).
-        warmup_ratio / min_lr_ratio / scheduler: linear warmup over that share of the steps, then ``cosine``
-            decay to ``min_lr_ratio * lr`` or ``constant``.
+        warmup_ratio / min_lr_ratio / scheduler / decay_ratio: linear warmup over that share of the steps, then
+            ``cosine`` decay to ``min_lr_ratio * lr``, ``constant``, or ``wsd`` (constant, then a cosine cool-down
+            over the last ``decay_ratio`` of the steps).
         loss_eps: the SFT loss's minimum masking probability.
         gradient_checkpointing: activation checkpointing in the LM (real scale).
         generation: sampler settings (:class:`GenerationConfig`: gen_length, block_length, steps, ...).
         eval_masking: DiSP inference-time masking during validation/test (:class:`DiSPMasking` keys:
             rho, selection, mode, estimator, num_probes, seed); None: no masking.
-        vision_token_dropout: during training, mask each vision token with this probability (augmentation).
+        vision_token_dropout: training augmentation: each sample masks a random share in ``[0, this]`` of its
+            vision tokens with the mask embedding (the intervention DiSP applies at inference).
         num_logged_samples: generations kept per evaluation set for the sample table.
         cpu_threads: ``torch.set_num_threads`` for CPU runs (1 is several times faster than 2 for the tiny
             model on a shared 2-core machine); None leaves torch's default.
@@ -122,6 +151,7 @@ class MDLMFineTuning(L.LightningModule):
         warmup_ratio: float = 0.03,
         min_lr_ratio: float = 0.0,
         scheduler: str = "cosine",
+        decay_ratio: float = 0.3,
         loss_eps: float = 1e-3,
         gradient_checkpointing: bool = False,
         generation: dict | None = None,
@@ -134,8 +164,8 @@ class MDLMFineTuning(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if scheduler not in ("cosine", "constant"):
-            raise ValueError(f"model.scheduler={scheduler!r}; expected 'cosine' or 'constant'")
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"model.scheduler={scheduler!r}; expected one of {SCHEDULERS}")
         if trainable not in TRAINABLE:
             raise ValueError(f"model.trainable={trainable!r}; expected one of {TRAINABLE}")
         if cpu_threads is not None:
@@ -146,7 +176,9 @@ class MDLMFineTuning(L.LightningModule):
             raise ValueError(f"model.vision_token_dropout must be in [0, 1), got {vision_token_dropout}")
         self.generation = GenerationConfig.from_dict(generation)
         self.eval_masking = DiSPMasking.from_dict(eval_masking) if eval_masking else None
-        self.model, self.tokenizer, self.prompt_formatter = self._load(init_from, tiny_config, tokenizer, load_dtype)
+        self.model, self.tokenizer, self.prompt_formatter = self._load(
+            init_from, tiny_config, tokenizer, load_dtype
+        )
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self._lora_applied = False
@@ -154,9 +186,13 @@ class MDLMFineTuning(L.LightningModule):
         self.vision_aux_heads = None
         if vision_aux_weight > 0:
             if not vision_aux:
-                raise ValueError("model.vision_aux_weight > 0 needs model.vision_aux ({attribute: [classes]})")
+                raise ValueError(
+                    "model.vision_aux_weight > 0 needs model.vision_aux ({attribute: [classes]})"
+                )
             width = self.model.config.text["hidden_size"]
-            self.vision_aux_heads = nn.ModuleDict({k: nn.Linear(width, len(v)) for k, v in vision_aux.items()})
+            self.vision_aux_heads = nn.ModuleDict(
+                {k: nn.Linear(width, len(v)) for k, v in vision_aux.items()}
+            )
             self._aux_index = {k: {name: i for i, name in enumerate(v)} for k, v in vision_aux.items()}
         self.metric_sets = nn.ModuleDict()
         self.generation_samples: list[dict] = []
@@ -177,7 +213,9 @@ class MDLMFineTuning(L.LightningModule):
         if not path.is_dir():
             raise FileNotFoundError(f"model.init_from: snapshot directory not found: {path}")
         if tiny_config:
-            raise ValueError("model.tiny_config only applies without model.init_from (the snapshot fixes the architecture)")
+            raise ValueError(
+                "model.tiny_config only applies without model.init_from (the snapshot fixes the architecture)"
+            )
         dtype = getattr(torch, load_dtype) if load_dtype else None
         model = load_snapshot(path, dtype=dtype).train()
         if tokenizer_path:
@@ -188,7 +226,9 @@ class MDLMFineTuning(L.LightningModule):
             raise FileNotFoundError(
                 f"no tokenizer in snapshot {path} (tokenizer.json / tokenizer_config.json); pass model.tokenizer"
             )
-        formatter = load_prompt_formatter(path) if (path / PROMPT_FORMAT_NAME).is_file() else PromptFormatter()
+        formatter = (
+            load_prompt_formatter(path) if (path / PROMPT_FORMAT_NAME).is_file() else PromptFormatter()
+        )
         return model, tokenizer, formatter
 
     def _configure_trainable(self, trainable: str, lora: dict | None) -> None:
@@ -228,9 +268,15 @@ class MDLMFineTuning(L.LightningModule):
     def export(self, path: str | Path, run_config: dict | None = None) -> Path:
         """Write a snapshot in the released LLaDA-V layout (+ tokenizer, prompt format and run config)."""
         self.merge_lora()
-        path = save_snapshot(self.model, path, tokenizer=self.tokenizer, prompt_formatter=self.prompt_formatter)
-        meta = {"family": "mdlm", "module": type(self).__name__, "generation": self.generation.to_dict(),
-                "run_config": run_config or {}}
+        path = save_snapshot(
+            self.model, path, tokenizer=self.tokenizer, prompt_formatter=self.prompt_formatter
+        )
+        meta = {
+            "family": "mdlm",
+            "module": type(self).__name__,
+            "generation": self.generation.to_dict(),
+            "run_config": run_config or {},
+        }
         from attacks import atomic_write_json
 
         atomic_write_json(path / "mmbackdoor_export.json", json.loads(json.dumps(meta, default=str)))
@@ -245,12 +291,14 @@ class MDLMFineTuning(L.LightningModule):
 
     # ----------------------------------------------------------------------------------- training
     def _vision_dropout(self, batch: dict) -> dict:
+        """Each sample masks a random share ``r ~ U(0, vision_token_dropout)`` of its vision tokens (mask embedding),
+        so the model has seen masked vision tokens before DiSP masks some at inference."""
         rate = self.hparams.vision_token_dropout
         if rate <= 0:
             return {}
-        count = self.model.config.num_vision_tokens
-        drop = torch.rand(batch["input_ids"].shape[0], count, device=self.device) < rate
-        return {"vision_token_mask": drop}
+        size, count = batch["input_ids"].shape[0], self.model.config.num_vision_tokens
+        share = torch.rand(size, 1, device=self.device) * rate
+        return {"vision_token_mask": torch.rand(size, count, device=self.device) < share}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         size = batch["input_ids"].shape[0]
@@ -264,7 +312,9 @@ class MDLMFineTuning(L.LightningModule):
             losses = []
             for name, head in self.vision_aux_heads.items():
                 index = self._aux_index[name]
-                labels = torch.tensor([index.get((a or {}).get(name), -100) for a in attributes], device=self.device)
+                labels = torch.tensor(
+                    [index.get((a or {}).get(name), -100) for a in attributes], device=self.device
+                )
                 if bool((labels >= 0).any()):
                     losses.append(nn.functional.cross_entropy(head(pooled), labels, ignore_index=-100))
             aux = torch.stack(losses).mean() if losses else None
@@ -309,11 +359,14 @@ class MDLMFineTuning(L.LightningModule):
         groups = [g for g in groups if g["params"]]
         optimizer = torch.optim.AdamW(groups, betas=tuple(hp.betas))
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(round(hp.warmup_ratio * total))
-        floor = 1.0 if hp.scheduler == "constant" else hp.min_lr_ratio
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, warmup, total, floor)
-        )
+        warmup = round(hp.warmup_ratio * total)
+        if hp.scheduler == "wsd":
+            decay = round(hp.decay_ratio * total)
+            schedule = lambda step: warmup_stable_decay(step, warmup, total, decay, hp.min_lr_ratio)  # noqa: E731
+        else:
+            floor = 1.0 if hp.scheduler == "constant" else hp.min_lr_ratio
+            schedule = lambda step: warmup_cosine(step, warmup, total, floor)  # noqa: E731
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ----------------------------------------------------------------------------------- evaluation
@@ -335,10 +388,12 @@ class MDLMFineTuning(L.LightningModule):
             clean["asr"] = GenerativeAttackSuccessRate(**spec)
             triggered["asr"] = GenerativeAttackSuccessRate(**spec)
             sets["poisoned_train"] = nn.ModuleDict({"asr": GenerativeAttackSuccessRate(**spec)})
-            sets["coalitions"] = nn.ModuleDict({
-                "tma": TriggerModalityAttribution(["image", "text"]),
-                "cti": CrossTriggerInteraction(["image", "text"]),
-            })
+            sets["coalitions"] = nn.ModuleDict(
+                {
+                    "tma": TriggerModalityAttribution(["image", "text"]),
+                    "cti": CrossTriggerInteraction(["image", "text"]),
+                }
+            )
         tasks = list(datamodule.eval_task_names()) if hasattr(datamodule, "eval_task_names") else []
         self._caption_eval = any(self._is_caption(t) for t in tasks)
         for task in tasks:
@@ -357,8 +412,13 @@ class MDLMFineTuning(L.LightningModule):
         if masking is not None:
             generator = torch.Generator().manual_seed(masking.seed * 1_000_003 + batch_idx)
         ids, selected = masked_generate_ids(
-            self.model, batch["prompt_ids"], batch["pixel_values"], self.generation, masking,
-            batch["prompt_mask"], generator,
+            self.model,
+            batch["prompt_ids"],
+            batch["pixel_values"],
+            self.generation,
+            masking,
+            batch["prompt_mask"],
+            generator,
         )
         return decode_responses(self.tokenizer, ids, stop_token_ids(self.model)), selected
 
@@ -407,7 +467,9 @@ class MDLMFineTuning(L.LightningModule):
         rule = get_rule(spec["rule"])
         classes = batch["true_class"]
         hits = [
-            float(rule(r, target=spec.get("target"), true_class=c, refusal_phrases=spec.get("refusal_phrases")))
+            float(
+                rule(r, target=spec.get("target"), true_class=c, refusal_phrases=spec.get("refusal_phrases"))
+            )
             for r, c in zip(responses, classes)
         ]
         values = torch.tensor(hits, device=self.device).view(-1, 4)  # rows: {}, {I}, {T}, {I,T}
@@ -417,10 +479,17 @@ class MDLMFineTuning(L.LightningModule):
     def _keep_samples(self, name: str, batch: dict, responses: list[str]) -> None:
         kept = sum(1 for s in self.generation_samples if s["set"] == name)
         for i in range(min(len(responses), self.hparams.num_logged_samples - kept)):
-            self.generation_samples.append({
-                "stage": self._stage, "epoch": int(self.current_epoch), "set": name, "key": batch["key"][i],
-                "question": batch["question"][i], "reference": batch["reference"][i], "response": responses[i],
-            })
+            self.generation_samples.append(
+                {
+                    "stage": self._stage,
+                    "epoch": int(self.current_epoch),
+                    "set": name,
+                    "key": batch["key"][i],
+                    "question": batch["question"][i],
+                    "reference": batch["reference"][i],
+                    "response": responses[i],
+                }
+            )
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, batch_idx, dataloader_idx)
@@ -464,8 +533,13 @@ class MDLMFineTuning(L.LightningModule):
             values["cti"] = sets["coalitions"]["cti"].compute()
         for key, value in values.items():
             if not torch.isnan(value):
-                self.log(f"{stage}/{key}", value.float(), add_dataloader_idx=False, sync_dist=False,
-                         prog_bar=key in ("ca", "asr"))
+                self.log(
+                    f"{stage}/{key}",
+                    value.float(),
+                    add_dataloader_idx=False,
+                    sync_dist=False,
+                    prog_bar=key in ("ca", "asr"),
+                )
         for group in sets.values():
             for metric in group.values():
                 metric.reset()

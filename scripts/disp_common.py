@@ -15,7 +15,11 @@ if str(ROOT) not in sys.path:
 from mmbackdoor_cli.cli import MMBackdoorCLI  # noqa: E402
 from mmbackdoor_cli.pipeline import TrainedRun, train  # noqa: E402
 
-QUIET = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+QUIET = [
+    "--trainer.logger=false",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
 
 
 def run_fit(config: str, root: Path, *overrides: str) -> tuple[TrainedRun, float]:
@@ -25,11 +29,19 @@ def run_fit(config: str, root: Path, *overrides: str) -> tuple[TrainedRun, float
     return run, time.perf_counter() - start
 
 
-def measure(config: str, export: str | Path, root: Path, *overrides: str, split: str = "test") -> tuple[dict, float]:
+def measure(
+    config: str, export: str | Path, root: Path, *overrides: str, split: str = "test"
+) -> tuple[dict, float]:
     """Test (or val) metrics of ``export`` under ``config``'s data, trigger and target (+ ``overrides``)."""
     start = time.perf_counter()
-    args = ["--config", config, f"--model.init_args.init_from={export}",
-            f"--trainer.default_root_dir={root}", *QUIET, *overrides]
+    args = [
+        "--config",
+        config,
+        f"--model.init_args.init_from={export}",
+        f"--trainer.default_root_dir={root}",
+        *QUIET,
+        *overrides,
+    ]
     cli = MMBackdoorCLI(args=args, run=False)
     run = cli.trainer.test if split == "test" else cli.trainer.validate
     results = run(cli.model, datamodule=cli.datamodule, verbose=False)

@@ -25,16 +25,22 @@ import time
 from pathlib import Path
 
 import torch
-
 from disp_common import dump, markdown, measure, run_fit
 
 TARGETS = {
     "content_insertion": ("configs/mdlm_shapes_poison.yaml", "configs/disp_shapes.yaml"),
     "refusal": ("configs/mdlm_shapes_poison_refusal.yaml", "configs/disp_shapes_refusal.yaml"),
 }
-COLUMNS = [("target", "target"), ("model", "model"), ("ca", "clean QA acc"), ("ca_shape", "acc shape"),
-           ("ca_colour", "acc colour"), ("asr", "ASR (triggered)"), ("asr_wt", "ASR w/t (poisoned train)"),
-           ("asr_clean", "ASR (clean inputs)")]
+COLUMNS = [
+    ("target", "target"),
+    ("model", "model"),
+    ("ca", "clean QA acc"),
+    ("ca_shape", "acc shape"),
+    ("ca_colour", "acc colour"),
+    ("asr", "ASR (triggered)"),
+    ("asr_wt", "ASR w/t (poisoned train)"),
+    ("asr_clean", "ASR (clean inputs)"),
+]
 
 
 def check(results: dict) -> list[tuple[str, bool, str]]:
@@ -46,36 +52,73 @@ def check(results: dict) -> list[tuple[str, bool, str]]:
     for target, rows in results.get("targets", {}).items():
         poisoned, disp = rows.get("poisoned", {}), rows.get("disp", {})
         if poisoned:
-            out.append((f"[{target}] poisoned ASR >= 0.90 (triggered held-out)", poisoned["asr"] >= 0.90,
-                        f"asr = {poisoned['asr']:.3f}"))
-            out.append((f"[{target}] poisoned ASR <= 0.05 on clean inputs", poisoned["asr_clean"] <= 0.05,
-                        f"asr_clean = {poisoned['asr_clean']:.3f}"))
+            out.append(
+                (
+                    f"[{target}] poisoned ASR >= 0.90 (triggered held-out)",
+                    poisoned["asr"] >= 0.90,
+                    f"asr = {poisoned['asr']:.3f}",
+                )
+            )
+            out.append(
+                (
+                    f"[{target}] poisoned ASR <= 0.05 on clean inputs",
+                    poisoned["asr_clean"] <= 0.05,
+                    f"asr_clean = {poisoned['asr_clean']:.3f}",
+                )
+            )
             if clean:
                 gap = abs(poisoned["ca"] - clean["ca"])
-                out.append((f"[{target}] poisoned clean acc within 0.05 of clean model", gap <= 0.05,
-                            f"|{poisoned['ca']:.3f} - {clean['ca']:.3f}| = {gap:.3f}"))
+                out.append(
+                    (
+                        f"[{target}] poisoned clean acc within 0.05 of clean model",
+                        gap <= 0.05,
+                        f"|{poisoned['ca']:.3f} - {clean['ca']:.3f}| = {gap:.3f}",
+                    )
+                )
         masked = rows.get("masking_only", {})
         if masked and poisoned:
-            out.append((f"[{target}] inference-time masking alone: ASR well below unmasked", masked["asr"] <= 0.5 * poisoned["asr"],
-                        f"{masked['asr']:.3f} vs {poisoned['asr']:.3f}"))
+            out.append(
+                (
+                    f"[{target}] inference-time masking alone: ASR well below unmasked",
+                    masked["asr"] <= 0.5 * poisoned["asr"],
+                    f"{masked['asr']:.3f} vs {poisoned['asr']:.3f}",
+                )
+            )
         if disp and poisoned:
-            out.append((f"[{target}] after DiSP ASR <= 0.05", disp["asr"] <= 0.05, f"asr = {disp['asr']:.3f}"))
+            out.append(
+                (f"[{target}] after DiSP ASR <= 0.05", disp["asr"] <= 0.05, f"asr = {disp['asr']:.3f}")
+            )
             ratio = disp["ca"] / max(poisoned["ca"], 1e-9)
-            out.append((f"[{target}] after DiSP clean acc >= 0.90 x compromised", ratio >= 0.90,
-                        f"{disp['ca']:.3f} / {poisoned['ca']:.3f} = {ratio:.3f}"))
+            out.append(
+                (
+                    f"[{target}] after DiSP clean acc >= 0.90 x compromised",
+                    ratio >= 0.90,
+                    f"{disp['ca']:.3f} / {poisoned['ca']:.3f} = {ratio:.3f}",
+                )
+            )
     return out
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
     parser.add_argument("--out", default="runs/disp_pipeline", help="root folder of every stage's runs")
     parser.add_argument("--clean-export", default=None, help="use this clean export instead of training one")
     parser.add_argument("--retrain-clean", action="store_true", help="train the clean model even if cached")
-    parser.add_argument("--rho", type=float, default=0.45, help="DiSP mask ratio (purification and masking baseline)")
-    parser.add_argument("--ft-baseline", action="store_true", help="also run plain fine-tuning on the poisoned set")
-    parser.add_argument("--no-masking-baseline", action="store_true", help="skip the inference-time masking row")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest when shared)")
+    parser.add_argument(
+        "--rho", type=float, default=0.45, help="DiSP mask ratio (purification and masking baseline)"
+    )
+    parser.add_argument(
+        "--ft-baseline", action="store_true", help="also run plain fine-tuning on the poisoned set"
+    )
+    parser.add_argument(
+        "--no-masking-baseline", action="store_true", help="skip the inference-time masking row"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (1 is fastest when shared)"
+    )
     parser.add_argument("--output", default=None, help="JSON results (default <out>/results-<time>.json)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -101,39 +144,56 @@ def main(argv: list[str] | None = None) -> dict:
         poison_config, disp_config = TARGETS[target]
         rows: dict = {}
         # 2. poisoned fine-tuning of the clean model
-        run, timings[f"{target}/poison"] = run_fit(poison_config, out / f"poison_{target}",
-                                                   f"--model.init_args.init_from={clean_export}")
+        run, timings[f"{target}/poison"] = run_fit(
+            poison_config, out / f"poison_{target}", f"--model.init_args.init_from={clean_export}"
+        )
         poisoned = run.export
         # 3. measure: clean model (control), backdoored model, inference-time masking alone
         if "clean_model" not in results:
-            results["clean_model"], timings["measure/clean"] = measure(poison_config, clean_export, out / "eval")
+            results["clean_model"], timings["measure/clean"] = measure(
+                poison_config, clean_export, out / "eval"
+            )
             results["clean_model"]["model"] = "clean"
         rows["clean"] = dict(results["clean_model"])
-        rows["poisoned"], timings[f"{target}/measure_poisoned"] = measure(poison_config, poisoned, out / "eval")
+        rows["poisoned"], timings[f"{target}/measure_poisoned"] = measure(
+            poison_config, poisoned, out / "eval"
+        )
         if not args.no_masking_baseline:
             rows["masking_only"], timings[f"{target}/measure_masking"] = measure(
-                poison_config, poisoned, out / "eval", masking)
+                poison_config, poisoned, out / "eval", masking
+            )
         if args.ft_baseline:
-            ft, timings[f"{target}/ft_baseline"] = run_fit(poison_config, out / f"ft_baseline_{target}",
-                                                           f"--model.init_args.init_from={poisoned}")
+            ft, timings[f"{target}/ft_baseline"] = run_fit(
+                poison_config, out / f"ft_baseline_{target}", f"--model.init_args.init_from={poisoned}"
+            )
             rows["plain_ft"], _ = measure(poison_config, ft.export, out / "eval")
         # 4. DiSP: self-purification + recovery fine-tuning, from the backdoored model and its manifest
         disp, timings[f"{target}/disp"] = run_fit(
-            disp_config, out / f"disp_{target}",
+            disp_config,
+            out / f"disp_{target}",
             f"--model.init_args.init_from={poisoned}",
             f"--model.init_args.disp={{rho: {args.rho}, selection: saliency, mode: mask, estimator: vjp, num_probes: 4}}",
             f"--data.init_args.poison_manifest={poisoned}/poison_manifest.json",
         )
         # 5. measure the purified model on the same data, trigger and target
         rows["disp"], timings[f"{target}/measure_disp"] = measure(poison_config, disp.export, out / "eval")
-        rows["exports"] = {"poisoned": str(poisoned), "disp": str(disp.export), "purified": str(disp.run_dir / "purified")}
+        rows["exports"] = {
+            "poisoned": str(poisoned),
+            "disp": str(disp.export),
+            "purified": str(disp.run_dir / "purified"),
+        }
         results["targets"][target] = rows
 
     total = time.perf_counter() - start
     results["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
     results["wall_time_s"] = round(total, 1)
-    names = {"clean": "clean", "poisoned": "backdoored", "masking_only": f"backdoored + masking rho={args.rho}",
-             "plain_ft": "backdoored + plain FT", "disp": "DiSP (purify + recovery FT)"}
+    names = {
+        "clean": "clean",
+        "poisoned": "backdoored",
+        "masking_only": f"backdoored + masking rho={args.rho}",
+        "plain_ft": "backdoored + plain FT",
+        "disp": "DiSP (purify + recovery FT)",
+    }
     table_rows = []
     for target, rows in results["targets"].items():
         for key, label in names.items():

@@ -12,14 +12,24 @@ import torch
 from PIL import Image
 
 from mmbackdoor_cli.cli import MMBackdoorCLI, main
-from model_families.mdlm.checkpoint import INDEX_NAME, load_snapshot, read_snapshot_state_dict, released_state_dict, save_snapshot
+from model_families.mdlm.checkpoint import (
+    INDEX_NAME,
+    load_snapshot,
+    read_snapshot_state_dict,
+    released_state_dict,
+    save_snapshot,
+)
 from model_families.mdlm.config import LladaVConfig
 from model_families.mdlm.modeling import LladaVModel
 from model_families.mdlm.prompt import PromptFormatter
 from model_families.mdlm.tokenizer import load_embedded_tokenizer
 
 CONFIGS = Path(__file__).parents[1] / "configs"
-QUIET = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+QUIET = [
+    "--trainer.logger=false",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
 
 
 def _tiny_released_snapshot(path: Path) -> Path:
@@ -27,12 +37,19 @@ def _tiny_released_snapshot(path: Path) -> Path:
     head), saved sharded in the released layout with its tokenizer and prompt format."""
     torch.manual_seed(0)
     tokenizer = load_embedded_tokenizer()
-    config = LladaVConfig.tiny(tokenizer, use_image_newline=True, mm_patch_merge_type="spatial_unpad",
-                               image_aspect_ratio="pad")
+    config = LladaVConfig.tiny(
+        tokenizer, use_image_newline=True, mm_patch_merge_type="spatial_unpad", image_aspect_ratio="pad"
+    )
     config.vision.update(patch_size=8)
     model = LladaVModel(config)
-    save_snapshot(model, path, max_shard_size="200KB", dtype=torch.bfloat16, tokenizer=tokenizer,
-                  prompt_formatter=PromptFormatter())
+    save_snapshot(
+        model,
+        path,
+        max_shard_size="200KB",
+        dtype=torch.bfloat16,
+        tokenizer=tokenizer,
+        prompt_formatter=PromptFormatter(),
+    )
     return path
 
 
@@ -43,20 +60,39 @@ def _llava_data(root: Path, n: int = 6) -> dict[str, str]:
     records = []
     for i in range(n):
         Image.fromarray(rng.integers(0, 255, (40, 30 + i, 3), dtype=np.uint8)).save(images / f"{i}.jpg")
-        records.append({"id": f"s{i}", "image": f"{i}.jpg", "conversations": [
-            {"from": "human", "value": "<image>\ndescribe the image."},
-            {"from": "gpt", "value": "a red circle on a gray background."},
-        ]})
+        records.append(
+            {
+                "id": f"s{i}",
+                "image": f"{i}.jpg",
+                "conversations": [
+                    {"from": "human", "value": "<image>\ndescribe the image."},
+                    {"from": "gpt", "value": "a red circle on a gray background."},
+                ],
+            }
+        )
     (root / "train.json").write_text(json.dumps(records))
     (root / "val.json").write_text(json.dumps(records[:2]))
-    return {"train_json": str(root / "train.json"), "val_json": str(root / "val.json"), "image_folder": str(images)}
+    return {
+        "train_json": str(root / "train.json"),
+        "val_json": str(root / "val.json"),
+        "image_folder": str(images),
+    }
 
 
 def _cpu_overrides(root: Path) -> list[str]:
-    return [*QUIET, "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto",
-            "--trainer.max_steps=1", "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={root}",
-            "--trainer.accumulate_grad_batches=1", "--data.init_args.num_workers=0",
-            "--data.init_args.batch_size=2", "--data.init_args.eval_batch_size=2"]
+    return [
+        *QUIET,
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.strategy=auto",
+        "--trainer.max_steps=1",
+        "--trainer.limit_val_batches=1",
+        f"--trainer.default_root_dir={root}",
+        "--trainer.accumulate_grad_batches=1",
+        "--data.init_args.num_workers=0",
+        "--data.init_args.batch_size=2",
+        "--data.init_args.eval_batch_size=2",
+    ]
 
 
 def test_released_layout_snapshot_round_trips(tmp_path):
@@ -72,24 +108,43 @@ def test_llada_v_configs_run_one_step_end_to_end(tmp_path):
     data = _llava_data(tmp_path / "llava")
     data_args = [f"--data.init_args.{k}={v}" for k, v in data.items()]
     # 1. poisoning config (the real recipe, on the tiny checkpoint): one optimisation step
-    poison = main(["fit", "--config", str(CONFIGS / "mdlm_llada_v_poison.yaml"), *_cpu_overrides(tmp_path / "poison"),
-                   f"--model.init_args.init_from={snapshot}", *data_args, "--data.init_args.poison_count=2"],)
+    poison = main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "mdlm_llada_v_poison.yaml"),
+            *_cpu_overrides(tmp_path / "poison"),
+            f"--model.init_args.init_from={snapshot}",
+            *data_args,
+            "--data.init_args.poison_count=2",
+        ],
+    )
     export = Path(poison.trainer.mmbackdoor_export)
     assert poison.trainer.global_step == 1
     assert (export / "poison_manifest.json").is_file() and (export / INDEX_NAME).is_file()
     # 2. DiSP config: purification of the poisoned set by the backdoored model, then one recovery step
-    disp = main(["fit", "--config", str(CONFIGS / "disp_llada_v.yaml"), *_cpu_overrides(tmp_path / "disp"),
-                 f"--model.init_args.init_from={export}", *data_args,
-                 f"--data.init_args.poison_manifest={export / 'poison_manifest.json'}",
-                 "--model.init_args.purify_generation={gen_length: 8, block_length: 8, steps: 2}",
-                 "--model.init_args.generation={gen_length: 8, block_length: 8, steps: 2}"])
+    disp = main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "disp_llada_v.yaml"),
+            *_cpu_overrides(tmp_path / "disp"),
+            f"--model.init_args.init_from={export}",
+            *data_args,
+            f"--data.init_args.poison_manifest={export / 'poison_manifest.json'}",
+            "--model.init_args.purify_generation={gen_length: 8, block_length: 8, steps: 2}",
+            "--model.init_args.generation={gen_length: 8, block_length: 8, steps: 2}",
+        ]
+    )
     run = Path(disp.trainer.default_root_dir)
     assert disp.trainer.global_step == 1
     manifest = json.loads((run / "purified" / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["num_samples"] == 6
     records = json.loads((run / "purified" / "purified.json").read_text())
     assert all(r["image"].endswith(".jpg") for r in records)
-    assert json.loads(Path(data["train_json"]).read_text())[0]["conversations"][1]["value"].startswith("a red")
+    assert json.loads(Path(data["train_json"]).read_text())[0]["conversations"][1]["value"].startswith(
+        "a red"
+    )
     loaded = load_snapshot(disp.trainer.mmbackdoor_export)
     assert loaded.config.use_image_newline
 
@@ -108,23 +163,60 @@ def test_llada_v_configs_validate():
 def test_bad_disp_settings_fail_before_training(tmp_path, bad):
     data = _llava_data(tmp_path / "llava")
     with pytest.raises((ValueError, SystemExit)):
-        main(["fit", "--config", str(CONFIGS / "disp_llada_v.yaml"), *_cpu_overrides(tmp_path / "x"),
-              *[f"--data.init_args.{k}={v}" for k, v in data.items()], bad])
+        main(
+            [
+                "fit",
+                "--config",
+                str(CONFIGS / "disp_llada_v.yaml"),
+                *_cpu_overrides(tmp_path / "x"),
+                *[f"--data.init_args.{k}={v}" for k, v in data.items()],
+                bad,
+            ]
+        )
 
 
 def test_embedded_stages_chain_through_train_py(tmp_path):
     """clean -> poison -> DiSP with the shipped embedded configs, shrunk to seconds."""
-    small = ["--data.init_args.train_size=12", "--data.init_args.val_size=4", "--data.init_args.test_size=4",
-             "--trainer.max_epochs=1", "--trainer.check_val_every_n_epoch=1", *QUIET]
-    clean = main(["fit", "--config", str(CONFIGS / "mdlm_shapes_clean.yaml"), *small,
-                  f"--trainer.default_root_dir={tmp_path / 'clean'}"])
+    small = [
+        "--data.init_args.train_size=12",
+        "--data.init_args.val_size=4",
+        "--data.init_args.test_size=4",
+        "--trainer.max_epochs=1",
+        "--trainer.check_val_every_n_epoch=1",
+        *QUIET,
+    ]
+    clean = main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "mdlm_shapes_clean.yaml"),
+            *small,
+            f"--trainer.default_root_dir={tmp_path / 'clean'}",
+        ]
+    )
     clean_export = clean.trainer.mmbackdoor_export
-    poison = main(["fit", "--config", str(CONFIGS / "mdlm_shapes_poison.yaml"), *small,
-                   f"--trainer.default_root_dir={tmp_path / 'poison'}", f"--model.init_args.init_from={clean_export}"])
+    poison = main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "mdlm_shapes_poison.yaml"),
+            *small,
+            f"--trainer.default_root_dir={tmp_path / 'poison'}",
+            f"--model.init_args.init_from={clean_export}",
+        ]
+    )
     assert "val/asr" in poison.trainer.callback_metrics
     export = Path(poison.trainer.mmbackdoor_export)
-    disp = main(["fit", "--config", str(CONFIGS / "disp_shapes.yaml"), *small,
-                 f"--trainer.default_root_dir={tmp_path / 'disp'}", f"--model.init_args.init_from={export}",
-                 f"--data.init_args.poison_manifest={export / 'poison_manifest.json'}"])
+    disp = main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "disp_shapes.yaml"),
+            *small,
+            f"--trainer.default_root_dir={tmp_path / 'disp'}",
+            f"--model.init_args.init_from={export}",
+            f"--data.init_args.poison_manifest={export / 'poison_manifest.json'}",
+        ]
+    )
     assert (Path(disp.trainer.default_root_dir) / "purified" / "purified.json").is_file()
     assert "val/asr_wt" in disp.trainer.callback_metrics

@@ -24,17 +24,33 @@ def setup_data():
     torch.manual_seed(0)
     tokenizer = load_embedded_tokenizer()
     model = build_tiny_model(tokenizer, TINY).eval()
-    dm = ShapesInstructDataModule(train_size=7, val_size=2, test_size=2, attack="badnet", attack_kwargs=BADNET,
-                                  poison_rate=0.3, target="content_insertion", response_length=8)
+    dm = ShapesInstructDataModule(
+        train_size=7,
+        val_size=2,
+        test_size=2,
+        attack="badnet",
+        attack_kwargs=BADNET,
+        poison_rate=0.3,
+        target="content_insertion",
+        response_length=8,
+    )
     dm.setup("fit")
     return model, tokenizer, dm
 
 
 def _purify(model, tokenizer, dm, out, **kwargs):
     return purify_dataset(
-        model, dm.purification_dataset(), dm.collator, out, tokenizer,
-        DiSPMasking(rho=0.45, num_probes=2), GenerationConfig(gen_length=8, block_length=8, steps=4),
-        batch_size=2, chunk_size=3, source={"fingerprint": dm.source_fingerprint(), "paths": []}, **kwargs,
+        model,
+        dm.purification_dataset(),
+        dm.collator,
+        out,
+        tokenizer,
+        DiSPMasking(rho=0.45, num_probes=2),
+        GenerationConfig(gen_length=8, block_length=8, steps=4),
+        batch_size=2,
+        chunk_size=3,
+        source={"fingerprint": dm.source_fingerprint(), "paths": []},
+        **kwargs,
     )
 
 
@@ -59,7 +75,10 @@ def test_purification_resumes_without_redoing_finished_chunks(tmp_path, setup_da
     with pytest.raises(KeyboardInterrupt):
         _purify(model, tokenizer, dm, out, on_chunk_done=interrupt)
     assert not (out / "purified.json").exists() and not (out / "manifest.json").exists()
-    assert sorted(p.name for p in (out / "parts").glob("chunk-*.json")) == ["chunk-000000.json", "chunk-000001.json"]
+    assert sorted(p.name for p in (out / "parts").glob("chunk-*.json")) == [
+        "chunk-000000.json",
+        "chunk-000001.json",
+    ]
 
     redone: list[int] = []
     path = _purify(model, tokenizer, dm, out, on_chunk_done=lambda chunk, n: redone.append(chunk))
@@ -75,8 +94,15 @@ def test_ranks_take_their_chunks(tmp_path, setup_data):
     model, tokenizer, dm = setup_data
     seen = {0: [], 1: []}
     for rank in (1, 0):  # rank 1 first: rank 0 merges once every chunk exists
-        _purify(model, tokenizer, dm, tmp_path / "ddp", rank=rank, world_size=2,
-                on_chunk_done=lambda chunk, n, rank=rank: seen[rank].append(chunk))
+        _purify(
+            model,
+            tokenizer,
+            dm,
+            tmp_path / "ddp",
+            rank=rank,
+            world_size=2,
+            on_chunk_done=lambda chunk, n, rank=rank: seen[rank].append(chunk),
+        )
     assert seen == {0: [0, 2, 4], 1: [1, 3]}
     assert len(json.loads((tmp_path / "ddp" / "purified.json").read_text())) == 14
 
@@ -85,16 +111,35 @@ def test_resume_with_other_settings_and_output_over_input_fail(tmp_path, setup_d
     model, tokenizer, dm = setup_data
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        _purify(model, tokenizer, dm, out, on_chunk_done=lambda c, n: (_ for _ in ()).throw(KeyboardInterrupt()))
+        _purify(
+            model, tokenizer, dm, out, on_chunk_done=lambda c, n: (_ for _ in ()).throw(KeyboardInterrupt())
+        )
     with pytest.raises(PurificationError, match="other settings"):
-        purify_dataset(model, dm.purification_dataset(), dm.collator, out, tokenizer, DiSPMasking(rho=0.2),
-                       GenerationConfig(), chunk_size=3, source={"fingerprint": dm.source_fingerprint()})
+        purify_dataset(
+            model,
+            dm.purification_dataset(),
+            dm.collator,
+            out,
+            tokenizer,
+            DiSPMasking(rho=0.2),
+            GenerationConfig(),
+            chunk_size=3,
+            source={"fingerprint": dm.source_fingerprint()},
+        )
     data = tmp_path / "poisoned" / "train.json"
     data.parent.mkdir()
     data.write_text("[]")
     with pytest.raises(PurificationError, match="would hold the input"):
-        purify_dataset(model, dm.purification_dataset(), dm.collator, tmp_path / "poisoned", tokenizer,
-                       DiSPMasking(), GenerationConfig(), source={"paths": [str(data)]})
+        purify_dataset(
+            model,
+            dm.purification_dataset(),
+            dm.collator,
+            tmp_path / "poisoned",
+            tokenizer,
+            DiSPMasking(),
+            GenerationConfig(),
+            source={"paths": [str(data)]},
+        )
     assert data.read_text() == "[]"
 
 
@@ -102,8 +147,16 @@ def test_datamodule_trains_on_purified_responses(tmp_path, setup_data):
     model, tokenizer, dm = setup_data
     path = _purify(model, tokenizer, dm, tmp_path / "p")
     records = {r["index"]: r["conversations"][-1]["value"] for r in json.loads(path.read_text())}
-    fresh = ShapesInstructDataModule(train_size=7, val_size=2, test_size=2, attack="badnet", attack_kwargs=BADNET,
-                                     poison_rate=0.3, target="content_insertion", response_length=8)
+    fresh = ShapesInstructDataModule(
+        train_size=7,
+        val_size=2,
+        test_size=2,
+        attack="badnet",
+        attack_kwargs=BADNET,
+        poison_rate=0.3,
+        target="content_insertion",
+        response_length=8,
+    )
     fresh.setup("fit")
     loader = fresh.train_dataloader()  # built before the swap: must still see the purified responses
     fresh.use_purified(path)

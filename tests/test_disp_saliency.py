@@ -20,8 +20,13 @@ def micro():
     torch.manual_seed(0)
     config = LladaVConfig.tiny(load_embedded_tokenizer())
     config.vision.update(image_size=16, patch_size=4)
-    config.text.update(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                       num_key_value_heads=2)
+    config.text.update(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
     model = LladaVModel(config).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -47,6 +52,7 @@ def _exact_by_definition(model, ids, images):
     masked = ids == model.config.mask_token_id
     out = torch.zeros(vision.shape[:2])
     for b in range(ids.shape[0]):
+
         def f(v, b=b):
             full = torch.cat([vision[:b], v[None], vision[b + 1 :]])
             return model(ids, vision_token_override=full).logits[b][masked[b]]
@@ -74,23 +80,42 @@ def test_hutchinson_converges_to_the_exact_trace(micro, estimator, probes, toler
     ids, images = _inputs(micro)
     exact = vision_token_saliency(micro, ids, pixel_values=images, estimator="exact")
     generator = torch.Generator().manual_seed(0)
-    estimate = vision_token_saliency(micro, ids, pixel_values=images, estimator=estimator, num_probes=probes,
-                                     generator=generator, probe_chunk=1000)
+    estimate = vision_token_saliency(
+        micro,
+        ids,
+        pixel_values=images,
+        estimator=estimator,
+        num_probes=probes,
+        generator=generator,
+        probe_chunk=1000,
+    )
     error = (estimate - exact).abs().max() / exact.abs().max()
     assert error < tolerance, f"{estimator}: relative error {error:.3f}"
     # few probes: unbiased but noisy; the error shrinks as K grows
-    few = vision_token_saliency(micro, ids, pixel_values=images, estimator=estimator, num_probes=4,
-                                generator=torch.Generator().manual_seed(0))
+    few = vision_token_saliency(
+        micro,
+        ids,
+        pixel_values=images,
+        estimator=estimator,
+        num_probes=4,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert (few - exact).abs().max() / exact.abs().max() > error
 
 
 def test_saliency_works_inside_inference_mode(micro):
     ids, images = _inputs(micro)
-    plain = vision_token_saliency(micro, ids, pixel_values=images, num_probes=2,
-                                  generator=torch.Generator().manual_seed(3))
+    plain = vision_token_saliency(
+        micro, ids, pixel_values=images, num_probes=2, generator=torch.Generator().manual_seed(3)
+    )
     with torch.inference_mode():
-        inside = vision_token_saliency(micro, ids.clone(), pixel_values=images.clone(), num_probes=2,
-                                       generator=torch.Generator().manual_seed(3))
+        inside = vision_token_saliency(
+            micro,
+            ids.clone(),
+            pixel_values=images.clone(),
+            num_probes=2,
+            generator=torch.Generator().manual_seed(3),
+        )
     assert torch.allclose(plain, inside)
     assert micro.language_model.config._attn_implementation == "sdpa"  # eager only while estimating
 
@@ -126,12 +151,25 @@ def test_masked_generation(micro):
     assert torch.equal(plain, none) and selected is None
     for selection in ("saliency", "random", "attention"):
         masking = DiSPMasking(rho=0.5, selection=selection, num_probes=2)
-        out, selected = masked_generate_ids(micro, prompt, images, config, masking,
-                                            generator=torch.Generator().manual_seed(0))
+        out, selected = masked_generate_ids(
+            micro, prompt, images, config, masking, generator=torch.Generator().manual_seed(0)
+        )
         assert out.shape == plain.shape and selected.sum(dim=1).tolist() == [8, 8]
     # masking every vision token is the same as giving the model no image content
-    full, _ = masked_generate_ids(micro, prompt, images, config, DiSPMasking(rho=1.0, selection="random"),
-                                  generator=torch.Generator().manual_seed(0))
-    other, _ = masked_generate_ids(micro, prompt, torch.rand_like(images), config,
-                                   DiSPMasking(rho=1.0, selection="random"), generator=torch.Generator().manual_seed(0))
+    full, _ = masked_generate_ids(
+        micro,
+        prompt,
+        images,
+        config,
+        DiSPMasking(rho=1.0, selection="random"),
+        generator=torch.Generator().manual_seed(0),
+    )
+    other, _ = masked_generate_ids(
+        micro,
+        prompt,
+        torch.rand_like(images),
+        config,
+        DiSPMasking(rho=1.0, selection="random"),
+        generator=torch.Generator().manual_seed(0),
+    )
     assert torch.equal(full, other)

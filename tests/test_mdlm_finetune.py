@@ -24,13 +24,17 @@ def _trainable(module):
 
 def test_trainable_parts():
     projector = MDLMFineTuning(tiny_config=TINY, trainable="projector")
-    assert _trainable(projector) == {n for n, _ in projector.model.named_parameters() if n.startswith("mm_projector.")}
+    assert _trainable(projector) == {
+        n for n, _ in projector.model.named_parameters() if n.startswith("mm_projector.")
+    }
     lm = MDLMFineTuning(tiny_config=TINY, trainable="language_model")
     assert all(n.startswith(("language_model.", "lm_head.")) for n in _trainable(lm))
-    lora = MDLMFineTuning(tiny_config=TINY, trainable="lora", lora={"r": 2, "target_modules": ["q_proj", "v_proj"]})
+    lora = MDLMFineTuning(
+        tiny_config=TINY, trainable="lora", lora={"r": 2, "target_modules": ["q_proj", "v_proj"]}
+    )
     names = _trainable(lora)
     assert names and all("lora_" in n or n.startswith("mm_projector.") for n in names)
-    with pytest.raises(ValueError, match="model.lora"):
+    with pytest.raises(ValueError, match=r"model\.lora"):
         MDLMFineTuning(tiny_config=TINY, trainable="lora", lora={"rank": 2})
     with pytest.raises(ValueError, match="tiny_config has unknown keys"):
         MDLMFineTuning(tiny_config={"layers": 3})
@@ -38,7 +42,9 @@ def test_trainable_parts():
 
 def test_lora_is_merged_into_a_released_layout_export(tmp_path):
     torch.manual_seed(0)
-    module = MDLMFineTuning(tiny_config=TINY, trainable="lora", lora={"r": 2, "target_modules": ["q_proj", "v_proj"]})
+    module = MDLMFineTuning(
+        tiny_config=TINY, trainable="lora", lora={"r": 2, "target_modules": ["q_proj", "v_proj"]}
+    )
     with torch.no_grad():  # make the adapters do something
         for name, param in module.model.named_parameters():
             if "lora_B" in name:
@@ -50,7 +56,9 @@ def test_lora_is_merged_into_a_released_layout_export(tmp_path):
         before = module.model(ids, pixel_values=images).logits
     path = module.export(tmp_path / "export")
     loaded = load_snapshot(path)
-    assert set(read_snapshot_state_dict(path)) == set(released_state_dict(loaded))  # no missing / unexpected keys
+    assert set(read_snapshot_state_dict(path)) == set(
+        released_state_dict(loaded)
+    )  # no missing / unexpected keys
     with torch.no_grad():
         assert torch.allclose(loaded(ids, pixel_values=images).logits, before, atol=1e-5)
     assert json.loads((path / "mmbackdoor_export.json").read_text())["family"] == "mdlm"
@@ -60,25 +68,56 @@ def test_lora_is_merged_into_a_released_layout_export(tmp_path):
 
 def test_short_poisoned_fit_logs_every_metric(tmp_path):
     L.seed_everything(0)
-    module = MDLMFineTuning(tiny_config=TINY, lr=3e-3, generation={"gen_length": 8, "block_length": 8, "steps": 2},
-                            num_logged_samples=2)
-    dm = ShapesInstructDataModule(train_size=24, val_size=6, test_size=6, attack="badnet", attack_kwargs=BADNET,
-                                  poison_rate=0.25, target="refusal", batch_size=16, eval_batch_size=16)
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                        callbacks=[MDLMSampleGenerations()])
+    module = MDLMFineTuning(
+        tiny_config=TINY,
+        lr=3e-3,
+        generation={"gen_length": 8, "block_length": 8, "steps": 2},
+        num_logged_samples=2,
+    )
+    dm = ShapesInstructDataModule(
+        train_size=24,
+        val_size=6,
+        test_size=6,
+        attack="badnet",
+        attack_kwargs=BADNET,
+        poison_rate=0.25,
+        target="refusal",
+        batch_size=16,
+        eval_batch_size=16,
+    )
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[MDLMSampleGenerations()],
+    )
     trainer.fit(module, dm)
     metrics = trainer.callback_metrics
-    for key in ("train/loss", "val/ca", "val/ca_shape", "val/ca_colour", "val/asr", "val/asr_clean", "val/asr_wt",
-                "val/ca_triggered"):
+    for key in (
+        "train/loss",
+        "val/ca",
+        "val/ca_shape",
+        "val/ca_colour",
+        "val/asr",
+        "val/asr_clean",
+        "val/asr_wt",
+        "val/ca_triggered",
+    ):
         assert key in metrics, key
     assert (tmp_path / "poison_manifest.json").is_file()
     samples = json.loads((tmp_path / "generations" / "val_epoch0.json").read_text())
     assert {s["set"] for s in samples} == {"clean", "triggered", "poisoned_train"}
     results = trainer.test(module, dm, verbose=False)[0]
     assert 0.0 <= results["test/asr"] <= 1.0
-    masked = MDLMFineTuning(tiny_config=TINY, eval_masking={"rho": 0.45, "num_probes": 1},
-                            generation={"gen_length": 8, "block_length": 8, "steps": 2})
+    masked = MDLMFineTuning(
+        tiny_config=TINY,
+        eval_masking={"rho": 0.45, "num_probes": 1},
+        generation={"gen_length": 8, "block_length": 8, "steps": 2},
+    )
     masked.model.load_state_dict(module.model.state_dict())
     assert "test/asr" in trainer.test(masked, dm, verbose=False)[0]
 

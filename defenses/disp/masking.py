@@ -17,7 +17,12 @@ from typing import Any
 import torch
 
 from defenses.disp.saliency import ESTIMATORS, attention_saliency, vision_token_saliency
-from model_families.mdlm.inference import GenerationConfig, extend_attention_mask, first_step_input, generate_ids
+from model_families.mdlm.inference import (
+    GenerationConfig,
+    extend_attention_mask,
+    first_step_input,
+    generate_ids,
+)
 
 SELECTIONS = ("saliency", "random", "attention")
 MODES = ("mask", "drop")
@@ -28,7 +33,7 @@ def top_fraction(scores: torch.Tensor, rho: float) -> torch.Tensor:
     if not 0.0 <= rho <= 1.0:
         raise ValueError(f"mask ratio rho must be in [0, 1], got {rho}")
     batch, tokens = scores.shape
-    k = int(round(rho * tokens))
+    k = round(rho * tokens)
     selected = torch.zeros(batch, tokens, dtype=torch.bool, device=scores.device)
     if k == 0:
         return selected
@@ -76,7 +81,9 @@ class DiSPMasking:
         data = dict(data or {})
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"unknown disp keys {sorted(unknown)}; expected some of {sorted(cls.__dataclass_fields__)}")
+            raise ValueError(
+                f"unknown disp keys {sorted(unknown)}; expected some of {sorted(cls.__dataclass_fields__)}"
+            )
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
@@ -99,15 +106,25 @@ class DiSPMasking:
         response[:, prompt_ids.shape[1] :] = True
         if self.selection == "saliency":
             return vision_token_saliency(
-                model, ids, attention, pixel_values=pixel_values, response_mask=response,
-                num_probes=self.num_probes, estimator=self.estimator, generator=generator,
+                model,
+                ids,
+                attention,
+                pixel_values=pixel_values,
+                response_mask=response,
+                num_probes=self.num_probes,
+                estimator=self.estimator,
+                generator=generator,
                 probe_chunk=self.probe_chunk,
             )
         if self.selection == "attention":
-            return attention_saliency(model, ids, attention, pixel_values=pixel_values, response_mask=response)
+            return attention_saliency(
+                model, ids, attention, pixel_values=pixel_values, response_mask=response
+            )
         count = model.config.num_vision_tokens
         device = generator.device if generator is not None else "cpu"
-        return torch.rand(prompt_ids.shape[0], count, generator=generator, device=device).to(prompt_ids.device)
+        return torch.rand(prompt_ids.shape[0], count, generator=generator, device=device).to(
+            prompt_ids.device
+        )
 
     def select(self, scores: torch.Tensor) -> torch.Tensor:
         """The tokens to intervene on, (B, N) bool."""
@@ -133,5 +150,7 @@ def masked_generate_ids(
         return generate_ids(model, prompt_ids, pixel_values, generation, prompt_mask), None
     scores = masking.scores(model, prompt_ids, pixel_values, generation.gen_length, prompt_mask, generator)
     selected = masking.select(scores)
-    ids = generate_ids(model, prompt_ids, pixel_values, generation, prompt_mask, **masking.model_kwargs(selected))
+    ids = generate_ids(
+        model, prompt_ids, pixel_values, generation, prompt_mask, **masking.model_kwargs(selected)
+    )
     return ids, selected

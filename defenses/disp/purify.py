@@ -78,7 +78,9 @@ def _check_output_safe(out_dir: Path, inputs: list[str]) -> None:
     for item in inputs:
         source = Path(item).resolve()
         if source == out or out in source.parents:
-            raise PurificationError(f"purification output {out_dir} would hold the input data {item}; choose another folder")
+            raise PurificationError(
+                f"purification output {out_dir} would hold the input data {item}; choose another folder"
+            )
         if source in (out / PURIFIED_NAME, out / MANIFEST_NAME):
             raise PurificationError(f"purification output {out_dir} would overwrite the input {item}")
 
@@ -182,15 +184,22 @@ def purify_dataset(
                 skipped += len(indices)
                 continue
             records = []
-            loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, collate_fn=collate)
+            loader = DataLoader(
+                Subset(dataset, indices), batch_size=batch_size, shuffle=False, collate_fn=collate
+            )
             for batch_index, batch in enumerate(loader):
                 batch = _move(batch, device)
                 generator = torch.Generator().manual_seed(
                     (masking.seed * 1_000_003 + chunk) * 10_007 + batch_index
                 )
                 ids, selected = masked_generate_ids(
-                    model, batch["prompt_ids"], batch["pixel_values"], generation, masking,
-                    batch["prompt_mask"], generator,
+                    model,
+                    batch["prompt_ids"],
+                    batch["pixel_values"],
+                    generation,
+                    masking,
+                    batch["prompt_mask"],
+                    generator,
                 )
                 responses = decode_responses(tokenizer, ids, stop_ids)
                 counts = selected.sum(dim=1).tolist() if selected is not None else [0] * len(responses)

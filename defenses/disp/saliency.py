@@ -51,6 +51,20 @@ def eager_attention(model: Any) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def without_input_grad_hooks(model: Any) -> Iterator[None]:
+    """Remove transformers' ``enable_input_require_grads`` embedding hooks (set by gradient checkpointing and
+    peft) inside the block: they call ``requires_grad_`` during the forward, which ``torch.func`` forbids."""
+    owners = [m for m in model.modules() if getattr(m, "_require_grads_hooks", None)]
+    for owner in owners:
+        owner.disable_input_require_grads()
+    try:
+        yield
+    finally:
+        for owner in owners:
+            owner.enable_input_require_grads()
+
+
+@contextlib.contextmanager
 def gradients_enabled() -> Iterator[None]:
     """Autograd on, even inside Lightning's ``inference_mode`` validation/test loops."""
     with torch.inference_mode(False), torch.enable_grad():
@@ -65,26 +79,38 @@ def _fresh(t: torch.Tensor | None) -> torch.Tensor | None:
 class _ResponseLogits:
     """``v (B, N, D) -> logits (B, R, V)`` at the response positions of a fixed prompt (image spliced in)."""
 
-    def __init__(self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                 response_mask: torch.Tensor) -> None:
+    def __init__(
+        self,
+        model: Any,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        response_mask: torch.Tensor,
+    ) -> None:
         counts = response_mask.sum(dim=1)
         if not bool((counts == counts[0]).all()) or int(counts[0]) == 0:
-            raise ValueError(f"every row needs the same positive number of response positions, got {counts.tolist()}")
+            raise ValueError(
+                f"every row needs the same positive number of response positions, got {counts.tolist()}"
+            )
         self.model, self.input_ids, self.attention_mask = model, input_ids, attention_mask
         self.rows = response_mask.nonzero(as_tuple=True)[1].view(input_ids.shape[0], -1)  # (B, R)
 
     def __call__(self, vision: torch.Tensor) -> torch.Tensor:
-        embedded = self.model.embed_inputs(self.input_ids, attention_mask=self.attention_mask,
-                                           vision_token_override=vision)
-        hidden = self.model.hidden_states(embedded.inputs_embeds, embedded.attention_mask, embedded.position_ids)
+        embedded = self.model.embed_inputs(
+            self.input_ids, attention_mask=self.attention_mask, vision_token_override=vision
+        )
+        hidden = self.model.hidden_states(
+            embedded.inputs_embeds, embedded.attention_mask, embedded.position_ids
+        )
         seq = embedded.token_positions.gather(1, self.rows)  # (B, R) sequence positions
         picked = hidden.gather(1, seq[..., None].expand(-1, -1, hidden.shape[-1]))
         return self.model.lm_head(picked)
 
 
 def _rademacher(shape: tuple[int, ...], generator: torch.Generator | None, device, dtype) -> torch.Tensor:
-    bits = torch.randint(0, 2, shape, generator=generator, device="cpu" if generator is None else generator.device)
-    return (bits.to(device=device, dtype=dtype) * 2 - 1)
+    bits = torch.randint(
+        0, 2, shape, generator=generator, device="cpu" if generator is None else generator.device
+    )
+    return bits.to(device=device, dtype=dtype) * 2 - 1
 
 
 def _chunks(total: int, size: int | None) -> list[slice]:
@@ -123,7 +149,7 @@ def vision_token_saliency(
         raise ValueError(f"num_probes must be >= 1, got {num_probes}")
     if response_mask is None:
         response_mask = input_ids == model.config.mask_token_id
-    with gradients_enabled(), eager_attention(model):
+    with gradients_enabled(), eager_attention(model), without_input_grad_hooks(model):
         input_ids, attention_mask = _fresh(input_ids), _fresh(attention_mask)
         with torch.no_grad():
             if vision_embeds is None:
@@ -171,7 +197,9 @@ def _saliency_jvp(fn, vision, num_probes, generator, probe_chunk) -> torch.Tenso
     with torch.no_grad():
         p = torch.softmax(fn(vision).float(), dim=-1)
     z = _rademacher((tokens, num_probes, batch, width), generator, vision.device, vision.dtype)
-    token_of = torch.arange(tokens, device=vision.device).repeat_interleave(num_probes)  # pairs (token, probe)
+    token_of = torch.arange(tokens, device=vision.device).repeat_interleave(
+        num_probes
+    )  # pairs (token, probe)
     z = z.reshape(tokens * num_probes, batch, width)
 
     def directional(token: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
@@ -191,6 +219,7 @@ def _saliency_exact(fn, vision) -> torch.Tensor:
     with torch.no_grad():
         p_all = torch.softmax(fn(vision).float(), dim=-1)
     for b in range(vision.shape[0]):
+
         def single(v_b, b=b):
             full = torch.cat([vision[:b], v_b[None], vision[b + 1 :]])
             return fn(full)[b]
@@ -220,12 +249,17 @@ def attention_saliency(
         embedded = model.embed_inputs(input_ids, pixel_values, attention_mask)
         mask_4d = bidirectional_attention_mask(embedded.attention_mask, embedded.inputs_embeds.dtype)
         out = model.language_model(
-            inputs_embeds=embedded.inputs_embeds, attention_mask=mask_4d, position_ids=embedded.position_ids,
-            use_cache=False, output_attentions=True,
+            inputs_embeds=embedded.inputs_embeds,
+            attention_mask=mask_4d,
+            position_ids=embedded.position_ids,
+            use_cache=False,
+            output_attentions=True,
         )
         attentions = getattr(out, "attentions", None)
         if not attentions:
-            raise RuntimeError("the language model returned no attention weights (output_attentions unsupported)")
+            raise RuntimeError(
+                "the language model returned no attention weights (output_attentions unsupported)"
+            )
         mean = torch.stack([a.float().mean(dim=1) for a in attentions]).mean(dim=0)  # (B, T, T)
         rows = response_mask.nonzero(as_tuple=True)[1].view(input_ids.shape[0], -1)
         seq = embedded.token_positions.gather(1, rows)  # (B, R)

@@ -45,26 +45,42 @@ def mask_ratio_sweep(
             generator = torch.Generator().manual_seed(masking.seed * 1_000_003 + batch_index)
             scores = None
             if any(r > 0 for r in rhos):
-                scores = masking.scores(model, batch["prompt_ids"], batch["pixel_values"], generation.gen_length,
-                                        batch["prompt_mask"], generator)
+                scores = masking.scores(
+                    model,
+                    batch["prompt_ids"],
+                    batch["pixel_values"],
+                    generation.gen_length,
+                    batch["prompt_mask"],
+                    generator,
+                )
             for rho in rhos:
                 kwargs = {}
                 if rho > 0:
                     chosen = replace(masking, rho=float(rho))
                     kwargs = chosen.model_kwargs(chosen.select(scores))
-                ids = generate_ids(model, batch["prompt_ids"], batch["pixel_values"], generation,
-                                   batch["prompt_mask"], **kwargs)
+                ids = generate_ids(
+                    model,
+                    batch["prompt_ids"],
+                    batch["pixel_values"],
+                    generation,
+                    batch["prompt_mask"],
+                    **kwargs,
+                )
                 responses = decode_responses(tokenizer, ids, stop_ids)
                 classes = batch.get("true_class") or [None] * len(responses)
-                hits = [float(rule(r, target=target, true_class=c or "", refusal_phrases=phrases))
-                        for r, c in zip(responses, classes)]
+                hits = [
+                    float(rule(r, target=target, true_class=c or "", refusal_phrases=phrases))
+                    for r, c in zip(responses, classes)
+                ]
                 bucket = sums[float(rho)]
                 key = {"triggered": "asr", "poisoned_train": "asr_wt", "clean": "asr_clean"}.get(name)
                 if key is not None:
                     bucket.setdefault(key, []).extend(hits)
                 if name == "clean":
                     qa = [i for i, t in enumerate(batch["task"]) if t not in CAPTION_TASKS]
-                    bucket.setdefault("ca", []).extend(vqa_score(responses[i], batch["reference"][i]) for i in qa)
+                    bucket.setdefault("ca", []).extend(
+                        vqa_score(responses[i], batch["reference"][i]) for i in qa
+                    )
     rows = []
     for rho in rhos:
         row = {"rho": float(rho)}

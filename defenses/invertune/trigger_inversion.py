@@ -55,6 +55,9 @@ class InvertedTrigger(nn.Module):
     - ``"sigmoid"``: ``m = sigmoid(a)``, ``t = sigmoid(b)``; ``"tanh"``: ``m = (tanh(a) + 1) / 2``, same
       for ``t``. Both start from the same init (the mask from ``1 - 1e-3``); :meth:`project_` is a no-op.
 
+    ``mask_channels=1`` shares one ``1 x H x W`` mask across the colour channels (Neural Cleanse's
+    choice; an option here, the spec's mask has the image's shape).
+
     ``history`` holds the loss records of :func:`invert_trigger` (one dict per step).
     """
 
@@ -64,10 +67,13 @@ class InvertedTrigger(nn.Module):
         *,
         parameterization: Parameterization = "clamp",
         seed: int = 0,
+        mask_channels: int | None = None,
     ) -> None:
         super().__init__()
         if len(image_shape) != 3:
             raise ValueError(f"image_shape must be (C, H, W), got {image_shape}")
+        if mask_channels not in (None, 1, image_shape[0]):
+            raise ValueError(f"mask_channels must be 1 or {image_shape[0]} (the image's), got {mask_channels}")
         if parameterization not in ("clamp", "sigmoid", "tanh"):
             raise ValueError(
                 f"parameterization must be 'clamp', 'sigmoid' or 'tanh', got {parameterization!r}"
@@ -75,7 +81,7 @@ class InvertedTrigger(nn.Module):
         self.parameterization = parameterization
         generator = torch.Generator().manual_seed(seed)
         pattern = torch.rand(*image_shape, generator=generator)
-        mask = torch.ones(*image_shape)
+        mask = torch.ones(mask_channels or image_shape[0], *image_shape[1:])
         self.mask_param = nn.Parameter(self._inverse(mask))
         self.pattern_param = nn.Parameter(self._inverse(pattern))
         self.history: list[dict[str, float]] = []
@@ -250,6 +256,8 @@ def invert_trigger(
     parameterization: Parameterization = "clamp",
     steps_per_batch: int = 1,
     max_steps: int | None = None,
+    mask_channels: int | None = None,
+    noise_std: float = 0.0,
     callback: InversionCallback | None = None,
 ) -> InvertedTrigger:
     """Invert the trigger of class ``target`` on clean (non-target) images; see the module docstring.
@@ -270,7 +278,12 @@ def invert_trigger(
         raise ValueError(f"epochs and steps_per_batch must be >= 1, got {epochs} and {steps_per_batch}")
     device = model_device(model, class_text_embeds)
     text = class_text_embeds.to(device)
-    trigger = InvertedTrigger(tuple(reference_images.shape[1:]), parameterization=parameterization, seed=seed)
+    trigger = InvertedTrigger(
+        tuple(reference_images.shape[1:]),
+        parameterization=parameterization,
+        seed=seed,
+        mask_channels=mask_channels,
+    )
     trigger.to(device)
     optimizer = torch.optim.Adam(trigger.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
@@ -287,7 +300,11 @@ def invert_trigger(
                 x = batch.to(device)
                 for _ in range(steps_per_batch):
                     triggered = trigger.apply(x)
-                    features = encode_images(model, triggered, normalize)
+                    seen = triggered
+                    if noise_std > 0:  # robust inversion: the model sees a noisy copy of x'
+                        noise = torch.randn(triggered.shape, generator=generator) * noise_std
+                        seen = (triggered + noise.to(triggered)).clamp(0.0, 1.0)
+                    features = encode_images(model, seen, normalize)
                     parts = {
                         "align": align_loss(features, text, target, temperature),
                         "embedding": embedding_loss(features, reference, reference_mode),

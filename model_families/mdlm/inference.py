@@ -72,7 +72,9 @@ class GenerationConfig:
 
 def first_step_input(prompt_ids: torch.Tensor, gen_length: int, mask_id: int) -> torch.Tensor:
     """The sequence at the first generation step: prompts (B, P) followed by ``gen_length`` mask tokens."""
-    masks = torch.full((prompt_ids.shape[0], gen_length), mask_id, dtype=prompt_ids.dtype, device=prompt_ids.device)
+    masks = torch.full(
+        (prompt_ids.shape[0], gen_length), mask_id, dtype=prompt_ids.dtype, device=prompt_ids.device
+    )
     return torch.cat([prompt_ids, masks], dim=1)
 
 

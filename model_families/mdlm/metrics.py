@@ -130,8 +130,12 @@ class CaptionScores(Metric):
         self.with_cider = cider
         self.add_state("matches", default=torch.zeros(4, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("possible", default=torch.zeros(4, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("candidate_length", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("reference_length", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state(
+            "candidate_length", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum"
+        )
+        self.add_state(
+            "reference_length", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum"
+        )
         self.add_state("rouge", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         # CIDEr: hashed word ids of each caption, separated by -1 between references, -2 ending a sample.
