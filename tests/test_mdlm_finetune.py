@@ -151,17 +151,30 @@ def test_image_and_text_trigger_give_tma_and_cti(tmp_path):
     L.seed_everything(0)
     module = MDLMFineTuning(tiny_config=TINY, generation={"gen_length": 8, "block_length": 8, "steps": 2})
     dm = ShapesInstructDataModule(
-        train_size=8, val_size=4, test_size=4, attack="badnet", attack_kwargs=BADNET, text_attack="rare_token",
-        text_attack_kwargs={"token": "cf"}, protocol="OR", poison_rate=0.5, target="content_insertion",
-        eval_sets=["clean", "triggered", "coalitions"], batch_size=8, eval_batch_size=8,
+        train_size=8,
+        val_size=4,
+        test_size=4,
+        attack="badnet",
+        attack_kwargs=BADNET,
+        text_attack="rare_token",
+        text_attack_kwargs={"token": "cf"},
+        protocol="OR",
+        poison_rate=0.5,
+        target="content_insertion",
+        eval_sets=["clean", "triggered", "coalitions"],
+        batch_size=8,
+        eval_batch_size=8,
     )
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     results = trainer.test(module, dm, verbose=False)[0]
     for key in ("test/tma_image", "test/tma_text", "test/cti", "test/asr"):
         assert key in results, key
-    assert PoisonManifestProtocol(dm) == "OR"
-
-
-def PoisonManifestProtocol(dm):  # noqa: N802 - tiny helper
-    return dm.manifest.protocol if dm.manifest is not None else None
+    assert dm.manifest.protocol == "OR"

@@ -18,7 +18,7 @@ def test_real_scale_config_runs_one_step(tmp_path, config):
         config,
         "--model.init_args.pretrained=null",  # random weights: no download
         "--trainer.logger=false", "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32",
-        "--trainer.max_steps=1", "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0",
+        "--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0",
         "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}/runs",
         f"--data.init_args.train_csv={paths['train_csv']}", f"--data.init_args.val_folder={paths['val_folder']}",
         f"--data.init_args.class_names_file={paths['class_names_file']}",
