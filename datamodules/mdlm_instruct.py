@@ -326,7 +326,8 @@ class MDLMInstructDataModule(L.LightningDataModule):
         response_length: response tokens per training sequence; should equal the model's ``gen_length``.
         truncate_responses: cut longer responses instead of raising.
         eval_sets: evaluation sets to build (subset of ``clean``, ``triggered``, ``poisoned_train``,
-            ``coalitions``; the last needs both triggers and is skipped otherwise).
+            ``coalitions``; default all; a set that does not apply, e.g. ``coalitions`` without both an image
+            and a text trigger, is skipped).
         poisoned_train_eval_size / coalition_eval_size: caps of those sets (first samples).
         purified: a purified data set (``purified.json`` written by DiSP) whose responses replace the answers.
         poison_manifest: rebuild the poison (indices, triggers, target) of an earlier run from its manifest
@@ -376,7 +377,7 @@ class MDLMInstructDataModule(L.LightningDataModule):
         if asr_rule is not None:
             get_rule(asr_rule)  # unknown rule names raise ValueError listing the rules
         self.asr_rule = asr_rule
-        eval_sets = list(EVAL_SETS[:3] if eval_sets is None else eval_sets)
+        eval_sets = list(EVAL_SETS if eval_sets is None else eval_sets)
         unknown = [s for s in eval_sets if s not in EVAL_SETS]
         if unknown:
             raise ValueError(f"data.eval_sets {unknown} unknown; expected some of {EVAL_SETS}")

@@ -468,3 +468,15 @@ def test_asr_g_bad_arguments() -> None:
 def test_docstring_examples(module: str) -> None:
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_tma_is_differentiable_after_a_first_use_in_inference_mode() -> None:
+    """The cached Shapley weights must not be inference tensors, whichever call builds them first."""
+    from metrics.functional import shapley
+
+    shapley._shapley_weights.cache_clear()
+    with torch.inference_mode():
+        trigger_modality_attribution(torch.rand(3, 4), ["image", "text"])
+    values = torch.rand(5, 4, requires_grad=True)
+    trigger_modality_attribution(values, ["image", "text"])["image"].backward()
+    assert values.grad is not None and values.grad.abs().sum() > 0

@@ -66,11 +66,15 @@ def coalition_index(active: Iterable[str], modalities: Sequence[str]) -> int:
 
 
 @cache
+@torch.inference_mode(False)
 def _shapley_weights(n: int) -> Tensor:
     r"""``2^n x n`` float64 matrix ``W`` with ``phi = v @ W`` the exact Shapley values.
 
     .. math::
         \phi_i = \sum_{S \subseteq N \setminus \{i\}} \frac{|S|!\,(n-|S|-1)!}{n!}\,[v(S \cup \{i\}) - v(S)]
+
+    Cached, so it is built outside inference mode: a tensor first made under ``torch.inference_mode`` (e.g. in a
+    validation step) could not take part in a later differentiable computation.
     """
     weights = torch.zeros(2**n, n, dtype=torch.float64)
     for i in range(n):
@@ -85,6 +89,7 @@ def _shapley_weights(n: int) -> Tensor:
 
 
 @cache
+@torch.inference_mode(False)
 def _interaction_weights(n: int, i: int, j: int) -> Tensor:
     r"""``2^n`` float64 vector ``w`` with ``v @ w`` the Shapley interaction index of parts ``i`` and ``j``.
 
@@ -92,7 +97,8 @@ def _interaction_weights(n: int, i: int, j: int) -> Tensor:
         I_{ij} = \sum_{S \subseteq N \setminus \{i,j\}} \frac{|S|!\,(n-|S|-2)!}{(n-1)!}\,
             [v(S \cup \{i,j\}) - v(S \cup \{i\}) - v(S \cup \{j\}) + v(S)]
 
-    For ``n = 2`` this is ``v({i,j}) - v({i}) - v({j}) + v({})`` (Grabisch, 1997).
+    For ``n = 2`` this is ``v({i,j}) - v({i}) - v({j}) + v({})`` (Grabisch, 1997). Built outside inference mode,
+    like :func:`_shapley_weights`.
     """
     weights = torch.zeros(2**n, dtype=torch.float64)
     pair = 1 << i | 1 << j
