@@ -112,5 +112,7 @@ def test_export_reloads_identically_and_evaluates(runs, tmp_path, capsys):
 
 def test_missing_init_checkpoint_is_an_error(tmp_path):
     # jsonargparse reports the module's FileNotFoundError inside its own ValueError; the message survives
-    with pytest.raises((FileNotFoundError, ValueError), match=r"init checkpoint not found: .*missing \(model.init_from\)"):
+    with pytest.raises(
+        (FileNotFoundError, ValueError), match=r"init checkpoint not found: .*missing \(model.init_from\)"
+    ):
         train(POISON, *tiny_overrides(tmp_path), f"--model.init_args.init_from={tmp_path}/missing")

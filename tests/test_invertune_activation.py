@@ -355,7 +355,9 @@ def test_session_steps_equal_fit_and_survive_mode_switches() -> None:
     the result must be bit-identical to ``fit``."""
     reference, stepped = tiny_clip("rn"), tiny_clip("rn")
     ActivationTuner(reference, normalize, iterations=4, lr=1e-2).fit(clean_batch(), corner_trigger())
-    session = ActivationTuner(stepped, normalize, iterations=4, lr=1e-2).begin(clean_batch(), corner_trigger())
+    session = ActivationTuner(stepped, normalize, iterations=4, lr=1e-2).begin(
+        clean_batch(), corner_trigger()
+    )
     while not session.done:
         stepped.train()  # what Lightning does before training steps
         session.step()

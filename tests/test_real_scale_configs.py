@@ -11,18 +11,30 @@ from tests.test_real_formats import make_world
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["configs/clip_rn50_cc3m_badnet.yaml", "configs/clip_vitb32_cc3m_badnet.yaml"])
+@pytest.mark.parametrize(
+    "config", ["configs/clip_rn50_cc3m_badnet.yaml", "configs/clip_vitb32_cc3m_badnet.yaml"]
+)
 def test_real_scale_config_runs_one_step(tmp_path, config):
     paths = make_world(tmp_path / "data")
     run = train(
         config,
         "--model.init_args.pretrained=null",  # random weights: no download
-        "--trainer.logger=false", "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32",
-        "--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0",
-        "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}/runs",
-        f"--data.init_args.train_csv={paths['train_csv']}", f"--data.init_args.val_folder={paths['val_folder']}",
+        "--trainer.logger=false",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.precision=32",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=1",
+        "--trainer.limit_val_batches=1",
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={tmp_path}/runs",
+        f"--data.init_args.train_csv={paths['train_csv']}",
+        f"--data.init_args.val_folder={paths['val_folder']}",
         f"--data.init_args.class_names_file={paths['class_names_file']}",
-        "--data.init_args.batch_size=4", "--data.init_args.eval_batch_size=4", "--data.init_args.num_workers=0",
+        "--data.init_args.batch_size=4",
+        "--data.init_args.eval_batch_size=4",
+        "--data.init_args.num_workers=0",
         "--data.init_args.poison_count=2",
     )
     assert run.metrics["train/loss"] > 0

@@ -515,7 +515,9 @@ class ActivationTuner:
         ``L_invariance = ||F_theta(X') - F_theta0(X)||_F`` (the ``invariance_weight`` option) is
         ``L_preserve`` applied to the triggered batch. Runs in the caller's mode."""
         clean_acts, features = capture_activations(self.model, images, self.normalize, layers)
-        triggered_acts, triggered_features = capture_activations(self.model, triggered, self.normalize, layers)
+        triggered_acts, triggered_features = capture_activations(
+            self.model, triggered, self.normalize, layers
+        )
         act = activation_loss(clean_acts, triggered_acts, loss_masks, pairing=self.pairing)
         preserve = preserve_loss(features, reference, normalize=self.normalize_features)
         total = self.activation_weight * act + self.preserve_weight * preserve

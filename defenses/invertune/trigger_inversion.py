@@ -73,7 +73,9 @@ class InvertedTrigger(nn.Module):
         if len(image_shape) != 3:
             raise ValueError(f"image_shape must be (C, H, W), got {image_shape}")
         if mask_channels not in (None, 1, image_shape[0]):
-            raise ValueError(f"mask_channels must be 1 or {image_shape[0]} (the image's), got {mask_channels}")
+            raise ValueError(
+                f"mask_channels must be 1 or {image_shape[0]} (the image's), got {mask_channels}"
+            )
         if parameterization not in ("clamp", "sigmoid", "tanh"):
             raise ValueError(
                 f"parameterization must be 'clamp', 'sigmoid' or 'tanh', got {parameterization!r}"
