@@ -13,23 +13,15 @@ Subclasses only say where the data comes from (`build_splits`); this base class 
 
 from __future__ import annotations
 
-import inspect
 import logging
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from attacks import (
-    ClassTarget,
-    PoisonManifest,
-    PoisonPlan,
-    build_image_trigger,
-    build_text_trigger,
-    check_class_in_vocabulary,
-)
+from attacks import ClassTarget, PoisonPlan, check_class_in_vocabulary
+from datamodules.poisoning import PoisoningMixin, UnpaddedDistributedSampler, check_poison_arguments
 from model_families.clip.zero_shot import resolve_templates
 
 log = logging.getLogger(__name__)
@@ -73,22 +65,7 @@ class PoisonedCaptions(Dataset):
         return item
 
 
-class UnpaddedDistributedSampler(torch.utils.data.DistributedSampler):
-    """Rank r takes indices r, r + W, r + 2W, ...: no padding duplicates, so sum-state metrics are exact
-    under DDP. A DistributedSampler subclass, so Lightning keeps it instead of inserting a padding one."""
-
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
-        self.indices = list(range(rank, len(dataset), num_replicas))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-class ImageTextPoisonDataModule(L.LightningDataModule):
+class ImageTextPoisonDataModule(PoisoningMixin, L.LightningDataModule):
     """Base class: image-caption training data, labelled evaluation data, and the poisoning of both.
 
     Args:
@@ -124,14 +101,7 @@ class ImageTextPoisonDataModule(L.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        if not 0.0 <= float(poison_rate) <= 1.0:
-            raise ValueError(f"data.poison_rate must be in [0, 1], got {poison_rate}")
-        if poison_count is not None and poison_count < 0:
-            raise ValueError(f"data.poison_count must be >= 0, got {poison_count}")
-        if (poison_rate or poison_count) and attack is None and text_attack is None:
-            raise ValueError(
-                "data.poison_rate/poison_count > 0 but no data.attack or data.text_attack is set"
-            )
+        check_poison_arguments(attack, text_attack, poison_rate, poison_count)
         if (attack or text_attack) and target_class is None:
             raise ValueError("data.target_class is required when an attack is configured")
         self.attack, self.attack_kwargs = attack, dict(attack_kwargs or {})
@@ -146,7 +116,7 @@ class ImageTextPoisonDataModule(L.LightningDataModule):
         self.image_trigger = None
         self.text_trigger = None
         self.plan: PoisonPlan | None = None
-        self.manifest: PoisonManifest | None = None
+        self.manifest = None
         self._built = False
 
     # --- to implement -------------------------------------------------------------------------------
@@ -162,71 +132,23 @@ class ImageTextPoisonDataModule(L.LightningDataModule):
     def target_index(self) -> int | None:
         return None if self.target_class is None else self.class_names.index(self.target_class)
 
-    def _build_image_trigger(self, image_size: int):
-        if self.attack is None:
-            return None
-        kwargs = dict(self.attack_kwargs)
-        kwargs.setdefault("seed", self.poison_seed) if "seed" in _accepted(self.attack) else None
-        if "image_size" in _accepted(self.attack):
-            kwargs.setdefault("image_size", image_size)
-        return build_image_trigger(self.attack, **kwargs)
-
     def setup(self, stage: str | None = None) -> None:
         if self._built:
             return
         self.train_set, self.val_set, self.test_set, self.class_names, self.image_size = self.build_splits()
         if self.target_class is not None:
             check_class_in_vocabulary(self.target_class, self.class_names)
-        self.image_trigger = self._build_image_trigger(self.image_size)
-        if self.text_attack is not None:
-            kwargs = dict(self.text_attack_kwargs)
-            kwargs.setdefault("seed", self.poison_seed)
-            self.text_trigger = build_text_trigger(self.text_attack, **kwargs)
+        self.build_triggers(self.image_size)
         target = None
         if self.target_class is not None:
             target = ClassTarget(self.target_class, self.target_templates, seed=self.poison_seed)
-        n = len(self.train_set)
-        if self.poison_count is not None and self.poison_count > n:
-            raise ValueError(f"data.poison_count={self.poison_count} exceeds the training set size {n}")
-        if (self.poison_rate > 0 or self.poison_count) and n > 0:
-            candidates = None
-            if self.clean_label:
-                candidates = [i for i in range(n) if int(self.train_set[i]["label"]) == self.target_index]
-            self.plan = PoisonPlan.create(
-                n,
-                rate=None if self.poison_count else self.poison_rate,
-                count=self.poison_count,
-                seed=self.poison_seed,
-                protocol=self.protocol,
-                candidates=candidates,
-            )
-            self.manifest = PoisonManifest.from_plan(
-                self.plan,
-                image_trigger=self.image_trigger,
-                text_trigger=self.text_trigger,
-                target=target,
-                dataset=self.dataset_info(),
-                run_config=self._run_config(),
-            )
-            self._save_manifest()
-            log.info(
-                "poisoned %d of %d training samples (%s)", len(self.plan), n, self.attack or self.text_attack
-            )
+        candidates = None
+        if self.clean_label:
+            n = len(self.train_set)
+            candidates = [i for i in range(n) if int(self.train_set[i]["label"]) == self.target_index]
+        self.plan = self.plan_poison(len(self.train_set), candidates, target)
         self.train_data = PoisonedCaptions(self.train_set, self.plan, target, self.text_trigger)
         self._built = True
-
-    def _run_config(self) -> dict:
-        trainer = getattr(self, "trainer", None)
-        cfg = getattr(trainer, "mmbackdoor_config", None) if trainer is not None else None
-        return cfg or {"datamodule": dict(self.hparams)}
-
-    def _save_manifest(self) -> None:
-        trainer = getattr(self, "trainer", None)
-        if trainer is None or self.manifest is None or trainer.global_rank != 0:
-            return
-        path = Path(trainer.default_root_dir) / "poison_manifest.json"
-        self.manifest.save(path)
-        self.manifest_path = path
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         sampler = None
@@ -274,10 +196,3 @@ class ImageTextPoisonDataModule(L.LightningDataModule):
         elif not training and self.image_trigger is not None:
             batch["image_triggered"] = self.apply_trigger(batch["image"], batch["index"])
         return batch
-
-
-def _accepted(attack: str) -> set[str]:
-    from attacks import IMAGE_TRIGGERS
-
-    cls = IMAGE_TRIGGERS.get(attack)
-    return set(inspect.signature(cls).parameters) if cls is not None else set()

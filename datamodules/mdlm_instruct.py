@@ -25,7 +25,6 @@ response region during training has exactly the length the sampler generates (``
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 from collections.abc import Sequence
@@ -39,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from attacks import PoisonManifest, PoisonPlan, build_image_trigger, build_text_trigger
 from attacks.hashing import fingerprint
 from datamodules.mdlm_targets import GenerativeTarget, build_generative_target
+from datamodules.poisoning import PoisoningMixin, UnpaddedDistributedSampler, check_poison_arguments
 from metrics.functional.string_rules import get_rule
 from model_families.mdlm.prompt import PromptFormatter, tokenize_with_image
 from model_families.mdlm.tokenizer import END_HEADER_TOKEN, EOT_TOKEN, IMAGE_TOKEN, START_HEADER_TOKEN
@@ -284,28 +284,8 @@ class EvalView(Dataset):
         return item
 
 
-class UnpaddedDistributedSampler(torch.utils.data.Sampler):
-    """Rank r takes indices r, r + W, r + 2W, ...: no padding, so sum-state metrics are exact under DDP."""
-
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
-        self.indices = list(range(rank, len(dataset), num_replicas))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-def _accepted(cls_name: str | None) -> set[str]:
-    from attacks import IMAGE_TRIGGERS
-
-    cls = IMAGE_TRIGGERS.get(cls_name) if cls_name else None
-    return set(inspect.signature(cls).parameters) if cls is not None else set()
-
-
 # ------------------------------------------------------------------------------------------- data module
-class MDLMInstructDataModule(L.LightningDataModule):
+class MDLMInstructDataModule(PoisoningMixin, L.LightningDataModule):
     """Base class of instruction data for MDLM fine-tuning, poisoning and DiSP (see the module docstring).
 
     Subclasses implement ``build_sources() -> (train, val, test)`` (:class:`InstructSource`) and
@@ -363,14 +343,7 @@ class MDLMInstructDataModule(L.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        if not 0.0 <= float(poison_rate) <= 1.0:
-            raise ValueError(f"data.poison_rate must be in [0, 1], got {poison_rate}")
-        if poison_count is not None and poison_count < 0:
-            raise ValueError(f"data.poison_count must be >= 0, got {poison_count}")
-        if (poison_rate or poison_count) and attack is None and text_attack is None:
-            raise ValueError(
-                "data.poison_rate/poison_count > 0 but neither data.attack nor data.text_attack is set"
-            )
+        check_poison_arguments(attack, text_attack, poison_rate, poison_count)
         if (poison_rate or poison_count) and target is None:
             raise ValueError("data.target is required when poisoning (poison_rate/poison_count > 0)")
         self.target = build_generative_target(target, **(target_kwargs or {})) if target is not None else None
@@ -458,17 +431,6 @@ class MDLMInstructDataModule(L.LightningDataModule):
         tokenizer = load_tokenizer(self.tokenizer_path) if self.tokenizer_path else load_embedded_tokenizer()
         return tokenizer, PromptFormatter(), LladaVConfig.tiny(tokenizer)
 
-    def _build_image_trigger(self):
-        if self.attack is None:
-            return None
-        kwargs = dict(self.attack_kwargs)
-        accepted = _accepted(self.attack)
-        if "seed" in accepted:
-            kwargs.setdefault("seed", self.poison_seed)
-        if "image_size" in accepted and self.image_size() is not None:
-            kwargs.setdefault("image_size", self.image_size())
-        return build_image_trigger(self.attack, **kwargs)
-
     def setup(self, stage: str | None = None) -> None:
         if self._built:
             return
@@ -512,8 +474,6 @@ class MDLMInstructDataModule(L.LightningDataModule):
         self._built = True
 
     def _poison_from_manifest(self, path: str, n: int) -> None:
-        from attacks import build_text_trigger as _text
-
         manifest = PoisonManifest.load(path)
         expected = json.loads(json.dumps(self.dataset_info(), default=str))
         if manifest.dataset and manifest.dataset != expected:
@@ -528,7 +488,9 @@ class MDLMInstructDataModule(L.LightningDataModule):
         self.image_trigger = (
             build_image_trigger(**manifest.image_trigger["config"]) if manifest.image_trigger else None
         )
-        self.text_trigger = _text(**manifest.text_trigger["config"]) if manifest.text_trigger else None
+        self.text_trigger = (
+            build_text_trigger(**manifest.text_trigger["config"]) if manifest.text_trigger else None
+        )
         if manifest.target:
             self.target = build_generative_target(**manifest.target["config"])
         self.attack = None if self.image_trigger is None else manifest.image_trigger["config"]["name"]
@@ -536,57 +498,13 @@ class MDLMInstructDataModule(L.LightningDataModule):
         self.protocol = manifest.protocol
         self.poison_plan = manifest.plan() if manifest.indices else None
         self.manifest = manifest
-        self._save_manifest()
+        self.save_manifest()
 
     def _poison_from_arguments(self, n: int) -> None:
-        self.image_trigger = self._build_image_trigger()
-        if self.text_attack is not None:
-            kwargs = dict(self.text_attack_kwargs)
-            kwargs.setdefault("seed", self.poison_seed)
-            self.text_trigger = build_text_trigger(self.text_attack, **kwargs)
-        if self.poison_count is not None and self.poison_count > n:
-            raise ValueError(f"data.poison_count={self.poison_count} exceeds the training set size {n}")
-        if (self.poison_rate > 0 or self.poison_count) and n > 0:
-            candidates = self._applicable(self.train_source)
-            self.poison_plan = PoisonPlan.create(
-                n,
-                rate=None if self.poison_count else self.poison_rate,
-                count=self.poison_count,
-                seed=self.poison_seed,
-                protocol=self.protocol,
-                candidates=candidates,
-            )
-            self.manifest = PoisonManifest.from_plan(
-                self.poison_plan,
-                image_trigger=self.image_trigger,
-                text_trigger=self.text_trigger,
-                target=self.target,
-                dataset=self.dataset_info(),
-                run_config=self._run_config(),
-            )
-            self._save_manifest()
-            log.info(
-                "poisoned %d of %d training samples (%s -> %s)",
-                len(self.poison_plan),
-                n,
-                self.attack or self.text_attack,
-                self.target.name,
-            )
-
-    def _run_config(self) -> dict:
-        trainer = getattr(self, "trainer", None)
-        cfg = getattr(trainer, "mmbackdoor_config", None) if trainer is not None else None
-        return cfg or {
-            "datamodule": {k: v for k, v in self.hparams.items()} if hasattr(self, "hparams") else {}
-        }
-
-    def _save_manifest(self) -> None:
-        trainer = getattr(self, "trainer", None)
-        if trainer is None or self.manifest is None or trainer.global_rank != 0:
-            return
-        path = Path(trainer.default_root_dir) / "poison_manifest.json"
-        self.manifest.save(path)
-        self.manifest_path = path
+        self.build_triggers(self.image_size())
+        poisoning = self.poison_rate > 0 or bool(self.poison_count)
+        candidates = self._applicable(self.train_source) if poisoning else None
+        self.poison_plan = self.plan_poison(n, candidates, self.target)
 
     # ----------------------------------------------------------------------------------- evaluation sets
     def _applicable(self, source: InstructSource) -> list[int] | None:

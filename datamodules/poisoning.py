@@ -1,0 +1,131 @@
+"""What every poisonable data module shares: argument checks, trigger construction, the poison plan and its
+manifest (written atomically into the run folder by rank 0), and an evaluation sampler that is exact under DDP.
+
+Used by :class:`datamodules.image_text.ImageTextPoisonDataModule` (contrastive image-caption data) and
+:class:`datamodules.mdlm_instruct.MDLMInstructDataModule` (instruction data for masked diffusion VLMs).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from attacks import PoisonManifest, PoisonPlan, build_image_trigger, build_text_trigger
+
+log = logging.getLogger(__name__)
+
+
+def check_poison_arguments(
+    attack: str | None, text_attack: str | None, poison_rate: float, poison_count: int | None
+) -> None:
+    """Raise ``ValueError`` naming the ``data.*`` key for a rate outside [0, 1], a negative count, or poisoning
+    without any trigger."""
+    if not 0.0 <= float(poison_rate) <= 1.0:
+        raise ValueError(f"data.poison_rate must be in [0, 1], got {poison_rate}")
+    if poison_count is not None and poison_count < 0:
+        raise ValueError(f"data.poison_count must be >= 0, got {poison_count}")
+    if (poison_rate or poison_count) and attack is None and text_attack is None:
+        raise ValueError(
+            "data.poison_rate/poison_count > 0 but neither data.attack nor data.text_attack is set"
+        )
+
+
+def trigger_parameters(attack: str | None) -> set[str]:
+    """Names of the constructor parameters of image trigger ``attack`` (empty for unknown or None)."""
+    from attacks import IMAGE_TRIGGERS
+
+    cls = IMAGE_TRIGGERS.get(attack) if attack else None
+    return set(inspect.signature(cls).parameters) if cls is not None else set()
+
+
+class UnpaddedDistributedSampler(torch.utils.data.DistributedSampler):
+    """Rank r takes indices r, r + W, r + 2W, ...: no padding duplicates, so sum-state metrics are exact
+    under DDP. A DistributedSampler subclass, so Lightning keeps it instead of inserting a padding one."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.indices = list(range(rank, len(dataset), num_replicas))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class PoisoningMixin:
+    """Trigger construction and poison planning for a ``LightningDataModule``.
+
+    The data module sets ``attack``, ``attack_kwargs``, ``text_attack``, ``text_attack_kwargs``,
+    ``poison_rate``, ``poison_count``, ``poison_seed`` and ``protocol`` in its ``__init__``; the mixin fills
+    ``image_trigger``, ``text_trigger``, ``manifest`` and ``manifest_path``.
+    """
+
+    image_trigger = None
+    text_trigger = None
+    manifest: PoisonManifest | None = None
+    manifest_path: Path | None = None
+
+    def build_triggers(self, image_size: int | None) -> None:
+        """Image and text triggers from the arguments; their random parts default to ``poison_seed`` and
+        fixed-pattern image triggers to the data's ``image_size``."""
+        self.image_trigger = None
+        if self.attack is not None:
+            kwargs = dict(self.attack_kwargs)
+            accepted = trigger_parameters(self.attack)
+            if "seed" in accepted:
+                kwargs.setdefault("seed", self.poison_seed)
+            if "image_size" in accepted and image_size is not None:
+                kwargs.setdefault("image_size", image_size)
+            self.image_trigger = build_image_trigger(self.attack, **kwargs)
+        self.text_trigger = None
+        if self.text_attack is not None:
+            kwargs = dict(self.text_attack_kwargs)
+            kwargs.setdefault("seed", self.poison_seed)
+            self.text_trigger = build_text_trigger(self.text_attack, **kwargs)
+
+    def plan_poison(self, n: int, candidates: list[int] | None, target) -> PoisonPlan | None:
+        """Select the poisoned indices of an ``n``-sample training set (among ``candidates`` when given),
+        build the manifest (triggers, ``target``, data set, run config) and save it; None when not poisoning."""
+        if self.poison_count is not None and self.poison_count > n:
+            raise ValueError(f"data.poison_count={self.poison_count} exceeds the training set size {n}")
+        if not (self.poison_rate > 0 or self.poison_count) or n == 0:
+            return None
+        plan = PoisonPlan.create(
+            n,
+            rate=None if self.poison_count else self.poison_rate,
+            count=self.poison_count,
+            seed=self.poison_seed,
+            protocol=self.protocol,
+            candidates=candidates,
+        )
+        self.manifest = PoisonManifest.from_plan(
+            plan,
+            image_trigger=self.image_trigger,
+            text_trigger=self.text_trigger,
+            target=target,
+            dataset=self.dataset_info(),
+            run_config=self.run_config(),
+        )
+        self.save_manifest()
+        log.info("poisoned %d of %d training samples (%s)", len(plan), n, self.attack or self.text_attack)
+        return plan
+
+    def run_config(self) -> dict:
+        """The resolved config of the run (recorded by the CLI on the trainer), else this module's hparams."""
+        trainer = getattr(self, "trainer", None)
+        cfg = getattr(trainer, "mmbackdoor_config", None) if trainer is not None else None
+        return cfg or {"datamodule": dict(getattr(self, "hparams", {}))}
+
+    def save_manifest(self) -> None:
+        """Write ``poison_manifest.json`` atomically into the run folder (rank 0 only; no-op without a trainer)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or self.manifest is None or trainer.global_rank != 0:
+            return
+        path = Path(trainer.default_root_dir) / "poison_manifest.json"
+        self.manifest.save(path)
+        self.manifest_path = path
