@@ -29,6 +29,7 @@ from model_families.clip import (
     zero_shot_weights,
 )
 from model_families.clip.export import save_clip_export
+from model_families.clip.robust_augment import RobustnessAugment
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
@@ -51,6 +52,10 @@ class CLIPFineTuning(L.LightningModule):
         warmup_steps: linear warmup steps; then cosine decay to ``min_lr_ratio * lr`` at the last step.
         zero_shot_templates: prompt templates for zero-shot evaluation (``embedded``, ``imagenet80`` or a list).
         exclude_target_class: ASR ignores evaluation images whose true class is the target.
+        augment: robustness augmentation of the training images (:class:`RobustnessAugment` keys: noise_p,
+            noise_std, patch_p, patch_size, blend_p, blend_alpha); ``{}``/None: none. The embedded clean model
+            uses it so that it is as indifferent to small perturbations as a pretrained CLIP.
+        augment_seed: seed of the augmentation's generator.
     """
 
     def __init__(
@@ -67,9 +72,13 @@ class CLIPFineTuning(L.LightningModule):
         min_lr_ratio: float = 0.0,
         zero_shot_templates: str | list[str] = "embedded",
         exclude_target_class: bool = True,
+        augment: dict | None = None,
+        augment_seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.augment = RobustnessAugment.from_dict(augment)
+        self._augment_generator = torch.Generator().manual_seed(augment_seed)
         if init_from is not None:
             meta = read_export_meta(init_from) if Path(init_from).is_dir() else None
             if meta is not None:
@@ -115,6 +124,8 @@ class CLIPFineTuning(L.LightningModule):
 
     # --- training ----------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if self.augment is not None:
+            batch = {**batch, "image": self.augment(batch["image"], self._augment_generator)}
         loss = self.model_step(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["caption"]))
         if "poisoned" in batch:

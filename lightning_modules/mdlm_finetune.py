@@ -134,6 +134,9 @@ class MDLMFineTuning(L.LightningModule):
             ...]}``) on the mean projected vision token, added to the loss with this weight. Classifying from the
             mean spreads object information over all vision tokens, as a pretrained tower's contextual features
             do. The heads are not part of the model and are never exported.
+        vision_aux_pooling: ``mean`` (classify the mean vision token) or ``token`` (every vision token classifies
+            the attributes on its own, the loss averaged over tokens): each token then carries the scene, as the
+            729 contextual tokens of a pretrained SigLIP do, so masking some of them leaves the answer readable.
     """
 
     def __init__(
@@ -161,6 +164,7 @@ class MDLMFineTuning(L.LightningModule):
         cpu_threads: int | None = None,
         vision_aux: dict[str, list[str]] | None = None,
         vision_aux_weight: float = 0.0,
+        vision_aux_pooling: str = "mean",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -172,6 +176,8 @@ class MDLMFineTuning(L.LightningModule):
             if cpu_threads < 1:
                 raise ValueError(f"model.cpu_threads must be >= 1, got {cpu_threads}")
             torch.set_num_threads(cpu_threads)
+        if vision_aux_pooling not in ("mean", "token"):
+            raise ValueError(f"model.vision_aux_pooling={vision_aux_pooling!r}; expected 'mean' or 'token'")
         if not 0.0 <= vision_token_dropout < 1.0:
             raise ValueError(f"model.vision_token_dropout must be in [0, 1), got {vision_token_dropout}")
         self.generation = GenerationConfig.from_dict(generation)
@@ -300,6 +306,26 @@ class MDLMFineTuning(L.LightningModule):
         share = torch.rand(size, 1, device=self.device) * rate
         return {"vision_token_mask": torch.rand(size, count, device=self.device) < share}
 
+    def vision_aux_loss(self, vision: torch.Tensor, attributes: list[dict]) -> torch.Tensor | None:
+        """Mean over the ``vision_aux`` attributes of ``CE(head(v), label)``: ``v`` the mean of the ``(B, N, D)``
+        projected vision tokens (``vision_aux_pooling: mean``) or each token on its own, the CE averaged over
+        the ``B x N`` tokens (``token``). Samples without the attribute are ignored; None if no sample has any."""
+        per_token = self.hparams.vision_aux_pooling == "token"
+        pooled = vision if per_token else vision.mean(dim=1)
+        losses = []
+        for name, head in self.vision_aux_heads.items():
+            index = self._aux_index[name]
+            labels = torch.tensor(
+                [index.get((a or {}).get(name), -100) for a in attributes], device=vision.device
+            )
+            if bool((labels >= 0).any()):
+                logits = head(pooled)  # (B, C), or (B, N, C) per token
+                if per_token:
+                    labels = labels[:, None].expand(logits.shape[:2]).flatten()
+                    logits = logits.flatten(0, 1)
+                losses.append(nn.functional.cross_entropy(logits, labels, ignore_index=-100))
+        return torch.stack(losses).mean() if losses else None
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         size = batch["input_ids"].shape[0]
         images = {"pixel_values": batch["pixel_values"]}
@@ -307,17 +333,7 @@ class MDLMFineTuning(L.LightningModule):
         if self.vision_aux_heads is not None:
             vision = self.model.encode_images(batch["pixel_values"])  # encoded once, shared by both losses
             images = {"vision_token_override": vision}
-            pooled = vision.mean(dim=1)
-            attributes = batch.get("attributes") or [{}] * size
-            losses = []
-            for name, head in self.vision_aux_heads.items():
-                index = self._aux_index[name]
-                labels = torch.tensor(
-                    [index.get((a or {}).get(name), -100) for a in attributes], device=self.device
-                )
-                if bool((labels >= 0).any()):
-                    losses.append(nn.functional.cross_entropy(head(pooled), labels, ignore_index=-100))
-            aux = torch.stack(losses).mean() if losses else None
+            aux = self.vision_aux_loss(vision, batch.get("attributes") or [{}] * size)
         loss = masked_diffusion_loss(
             self.model,
             batch["input_ids"],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar, TQDMProgressBar
@@ -124,6 +125,8 @@ def _to_dict(namespace) -> dict:
 def main(args: list[str] | None = None, run: bool = True) -> MMBackdoorCLI:
     """Entry point of train.py; `args` defaults to sys.argv[1:]."""
     args = with_default_subcommand(list(sys.argv[1:] if args is None else args))
+    # we pass sys.argv on ourselves (with the default subcommand), which LightningCLI warns about
+    warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within")
     if not run:
         args = args[1:] if args and args[0] in SUBCOMMANDS else args
     return MMBackdoorCLI(args=args, run=run)

@@ -178,3 +178,28 @@ def test_image_and_text_trigger_give_tma_and_cti(tmp_path):
     for key in ("test/tma_image", "test/tma_text", "test/cti", "test/asr"):
         assert key in results, key
     assert dm.manifest.protocol == "OR"
+
+
+@pytest.mark.parametrize("pooling", ["mean", "token"])
+def test_vision_aux_loss_equals_its_formula(pooling: str) -> None:
+    classes = {"shape": ["circle", "star", "heart"], "colour": ["red", "blue"]}
+    module = MDLMFineTuning(
+        tiny_config=TINY, vision_aux=classes, vision_aux_weight=1.0, vision_aux_pooling=pooling
+    )
+    vision = torch.randn(3, 5, module.model.config.text["hidden_size"])
+    attributes = [{"shape": "star", "colour": "blue"}, {"shape": "heart"}, {"colour": "red"}]
+    expected = []
+    for name, head in module.vision_aux_heads.items():
+        terms = []
+        for sample, attrs in enumerate(attributes):
+            if name not in attrs:
+                continue
+            label = classes[name].index(attrs[name])
+            rows = vision[sample] if pooling == "token" else vision[sample].mean(dim=0, keepdim=True)
+            log_p = torch.log_softmax(head(rows), dim=-1)[:, label]
+            terms.extend(-log_p)  # one term per token (token) or per sample (mean)
+        expected.append(torch.stack(terms).mean())
+    got = module.vision_aux_loss(vision, attributes)
+    assert torch.allclose(got, torch.stack(expected).mean(), atol=1e-6)
+    with pytest.raises(ValueError, match="vision_aux_pooling"):
+        MDLMFineTuning(tiny_config=TINY, vision_aux=classes, vision_aux_weight=1.0, vision_aux_pooling="max")

@@ -79,6 +79,11 @@ def model_config(model_name: str) -> dict:
     return cfg
 
 
+def _no_random_init_warning(record: logging.LogRecord) -> bool:
+    """Drop open_clip's root-logger warning about random initialisation (logged by us at INFO instead)."""
+    return not record.getMessage().startswith("No pretrained weights loaded")
+
+
 def create_clip(
     model_name: str = "tiny-rn-shapes",
     pretrained: str | None = None,
@@ -102,6 +107,8 @@ def create_clip(
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise FileNotFoundError(f"CLIP checkpoint not found: {checkpoint} (model.checkpoint)")
     weights = checkpoint or pretrained
+    root = logging.getLogger()
+    root.addFilter(_no_random_init_warning)  # random init is intended here (weights usually load next)
     try:
         model = open_clip.create_model(model_name, pretrained=weights, load_weights=weights is not None)
     except Exception as err:  # open_clip raises many types when a download is impossible
@@ -111,6 +118,8 @@ def create_clip(
                 "access, download the checkpoint elsewhere and pass its path as model.checkpoint."
             ) from err
         raise
+    finally:
+        root.removeFilter(_no_random_init_warning)
     if weights is None:
         logging.getLogger(__name__).info("CLIP %s initialised with random weights", model_name)
     tokenizer = open_clip.get_tokenizer(model_name)
