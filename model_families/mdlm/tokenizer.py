@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
 
 EMBEDDED_TOKENIZER_DIR = Path(__file__).parent / "embedded_tokenizer"
 
@@ -137,7 +138,14 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
         raise FileNotFoundError(f"tokenizer directory not found: {path}")
     if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
         raise FileNotFoundError(f"no tokenizer.json or tokenizer_config.json in {path}")
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    # the snapshot's config.json names our model type (llava_llada), unknown to transformers' auto classes, which
+    # it reports on every load; the tokenizer itself does not depend on it
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def load_embedded_tokenizer() -> PreTrainedTokenizerBase:
