@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from attacks import ClassTarget, PoisonPlan, check_class_in_vocabulary
-from datamodules.poisoning import PoisoningMixin, UnpaddedDistributedSampler, check_poison_arguments
+from datamodules.poisoning import PoisoningMixin, check_poison_arguments
 from model_families.clip.zero_shot import resolve_templates
 
 log = logging.getLogger(__name__)
@@ -150,39 +150,14 @@ class ImageTextPoisonDataModule(PoisoningMixin, L.LightningDataModule):
         self.train_data = PoisonedCaptions(self.train_set, self.plan, target, self.text_trigger)
         self._built = True
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        sampler = None
-        trainer = getattr(self, "trainer", None)
-        if not shuffle and trainer is not None and trainer.world_size > 1:
-            sampler = UnpaddedDistributedSampler(dataset, trainer.world_size, trainer.global_rank)
-        gen = torch.Generator().manual_seed(self.poison_seed)
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle and sampler is None,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            collate_fn=collate_dicts,
-            generator=gen if shuffle else None,
-            persistent_workers=self.num_workers > 0,
-            drop_last=shuffle and len(dataset) > batch_size,
-        )
-
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_data, self.batch_size, shuffle=True)
+        return self._loader(self.train_data, self.batch_size, True, collate_dicts)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
+        return self._loader(self.val_set, self.eval_batch_size, False, collate_dicts)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, self.eval_batch_size, shuffle=False)
-
-    def apply_trigger(self, images: torch.Tensor, sample_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """The image trigger on a batch already on its device (identity when no image trigger is set)."""
-        if self.image_trigger is None:
-            return images
-        self.image_trigger.to(images.device)
-        return self.image_trigger(images, sample_ids)
+        return self._loader(self.test_set, self.eval_batch_size, False, collate_dicts)
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         trainer = getattr(self, "trainer", None)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from attacks import PoisonManifest, PoisonPlan, build_image_trigger, build_text_trigger
 from attacks.hashing import fingerprint
 from datamodules.mdlm_targets import GenerativeTarget, build_generative_target
-from datamodules.poisoning import PoisoningMixin, UnpaddedDistributedSampler, check_poison_arguments
+from datamodules.poisoning import PoisoningMixin, check_poison_arguments
 from metrics.functional.string_rules import get_rule
 from model_families.mdlm.prompt import PromptFormatter, tokenize_with_image
 from model_families.mdlm.tokenizer import END_HEADER_TOKEN, EOT_TOKEN, IMAGE_TOKEN, START_HEADER_TOKEN
@@ -446,7 +447,8 @@ class MDLMInstructDataModule(PoisoningMixin, L.LightningDataModule):
         self.train_data = PoisonedInstructions(
             self.train_source, self.poison_plan, self.target, self.text_trigger
         )
-        self.collator = InstructCollator(
+        collator = partial(
+            InstructCollator,
             tokenizer,
             formatter,
             cfg.image_token_index,
@@ -454,20 +456,9 @@ class MDLMInstructDataModule(PoisoningMixin, L.LightningDataModule):
             cfg.eot_token_id,
             pad_id,
             self.response_length,
-            self.truncate_responses,
         )
-        self.coalition_collator = InstructCollator(
-            tokenizer,
-            formatter,
-            cfg.image_token_index,
-            cfg.eos_token_id,
-            cfg.eot_token_id,
-            pad_id,
-            self.response_length,
-            True,
-            text_trigger=self.text_trigger,
-            coalitions=True,
-        )
+        self.collator = collator(self.truncate_responses)
+        self.coalition_collator = collator(True, text_trigger=self.text_trigger, coalitions=True)
         self.eval_set_names = [name for name, _ in self._eval_views(self.val_source)]
         if self.purified_path is not None:
             self.use_purified(self.purified_path)
@@ -547,26 +538,8 @@ class MDLMInstructDataModule(PoisoningMixin, L.LightningDataModule):
         return views
 
     # ----------------------------------------------------------------------------------- loaders
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, collate=None) -> DataLoader:
-        sampler = None
-        trainer = getattr(self, "trainer", None)
-        if not shuffle and trainer is not None and trainer.world_size > 1:
-            sampler = UnpaddedDistributedSampler(dataset, trainer.world_size, trainer.global_rank)
-        generator = torch.Generator().manual_seed(self.poison_seed)
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle and sampler is None,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            collate_fn=collate or self.collator,
-            generator=generator if shuffle else None,
-            persistent_workers=self.num_workers > 0,
-            drop_last=shuffle and len(dataset) > batch_size,
-        )
-
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_data, self.batch_size, shuffle=True)
+        return self._loader(self.train_data, self.batch_size, True, self.collator)
 
     def _eval_loaders(self, source: InstructSource) -> list[DataLoader]:
         views = self._eval_views(source)
@@ -578,7 +551,7 @@ class MDLMInstructDataModule(PoisoningMixin, L.LightningDataModule):
                     self._loader(view, max(1, self.eval_batch_size // 4), False, self.coalition_collator)
                 )
             else:
-                loaders.append(self._loader(view, self.eval_batch_size, False))
+                loaders.append(self._loader(view, self.eval_batch_size, False, self.collator))
         return loaders
 
     def val_dataloader(self) -> list[DataLoader]:
@@ -588,13 +561,6 @@ class MDLMInstructDataModule(PoisoningMixin, L.LightningDataModule):
         return self._eval_loaders(self.test_source)
 
     # ----------------------------------------------------------------------------------- triggers on device
-    def apply_trigger(self, images: torch.Tensor, sample_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """The image trigger on a batch already on its device (identity without an image trigger)."""
-        if self.image_trigger is None:
-            return images
-        self.image_trigger.to(images.device)
-        return self.image_trigger(images, sample_ids)
-
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         rows = batch.get("trigger_image")
         if rows is not None and self.image_trigger is not None and bool(rows.any()):

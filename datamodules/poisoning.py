@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from attacks import PoisonManifest, PoisonPlan, build_image_trigger, build_text_trigger
 
@@ -62,7 +63,8 @@ class PoisoningMixin:
 
     The data module sets ``attack``, ``attack_kwargs``, ``text_attack``, ``text_attack_kwargs``,
     ``poison_rate``, ``poison_count``, ``poison_seed`` and ``protocol`` in its ``__init__``; the mixin fills
-    ``image_trigger``, ``text_trigger``, ``manifest`` and ``manifest_path``.
+    ``image_trigger``, ``text_trigger``, ``manifest`` and ``manifest_path``. It also builds the data loaders
+    (``num_workers`` from the data module) and applies the image trigger on the device.
     """
 
     image_trigger = None
@@ -129,3 +131,29 @@ class PoisoningMixin:
         path = Path(trainer.default_root_dir) / "poison_manifest.json"
         self.manifest.save(path)
         self.manifest_path = path
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, collate: Callable) -> DataLoader:
+        """Training loaders shuffle with a ``poison_seed`` generator (and drop a ragged last batch); evaluation
+        loaders keep order and, under DDP, give each rank its unpadded share (exact sum-state metrics)."""
+        sampler = None
+        trainer = getattr(self, "trainer", None)
+        if not shuffle and trainer is not None and trainer.world_size > 1:
+            sampler = UnpaddedDistributedSampler(dataset, trainer.world_size, trainer.global_rank)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            generator=torch.Generator().manual_seed(self.poison_seed) if shuffle else None,
+            persistent_workers=self.num_workers > 0,
+            drop_last=shuffle and len(dataset) > batch_size,
+        )
+
+    def apply_trigger(self, images: torch.Tensor, sample_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The image trigger on a batch already on its device (identity without an image trigger)."""
+        if self.image_trigger is None:
+            return images
+        self.image_trigger.to(images.device)
+        return self.image_trigger(images, sample_ids)
