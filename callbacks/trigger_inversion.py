@@ -21,6 +21,7 @@ The module must provide ``suspect_model`` (``nn.Module`` with ``encode_image``),
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterable, Iterator
@@ -31,7 +32,7 @@ from typing import Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torchvision.utils import make_grid, save_image
 
@@ -150,6 +151,10 @@ class TriggerInversion(L.Callback):
         max_reference_images: reference images kept for ``L_emb``.
         seed: seeds the UAP and trigger initialisations.
         image_scale: nearest-neighbour upscaling of the saved PNGs (small images stay visible).
+        load_from: a previous run's ``trigger_inversion`` folder (``trigger.safetensors`` +
+            ``report.json``): its target and trigger are reused and steps 1 and 2 are skipped (tuning
+            ablations on a fixed inversion). A missing file, a target outside the vocabulary or a
+            trigger of another image size is an error.
     """
 
     def __init__(
@@ -180,6 +185,7 @@ class TriggerInversion(L.Callback):
         seed: int = 0,
         image_scale: int = 4,
         dirname: str = "trigger_inversion",
+        load_from: str | None = None,
     ) -> None:
         if uap not in ("patch", "linf"):
             raise ValueError(f"uap must be 'patch' or 'linf', got {uap!r}")
@@ -215,6 +221,7 @@ class TriggerInversion(L.Callback):
         self.seed = seed
         self.image_scale = image_scale
         self.dirname = dirname
+        self.load_from = load_from
         self.outcome: InversionOutcome | None = None
 
     # --- steps -------------------------------------------------------------------------------------
@@ -292,6 +299,58 @@ class TriggerInversion(L.Callback):
             timings=timings,
         )
 
+    def load(self, pl_module: L.LightningModule, loader: Iterable) -> InversionOutcome:
+        """The target and trigger saved by an earlier run in ``load_from`` (steps 1 and 2 skipped);
+        the trigger's ASR is measured again on this run's clean images."""
+        folder = Path(self.load_from)
+        if folder.is_file():
+            folder = folder.parent
+        tensors_path, report_path = folder / "trigger.safetensors", folder / "report.json"
+        for path in (tensors_path, report_path):
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"load_from={self.load_from!r}: {path} does not exist (expected a trigger_inversion "
+                    "folder written by TriggerInversion)"
+                )
+        report = json.loads(report_path.read_text())
+        class_names = list(pl_module.class_names)
+        target_name = report.get("target")
+        if target_name not in class_names:
+            raise ValueError(
+                f"{report_path}: target {target_name!r} is not in the class vocabulary {class_names}"
+            )
+        tensors = load_file(str(tensors_path))
+        mask, pattern = tensors["mask"], tensors["pattern"]
+        text = pl_module.class_text_embeds()
+        device = text.device
+        clean = _CleanImages(loader, device)
+        first = next(iter(clean), None)
+        if first is None:
+            raise ValueError("the defender's clean image set is empty: InverTune needs clean images")
+        if tuple(pattern.shape) != tuple(first.shape[1:]) or mask.shape[1:] != pattern.shape[1:]:
+            raise ValueError(
+                f"{tensors_path}: trigger of shape mask {tuple(mask.shape)} / pattern {tuple(pattern.shape)} "
+                f"does not fit this run's images {tuple(first.shape[1:])}"
+            )
+        trigger = InvertedTrigger(tuple(pattern.shape), mask_channels=mask.shape[0])
+        with torch.no_grad():
+            trigger.mask_param.copy_(mask)
+            trigger.pattern_param.copy_(pattern)
+        trigger.to(device).eval()
+        target = class_names.index(target_name)
+        num_images = sum(images.shape[0] for images in clean)
+        asr = inverted_trigger_asr(pl_module.suspect_model, clean, trigger, target, text, pl_module.normalize)
+        log.info("trigger loaded from %s: target %s, ASR %.3f on the suspect model", folder, target_name, asr)
+        return InversionOutcome(
+            target=target,
+            target_name=target_name,
+            trigger=trigger,
+            identification=None,
+            inverted_asr=asr,
+            num_clean_images=num_images,
+            num_reference_images=int(report.get("num_reference_images", 0)),
+        )
+
     def reference_images(self, loader: Iterable, device: torch.device, target: int, by_class: dict) -> Tensor:
         """Up to ``max_reference_images`` clean images of class ``target`` (predicted or labelled).
 
@@ -344,7 +403,10 @@ class TriggerInversion(L.Callback):
                 raise TypeError(
                     f"{type(pl_module).__name__} has no {name!r}: TriggerInversion needs an InverTune module"
                 )
-        self.outcome = self.run(pl_module, dm.train_dataloader())
+        if self.load_from is not None:
+            self.outcome = self.load(pl_module, dm.train_dataloader())
+        else:
+            self.outcome = self.run(pl_module, dm.train_dataloader())
         if trainer.is_global_zero:
             self.save(trainer, pl_module, self.outcome)
         pl_module.receive_inversion(self.outcome)
@@ -353,6 +415,12 @@ class TriggerInversion(L.Callback):
     def save(self, trainer: L.Trainer, pl_module: L.LightningModule, outcome: InversionOutcome) -> Path:
         """Write PNGs, the trigger tensors and ``report.json``; log images and scalars to the loggers."""
         folder = Path(trainer.default_root_dir) / self.dirname
+        if self.load_from is not None and Path(self.load_from).resolve() in (
+            folder.resolve(),
+            folder.resolve() / "trigger.safetensors",
+        ):
+            log.info("trigger loaded from this run's own %s: nothing rewritten", folder)
+            return folder
         folder.mkdir(parents=True, exist_ok=True)
         trigger = outcome.trigger
         mask, pattern = trigger.mask.detach().cpu(), trigger.pattern.detach().cpu()
@@ -374,6 +442,7 @@ class TriggerInversion(L.Callback):
             "inversion": self.inversion,
             "reference_source": self.reference_source,
             "oracle_target": self.target,
+            "loaded_from": self.load_from,
         }
         atomic_write_json(folder / "report.json", summary)
         scalars = {

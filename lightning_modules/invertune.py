@@ -33,6 +33,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from attacks.io import atomic_write_json
 from defenses.frozen import FrozenCopy
 from defenses.invertune import ActivationTuner, ActivationTuningResult, TuningSession
+from defenses.invertune.tuning_augment import TuningAugment
 from defenses.invertune.zero_shot import _batch_images
 from defenses.victim import load_victim
 from metrics import AttackSuccessRate
@@ -57,9 +58,13 @@ class InverTuneModule(L.LightningModule):
             preserve_weight, freeze_bn_stats: :class:`defenses.invertune.ActivationTuner`
             (``update_scope="neurons"``: the paper's neuron-restricted updates; ``"model_code"``: the
             authors' code, masks only inside the loss).
+        pairing: ``L_act`` on batch means (``batch_mean``, the paper) or per image pair (``per_sample``).
+        invariance_weight: weight of the optional ``||F_theta(X') - F_theta0(X)||_F`` term (0: off, the paper).
+        augment: optional views of the tuning batch, a :class:`defenses.invertune.tuning_augment.TuningAugment`
+            block (``flip_p``, ``vflip_p``, ``max_shift``, ``noise_std``); ``null``: the batch itself (the paper).
         zero_shot_templates: prompt templates of the zero-shot head (``embedded``, ``imagenet80``, a list).
         exclude_target_class: ASR ignores evaluation images whose true class is the target.
-        seed: seeds the choice of the tuning batch.
+        seed: seeds the choice of the tuning batch and the augmented views.
     """
 
     def __init__(
@@ -78,6 +83,9 @@ class InverTuneModule(L.LightningModule):
         activation_weight: float = 1.0,
         preserve_weight: float = 0.5,
         freeze_bn_stats: bool = True,
+        pairing: Literal["batch_mean", "per_sample"] = "batch_mean",
+        invariance_weight: float = 0.0,
+        augment: dict | None = None,
         zero_shot_templates: str | list[str] = "embedded",
         exclude_target_class: bool = True,
         seed: int = 0,
@@ -105,6 +113,10 @@ class InverTuneModule(L.LightningModule):
             activation_weight=activation_weight,
             preserve_weight=preserve_weight,
             freeze_bn_stats=freeze_bn_stats,
+            pairing=pairing,
+            invariance_weight=invariance_weight,
+            augment=TuningAugment.from_dict(augment),
+            seed=seed,
         )
         self.class_names: list[str] = []
         self.report_target: int | None = None  # the true target, for ASR reporting only

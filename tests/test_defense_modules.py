@@ -266,3 +266,56 @@ def test_baselines_fit_and_export(config, victim, tmp_path) -> None:
         assert not frozen.training
         for name, tensor in frozen.state_dict().items():
             assert torch.equal(tensor.cpu(), before[name]), f"PAR's frozen copy moved: {name}"
+
+
+def test_saved_trigger_is_reused_with_load_from(victim, tmp_path) -> None:
+    first = run_cli(
+        "invertune_clip_shapes.yaml",
+        victim,
+        tmp_path / "first",
+        "--model.tuning_batch_size=32",
+        "--model.iterations=1",
+        "--trainer.callbacks.init_args.uap_epochs=1",
+        "--trainer.callbacks.init_args.epochs=1",
+    )
+    saved = Path(first.trainer.default_root_dir) / "trigger_inversion"
+    second = run_cli(
+        "invertune_clip_shapes.yaml",
+        victim,
+        tmp_path / "second",
+        "--model.tuning_batch_size=32",
+        "--model.iterations=1",
+        f"--trainer.callbacks.init_args.load_from={saved}",
+        "--model.augment={flip_p: 0.5, max_shift: 1}",
+    )
+    old, new = first.model.inversion, second.model.inversion
+    assert new.target == old.target and new.identification is None
+    assert torch.equal(new.trigger.mask.cpu(), old.trigger.mask.cpu())
+    assert torch.equal(new.trigger.pattern.cpu(), old.trigger.pattern.cpu())
+    assert new.inverted_asr == pytest.approx(old.inverted_asr)
+    report = json.loads(
+        (Path(second.trainer.default_root_dir) / "trigger_inversion" / "report.json").read_text()
+    )
+    assert report["config"]["loaded_from"] == str(saved)
+    assert second.model.tuner.augment is not None
+
+
+def test_load_from_errors(victim, tmp_path) -> None:
+    module = module_with_vocabulary(victim)
+    images = [{"image": torch.rand(8, 3, 32, 32)}]
+    with pytest.raises(FileNotFoundError, match=r"trigger\.safetensors"):
+        TriggerInversion(load_from=str(tmp_path / "nothing")).load(module, images)
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    from safetensors.torch import save_file
+
+    save_file(
+        {"mask": torch.ones(3, 16, 16), "pattern": torch.zeros(3, 16, 16)},
+        str(folder / "trigger.safetensors"),
+    )
+    (folder / "report.json").write_text(json.dumps({"target": "unicorn"}))
+    with pytest.raises(ValueError, match="'unicorn' is not in the class vocabulary"):
+        TriggerInversion(load_from=str(folder)).load(module, images)
+    (folder / "report.json").write_text(json.dumps({"target": "star"}))
+    with pytest.raises(ValueError, match="does not fit this run's images"):
+        TriggerInversion(load_from=str(folder)).load(module, images)

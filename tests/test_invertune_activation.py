@@ -368,3 +368,39 @@ def test_session_steps_equal_fit_and_survive_mode_switches() -> None:
         assert torch.equal(a, b), name
     with pytest.raises(RuntimeError, match="finished"):
         session.step()
+
+
+def test_tuning_augment_flips_and_shifts_are_exact() -> None:
+    from defenses.invertune.tuning_augment import TuningAugment
+
+    images = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    flipped = TuningAugment(flip_p=1.0, max_shift=0)(images, torch.Generator().manual_seed(0))
+    assert torch.equal(flipped, images.flip(-1))
+    assert torch.equal(TuningAugment(flip_p=0.0, max_shift=0)(images, torch.Generator()), images)
+    shifted = TuningAugment(flip_p=0.0, max_shift=2)(images, torch.Generator().manual_seed(1))
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2), mode="reflect")
+    offsets = set()
+    for b in range(images.shape[0]):
+        crops = [
+            (i, j)
+            for i in range(5)
+            for j in range(5)
+            if torch.equal(padded[b, :, i : i + 8, j : j + 8], shifted[b])
+        ]
+        assert crops, f"image {b} is not a shifted crop"
+        offsets.add(crops[0])
+    assert len(offsets) > 1  # per-image shifts
+    again = TuningAugment(flip_p=0.0, max_shift=2)(images, torch.Generator().manual_seed(1))
+    assert torch.equal(again, shifted)  # seeded
+
+
+def test_tuning_augment_config_errors() -> None:
+    from defenses.invertune.tuning_augment import TuningAugment
+
+    assert TuningAugment.from_dict(None) is None
+    with pytest.raises(ValueError, match="unknown keys \\['rotate'\\]"):
+        TuningAugment.from_dict({"rotate": 10})
+    with pytest.raises(ValueError, match="flip_p must be in"):
+        TuningAugment.from_dict({"flip_p": 2})
+    with pytest.raises(ValueError, match="max_shift must be >= 0"):
+        TuningAugment.from_dict({"max_shift": -1})
