@@ -68,6 +68,9 @@ class InversionOutcome:
     prediction is not the target."""
     num_clean_images: int
     num_reference_images: int
+    uap: nn.Module | None = None
+    """The fitted universal perturbation of step 1 (``None`` with a given target); activation tuning
+    may use it as a second trigger estimate (``model.tune_with_uap``)."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds per stage (``identification``, ``inversion``) and peak CUDA memory when on a GPU."""
 
@@ -249,7 +252,7 @@ class TriggerInversion(L.Callback):
 
         start = time.perf_counter()
         _reset_peak_memory(device)
-        identification = None
+        identification, uap = None, None
         if self.target is not None:
             if self.target not in class_names:
                 raise ValueError(f"target {self.target!r} is not in the class vocabulary {class_names}")
@@ -257,7 +260,8 @@ class TriggerInversion(L.Callback):
         else:
             uap = self.build_uap(image_shape[1:])
             uap.fit(model, clean, text, normalize, seed=self.seed, **self.uap_fit)
-            identification = identify_target(model, clean, text, uap.eval(), normalize)
+            uap.eval().requires_grad_(False)
+            identification = identify_target(model, clean, text, uap, normalize)
             target = identification.target
             log.info(
                 "target identification: %s (margin %.3f), ranking %s",
@@ -296,6 +300,7 @@ class TriggerInversion(L.Callback):
             inverted_asr=asr,
             num_clean_images=num_images,
             num_reference_images=int(references.shape[0]),
+            uap=uap,
             timings=timings,
         )
 
@@ -338,6 +343,16 @@ class TriggerInversion(L.Callback):
             trigger.pattern_param.copy_(pattern)
         trigger.to(device).eval()
         target = class_names.index(target_name)
+        uap = None
+        if (folder / "uap.safetensors").is_file():
+            kind = report.get("config", {}).get("uap", self.uap_kind)
+            saved_kind, self.uap_kind = self.uap_kind, kind
+            try:
+                uap = self.build_uap(tuple(first.shape[-2:]))
+            finally:
+                self.uap_kind = saved_kind
+            uap.load_state_dict(load_file(str(folder / "uap.safetensors")))
+            uap.to(device).eval().requires_grad_(False)
         num_images = sum(images.shape[0] for images in clean)
         asr = inverted_trigger_asr(pl_module.suspect_model, clean, trigger, target, text, pl_module.normalize)
         log.info("trigger loaded from %s: target %s, ASR %.3f on the suspect model", folder, target_name, asr)
@@ -349,6 +364,7 @@ class TriggerInversion(L.Callback):
             inverted_asr=asr,
             num_clean_images=num_images,
             num_reference_images=int(report.get("num_reference_images", 0)),
+            uap=uap,
         )
 
     def reference_images(self, loader: Iterable, device: torch.device, target: int, by_class: dict) -> Tensor:
@@ -434,6 +450,9 @@ class TriggerInversion(L.Callback):
         save_file(
             {"mask": mask.contiguous(), "pattern": pattern.contiguous()}, str(folder / "trigger.safetensors")
         )
+        if outcome.uap is not None:
+            uap_state = {k: v.detach().cpu().contiguous() for k, v in outcome.uap.state_dict().items()}
+            save_file(uap_state, str(folder / "uap.safetensors"))
         trigger.to(pl_module.device)
         summary = outcome.summary(list(pl_module.class_names))
         summary["config"] = {

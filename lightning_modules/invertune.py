@@ -62,6 +62,9 @@ class InverTuneModule(L.LightningModule):
         invariance_weight: weight of the optional ``||F_theta(X') - F_theta0(X)||_F`` term (0: off, the paper).
         augment: optional views of the tuning batch, a :class:`defenses.invertune.tuning_augment.TuningAugment`
             block (``flip_p``, ``vflip_p``, ``max_shift``, ``noise_std``); ``null``: the batch itself (the paper).
+        tune_with_uap: also tune against the identification UAP (step 1's universal perturbation, which
+            sends most clean images to the target) as a second trigger estimate: ``L_act`` and
+            ``L_invariance`` become means over the two triggered batches. Not in the paper; off by default.
         zero_shot_templates: prompt templates of the zero-shot head (``embedded``, ``imagenet80``, a list).
         exclude_target_class: ASR ignores evaluation images whose true class is the target.
         seed: seeds the choice of the tuning batch and the augmented views.
@@ -86,6 +89,7 @@ class InverTuneModule(L.LightningModule):
         pairing: Literal["batch_mean", "per_sample"] = "batch_mean",
         invariance_weight: float = 0.0,
         augment: dict | None = None,
+        tune_with_uap: bool = False,
         zero_shot_templates: str | list[str] = "embedded",
         exclude_target_class: bool = True,
         seed: int = 0,
@@ -221,7 +225,15 @@ class InverTuneModule(L.LightningModule):
                 "(it runs target identification and trigger inversion before tuning)"
             )
         start = time.perf_counter()
-        self.session = self.tuner.begin(self.tuning_batch(), self.inversion.trigger)
+        extra = []
+        if self.hparams.tune_with_uap:
+            if self.inversion.uap is None:
+                raise ValueError(
+                    "model.tune_with_uap needs the identification UAP, but the target was given "
+                    "(TriggerInversion.target) or loaded from a run without uap.safetensors"
+                )
+            extra.append(self.inversion.uap.to(self.device))
+        self.session = self.tuner.begin(self.tuning_batch(), self.inversion.trigger, extra)
         selection = {
             name: int(self.session.result.neurons[name].channel_mask.sum()) for name in self.session.layers
         }

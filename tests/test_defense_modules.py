@@ -287,6 +287,7 @@ def test_saved_trigger_is_reused_with_load_from(victim, tmp_path) -> None:
         "--model.iterations=1",
         f"--trainer.callbacks.init_args.load_from={saved}",
         "--model.augment={flip_p: 0.5, max_shift: 1}",
+        "--model.tune_with_uap=true",
     )
     old, new = first.model.inversion, second.model.inversion
     assert new.target == old.target and new.identification is None
@@ -298,6 +299,9 @@ def test_saved_trigger_is_reused_with_load_from(victim, tmp_path) -> None:
     )
     assert report["config"]["loaded_from"] == str(saved)
     assert second.model.tuner.augment is not None
+    # the identification UAP is saved and reloaded bit-exactly, and tuning used it as a second trigger
+    assert torch.equal(new.uap.delta.cpu(), old.uap.delta.cpu())
+    assert len(second.model.session.extra_triggers) == 1
 
 
 def test_load_from_errors(victim, tmp_path) -> None:
@@ -319,3 +323,16 @@ def test_load_from_errors(victim, tmp_path) -> None:
     (folder / "report.json").write_text(json.dumps({"target": "star"}))
     with pytest.raises(ValueError, match="does not fit this run's images"):
         TriggerInversion(load_from=str(folder)).load(module, images)
+
+
+def test_tuning_with_the_uap_needs_an_identification(victim, tmp_path) -> None:
+    with pytest.raises(ValueError, match="tune_with_uap needs the identification UAP"):
+        run_cli(
+            "invertune_clip_shapes.yaml",
+            victim,
+            tmp_path,
+            "--model.tuning_batch_size=32",
+            "--model.tune_with_uap=true",
+            "--trainer.callbacks.init_args.target=star",
+            "--trainer.callbacks.init_args.epochs=1",
+        )

@@ -404,3 +404,45 @@ def test_tuning_augment_config_errors() -> None:
         TuningAugment.from_dict({"flip_p": 2})
     with pytest.raises(ValueError, match="max_shift must be >= 0"):
         TuningAugment.from_dict({"max_shift": -1})
+
+
+@pytest.mark.parametrize("trigger_first", [False, True])
+def test_augmented_views_place_the_trigger_before_or_after_the_view(trigger_first) -> None:
+    from defenses.invertune.tuning_augment import TuningAugment
+
+    augment = TuningAugment(flip_p=1.0, max_shift=0, trigger_first=trigger_first)
+    tuner = ActivationTuner(tiny_clip("rn"), normalize, iterations=1, lr=1e-3, augment=augment)
+    trigger, x = corner_trigger(), clean_batch()
+    session = tuner.begin(x, trigger)
+    seen = {}
+
+    def capture(images, triggered, *args):
+        seen["clean"], seen["triggered"] = images, triggered
+        return {"loss": torch.zeros((), requires_grad=True)}
+
+    tuner.compute_losses = capture
+    session.augmented_losses()
+    session.close()
+    assert torch.equal(seen["clean"], x.flip(-1))
+    expected = trigger(x).flip(-1) if trigger_first else trigger(x.flip(-1))
+    assert torch.allclose(seen["triggered"][0], expected)
+    assert not torch.allclose(trigger(x).flip(-1), trigger(x.flip(-1)))  # the corner trigger is not symmetric
+
+
+def test_several_trigger_estimates_average_the_activation_and_invariance_terms() -> None:
+    model = tiny_clip("rn").eval()
+    tuner = ActivationTuner(model, normalize, invariance_weight=0.3, preserve_weight=0.5)
+    x = clean_batch()
+    first, second = corner_trigger()(x), (x + 0.1).clamp(0, 1)
+    layers = candidate_layers(model)
+    masks = {name: torch.ones(()) for name in layers}
+    with torch.no_grad():
+        reference = model.encode_image(normalize(x)) * 1.01
+        one = tuner.compute_losses(x, first, layers, masks, reference)
+        two = tuner.compute_losses(x, second, layers, masks, reference)
+        both = tuner.compute_losses(x, [first, second], layers, masks, reference)
+    for key in ("activation", "invariance"):
+        assert both[key].item() == pytest.approx((one[key].item() + two[key].item()) / 2, rel=1e-5)
+    assert both["preserve"].item() == pytest.approx(one["preserve"].item(), rel=1e-6)
+    expected = both["activation"] + 0.5 * both["preserve"] + 0.3 * both["invariance"]
+    assert both["loss"].item() == pytest.approx(expected.item(), rel=1e-6)

@@ -33,7 +33,7 @@ Data: one batch ``X`` of clean images (64 in the paper) and ``X' = trigger(X)``.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -505,7 +505,7 @@ class ActivationTuner:
     def compute_losses(
         self,
         images: Tensor,
-        triggered: Tensor,
+        triggered: Tensor | Sequence[Tensor],
         layers: Mapping[str, nn.Module],
         loss_masks: Mapping[str, Tensor],
         reference: Tensor,
@@ -513,17 +513,27 @@ class ActivationTuner:
         """``loss = w_act * L_act + w_preserve * L_preserve [+ w_inv * L_invariance]`` (and the parts) of
         the current model on ``images`` / ``triggered``; ``reference`` holds ``F_theta0(images)``.
         ``L_invariance = ||F_theta(X') - F_theta0(X)||_F`` (the ``invariance_weight`` option) is
-        ``L_preserve`` applied to the triggered batch. Runs in the caller's mode."""
+        ``L_preserve`` applied to the triggered batch. With several triggered batches (the inverted
+        trigger and further trigger estimates) ``L_act`` and ``L_invariance`` are their means over
+        them. Runs in the caller's mode."""
+        triggered_batches = [triggered] if isinstance(triggered, Tensor) else list(triggered)
         clean_acts, features = capture_activations(self.model, images, self.normalize, layers)
-        triggered_acts, triggered_features = capture_activations(
-            self.model, triggered, self.normalize, layers
-        )
-        act = activation_loss(clean_acts, triggered_acts, loss_masks, pairing=self.pairing)
+        act, invariance = 0.0, 0.0
+        for batch in triggered_batches:
+            triggered_acts, triggered_features = capture_activations(
+                self.model, batch, self.normalize, layers
+            )
+            act = act + activation_loss(clean_acts, triggered_acts, loss_masks, pairing=self.pairing)
+            if self.invariance_weight:
+                invariance = invariance + preserve_loss(
+                    triggered_features, reference, normalize=self.normalize_features
+                )
+        act = act / len(triggered_batches)
         preserve = preserve_loss(features, reference, normalize=self.normalize_features)
         total = self.activation_weight * act + self.preserve_weight * preserve
         out = {"activation": act, "preserve": preserve}
         if self.invariance_weight:
-            invariance = preserve_loss(triggered_features, reference, normalize=self.normalize_features)
+            invariance = invariance / len(triggered_batches)
             total = total + self.invariance_weight * invariance
             out["invariance"] = invariance
         return {"loss": total, **out}
@@ -533,10 +543,15 @@ class ActivationTuner:
         if not self.freeze_bn_stats:
             _vision_tower(self.model)[0].train()
 
-    def begin(self, images: Tensor, inverted_trigger: Callable[[Tensor], Tensor]) -> TuningSession:
+    def begin(
+        self,
+        images: Tensor,
+        inverted_trigger: Callable[[Tensor], Tensor],
+        extra_triggers: Sequence[Callable[[Tensor], Tensor]] = (),
+    ) -> TuningSession:
         """Select layers and neurons on ``images`` and return a :class:`TuningSession` that runs the
         iterations one :meth:`TuningSession.step` at a time (a LightningModule's training steps)."""
-        return TuningSession(self, images, inverted_trigger)
+        return TuningSession(self, images, inverted_trigger, extra_triggers)
 
     def fit(self, images: Tensor, inverted_trigger: Callable[[Tensor], Tensor]) -> ActivationTuningResult:
         """Tune ``self.model`` in place on one clean batch ``images`` (``B x 3 x H x W``, [0, 1])."""
@@ -561,7 +576,11 @@ class TuningSession:
     """
 
     def __init__(
-        self, tuner: ActivationTuner, images: Tensor, inverted_trigger: Callable[[Tensor], Tensor]
+        self,
+        tuner: ActivationTuner,
+        images: Tensor,
+        inverted_trigger: Callable[[Tensor], Tensor],
+        extra_triggers: Sequence[Callable[[Tensor], Tensor]] = (),
     ) -> None:
         if images.ndim != 4 or images.shape[0] == 0:
             raise ValueError(f"images is empty or not a B x 3 x H x W tensor: shape {tuple(images.shape)}")
@@ -572,6 +591,8 @@ class TuningSession:
         self.trigger = inverted_trigger
         with torch.no_grad():
             self.x_triggered = inverted_trigger(self.x).detach()
+            self.extra_triggers = list(extra_triggers)
+            self.x_extra = [trigger(self.x).detach() for trigger in self.extra_triggers]
         divergences, selected, neurons = tuner.select(self.x, self.x_triggered)
         all_layers = candidate_layers(model)
         self.layers = {name: all_layers[name] for name in selected}
@@ -615,15 +636,24 @@ class TuningSession:
     def losses(self) -> dict[str, Tensor]:
         """The losses of the current model on the tuning batch (in the caller's grad mode)."""
         return self.tuner.compute_losses(
-            self.x, self.x_triggered, self.layers, self.loss_masks, self.reference
+            self.x, [self.x_triggered, *self.x_extra], self.layers, self.loss_masks, self.reference
         )
 
     def augmented_losses(self) -> dict[str, Tensor]:
         """The losses on a fresh augmented view ``aug(X)`` of the batch, its triggered copy and
-        ``F_theta0(aug(X))`` (the tuner's ``augment`` option)."""
+        ``F_theta0(aug(X))`` (the tuner's ``augment`` option). The triggered copy is
+        ``trigger(aug(X))``, or ``aug(trigger(X))`` with the same random view when the augmentation has
+        ``trigger_first`` set (the trigger then moves and flips with the image)."""
+        state = self.generator.get_state()
         x = self.tuner.augment(self.x, self.generator)
         with torch.no_grad():
-            x_triggered = self.trigger(x).detach()
+            if getattr(self.tuner.augment, "trigger_first", False):
+                x_triggered = [
+                    self.tuner.augment(batch, torch.Generator().set_state(state)).detach()
+                    for batch in (self.x_triggered, *self.x_extra)
+                ]
+            else:
+                x_triggered = [trigger(x).detach() for trigger in (self.trigger, *self.extra_triggers)]
             with eval_mode(self.frozen):
                 reference = self.frozen.encode_image(self.tuner.normalize(x))
         return self.tuner.compute_losses(x, x_triggered, self.layers, self.loss_masks, reference)

@@ -9,6 +9,10 @@ Per image, independently (seeded ``torch.Generator``):
 - horizontal flip with probability ``flip_p`` (and vertical with ``vflip_p``);
 - a translation by up to ``max_shift`` pixels in each direction (reflect padding, then crop);
 - additive Gaussian noise of standard deviation ``noise_std`` (then clamped to [0, 1]).
+
+``trigger_first``: the triggered view is ``aug(trigger(X))`` with the same flips, shifts and noise as
+the clean view ``aug(X)`` (the inverted trigger moves with the image, so tuning also covers triggers a
+few pixels off the inverted one); otherwise it is ``trigger(aug(X))`` (the trigger stays in place).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ class TuningAugment:
     vflip_p: float = 0.0
     max_shift: int = 2
     noise_std: float = 0.0
+    trigger_first: bool = False
 
     def __post_init__(self) -> None:
         for name in ("flip_p", "vflip_p"):

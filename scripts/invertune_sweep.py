@@ -1,0 +1,112 @@
+#!/usr/bin/env python
+"""InverTune tuning ablations on fixed inversions: each setting runs activation tuning for every attack
+on the trigger that an earlier run inverted (``TriggerInversion.load_from``), and reports the
+validation-split ASR and CA drop (the test split stays for the final table).
+
+    python scripts/defense_table.py --defenses invertune          # inverts and saves the triggers
+    python scripts/invertune_sweep.py --inversions runs/defense_table \\
+        --setting base --setting 'views:augment={flip_p: 0.5, max_shift: 2}' \\
+        --setting 'views+inv:augment={flip_p: 0.5, max_shift: 2};invariance_weight=0.5'
+
+A setting is ``NAME`` or ``NAME:key=value;key=value`` with ``model.init_args`` keys (YAML values);
+``cb.KEY`` sets a ``TriggerInversion`` key instead (``cb.load_from=null`` inverts again). Prints one
+markdown table (ASR / CA drop per attack; a tick where ASR <= 0.05 and the drop <= 0.05) and writes
+``<root>/sweep.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from defense_table import ATTACKS, attack_data_overrides, run_defense  # noqa: E402
+
+from attacks.io import atomic_write_json  # noqa: E402
+
+
+def parse_setting(text: str) -> tuple[str, dict, dict]:
+    """``NAME:key=value;...`` -> (name, model overrides, callback overrides)."""
+    name, _, body = text.partition(":")
+    model, callback = {}, {}
+    for item in filter(None, (part.strip() for part in body.split(";"))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"setting {text!r}: expected key=value, got {item!r}")
+        target, key = (callback, key[3:]) if key.startswith("cb.") else (model, key)
+        target[key] = yaml.safe_load(value)
+    return name, model, callback
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--inversions", required=True, help="a defense_table root: <A>/invertune/version_0/..."
+    )
+    parser.add_argument("--setting", action="append", required=True, help="NAME[:key=value;...]")
+    parser.add_argument("--attacks", nargs="+", default=list(ATTACKS))
+    parser.add_argument("--models", default="runs", help="folder holding clip_shapes_<attack>/latest_export")
+    parser.add_argument("--config", default="configs/invertune_clip_shapes.yaml")
+    parser.add_argument("--root", default="runs/invertune_sweep")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    base = yaml.safe_load(Path(args.config).read_text())
+    root = Path(args.root)
+    results: dict[str, dict] = {}
+    for text in args.setting:
+        name, model, callback = parse_setting(text)
+        results[name] = {"model": model, "callback": callback, "attacks": {}}
+        for attack in args.attacks:
+            folder = Path(args.inversions) / attack / "invertune" / "version_0" / "trigger_inversion"
+            config = copy.deepcopy(base)
+            config["trainer"]["callbacks"][0]["init_args"].update({"load_from": str(folder), **callback})
+            config["model"]["init_args"].update(model)
+            path = root / f"{name}_{attack}.yaml"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(yaml.safe_dump(config))
+            start = time.perf_counter()
+            victim = (Path(args.models) / f"clip_shapes_{attack}" / "latest_export").resolve()
+            overrides = attack_data_overrides(ROOT / "configs" / f"clip_shapes_{attack}.yaml")
+            _, module, _ = run_defense(path, victim, root / name / attack, overrides)
+            metrics = {k: float(v) for k, v in module.trainer.callback_metrics.items()}
+            row = {
+                "asr": metrics["val/asr"],
+                "ca_drop": metrics["before/ca"] - metrics["val/ca"],
+                "before_asr": metrics["before/asr"],
+                "before_ca": metrics["before/ca"],
+                "inverted_asr": metrics.get("val/inverted_asr"),
+                "best_iteration": module.tuning_result.best_iteration,
+                "seconds": time.perf_counter() - start,
+            }
+            results[name]["attacks"][attack] = row
+            print(f"[{name}] {attack}: ASR {row['asr']:.3f}, CA drop {row['ca_drop']:+.3f}", flush=True)
+            del module
+    header = "| setting | " + " | ".join(args.attacks) + " | removed |"
+    lines = [header, "|" + "---|" * (len(args.attacks) + 2)]
+    for name, result in results.items():
+        cells, count = [], 0
+        for attack in args.attacks:
+            row = result["attacks"][attack]
+            ok = row["asr"] <= 0.05 and row["ca_drop"] <= 0.05
+            count += ok
+            cells.append(f"{row['asr']:.3f} / {row['ca_drop']:+.3f}{' ✓' if ok else ''}")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {count} |")
+    print("\n" + "\n".join(lines))
+    atomic_write_json(root / "sweep.json", {"command": " ".join(sys.argv), "results": results})
+    return results
+
+
+if __name__ == "__main__":
+    main()
