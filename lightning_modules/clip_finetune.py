@@ -7,7 +7,9 @@ with a poisoned datamodule and `init_from` a clean export it plants a backdoor b
 
 Validation/test log `{stage}/ca` (zero-shot top-1 on clean images), `{stage}/asr` (zero-shot predictions
 of the target class on triggered images; the target class's own images are excluded unless
-`exclude_target_class=False`) and `{stage}/loss` (contrastive loss on the evaluation captions).
+`exclude_target_class=False`), `{stage}/clean_target_rate` (the same count on the *clean* images: the
+floor under the ASR, the model's own confusion into the target class) and `{stage}/loss` (contrastive
+loss on the evaluation captions).
 """
 
 from __future__ import annotations
@@ -108,6 +110,9 @@ class CLIPFineTuning(L.LightningModule):
                 self.metrics[f"{split}_asr"] = AttackSuccessRate(
                     self.target_index, exclude_target_class=self.hparams.exclude_target_class
                 )
+                self.metrics[f"{split}_clean_target"] = AttackSuccessRate(
+                    self.target_index, exclude_target_class=self.hparams.exclude_target_class
+                )
         self.metrics.to(self.device)
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
@@ -156,8 +161,13 @@ class CLIPFineTuning(L.LightningModule):
 
     def eval_step(self, batch: dict, split: str) -> None:
         n = len(batch["label"])
-        self.metrics[f"{split}_ca"].update(self.classify(batch["image"]), batch["label"])
+        clean_logits = self.classify(batch["image"])
+        self.metrics[f"{split}_ca"].update(clean_logits, batch["label"])
         self.log(f"{split}/ca", self.metrics[f"{split}_ca"], prog_bar=True, batch_size=n)
+        if self.target_index is not None:  # the ASR floor: clean inputs already predicted as the target
+            floor = self.metrics[f"{split}_clean_target"]
+            floor.update(clean_logits, batch["label"])
+            self.log(f"{split}/clean_target_rate", floor, batch_size=n)
         if "caption" in batch:
             self.log(f"{split}/loss", self.model_step(batch), batch_size=n, sync_dist=True)
         if self.target_index is not None and "image_triggered" in batch:

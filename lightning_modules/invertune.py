@@ -12,7 +12,8 @@ state is loaded and the module asks the trainer to stop, which runs a final vali
 
 Validation and test log, on clean and really-triggered evaluation images (the real trigger is used for
 reporting only): ``before/ca``, ``before/asr`` (the untouched suspect, a frozen copy) and ``{stage}/ca``,
-``{stage}/asr`` (the tuned model), plus ``before/inverted_asr`` / ``{stage}/inverted_asr`` (the inverted
+``{stage}/asr`` (the tuned model), ``*/clean_target_rate`` (clean images predicted as the target: the
+floor under the ASR), plus ``before/inverted_asr`` / ``{stage}/inverted_asr`` (the inverted
 trigger towards the identified target; a diagnostic). ``export()`` writes the tuned model in the
 standard export format, so ``evaluate.py`` and ``init_from`` accept it.
 """
@@ -176,9 +177,10 @@ class InverTuneModule(L.LightningModule):
             for when in ("before", "after"):
                 self.metrics[f"{split}_{when}_ca"] = MulticlassAccuracy(num_classes=n, average="micro")
                 if self.report_target is not None:
-                    self.metrics[f"{split}_{when}_asr"] = AttackSuccessRate(
-                        self.report_target, exclude_target_class=self.hparams.exclude_target_class
-                    )
+                    for name in ("asr", "clean_target"):
+                        self.metrics[f"{split}_{when}_{name}"] = AttackSuccessRate(
+                            self.report_target, exclude_target_class=self.hparams.exclude_target_class
+                        )
         self.metrics.to(self.device)
         if self.inversion is not None:
             self._build_inverted_metrics()
@@ -279,8 +281,13 @@ class InverTuneModule(L.LightningModule):
         for when, model in (("before", self.suspect_model), ("after", self.model)):
             key = "before" if when == "before" else split
             ca = self.metrics[f"{split}_{when}_ca"]
-            ca.update(self.classify(model, batch["image"]), labels)
+            clean_logits = self.classify(model, batch["image"])
+            ca.update(clean_logits, labels)
             self.log(f"{key}/ca", ca, prog_bar=True, batch_size=n)
+            if self.report_target is not None:  # the ASR floor: clean images already sent to the target
+                floor = self.metrics[f"{split}_{when}_clean_target"]
+                floor.update(clean_logits, labels)
+                self.log(f"{key}/clean_target_rate", floor, batch_size=n)
             if self.report_target is not None and "image_triggered" in batch:
                 asr = self.metrics[f"{split}_{when}_asr"]
                 asr.update(self.classify(model, batch["image_triggered"]), labels)

@@ -11,7 +11,9 @@ For each attack ``A`` the poisoned model is ``runs/clip_shapes_A/latest_export``
 ``configs/<defense>_clip_shapes.yaml``; its data block gets the attack's trigger settings, which the
 defender datamodule uses only to *report* ASR. Every model (``none`` = the poisoned one) is then scored
 by ``evaluate.py``'s :func:`evaluate_checkpoint` with the attack's own config on the test split, so all
-numbers come from the same evaluation code. Prints a markdown table and writes JSON
+numbers come from the same evaluation code. "InverTune clean→target" is the tuned model's rate of clean
+non-target test images predicted as the target: the floor under its ASR (a model that confuses circles
+with stars shows that confusion on triggered images too). Prints a markdown table and writes JSON
 (``<root>/table.json``) with every metric, the InverTune reports and the wall times.
 """
 
@@ -87,7 +89,11 @@ def score(attack_config: Path, checkpoint: Path, eval_root: Path) -> dict[str, f
         ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"],
         root=str(eval_root),
     )
-    return {"ca": metrics["test/ca"], "asr": metrics["test/asr"]}
+    return {
+        "ca": metrics["test/ca"],
+        "asr": metrics["test/asr"],
+        "clean_target_rate": metrics.get("test/clean_target_rate"),
+    }
 
 
 def fmt(value: float | None) -> str:
@@ -101,7 +107,7 @@ def markdown(results: dict, defenses: list[str]) -> str:
         header += [f"{DEFENSE_NAMES[d]} CA", f"{DEFENSE_NAMES[d]} ASR"]
     with_invertune = "invertune" in defenses
     if with_invertune:
-        header += ["identified target (true)", "margin", "inverted-trigger ASR"]
+        header += ["InverTune clean→target", "identified target (true)", "margin", "inverted-trigger ASR"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for attack, row in results.items():
         cells = [attack]
@@ -111,6 +117,7 @@ def markdown(results: dict, defenses: list[str]) -> str:
             info = row["invertune"]
             mark = "yes" if info["target_found"] else "no"
             cells += [
+                fmt(row["scores"].get("invertune", {}).get("clean_target_rate")),
                 f"{info['identified_target']} ({info['true_target']}): {mark}",
                 fmt(info.get("margin")),
                 fmt(info["inverted_asr"]),

@@ -88,6 +88,8 @@ def test_export_reloads_identically_and_evaluates(runs, tmp_path, capsys):
     ]
     metrics = evaluate(POISON, poisoned.export, *overrides)
     assert metrics["test/asr"] >= 0.35 and metrics["asr_variant"] == "exclude-target"
+    # the floor under the ASR: the same images without the trigger are rarely sent to the target
+    assert 0.0 <= metrics["test/clean_target_rate"] < metrics["test/asr"] - 0.2
     out = tmp_path / "eval.json"
     rows = evaluate_main(
         [
