@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all lint attack-table bench clean
+.PHONY: install demo test test-all lint attack-table defense-table bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ lint: $(STAMP)
 
 attack-table: $(STAMP)
 	$(PY) scripts/attack_table.py
+
+defense-table: $(STAMP)  # needs the poisoned models of attack-table
+	$(PY) scripts/defense_table.py --threads 1
 
 bench: $(STAMP)
 	$(PY) bench/bench_triggers.py && $(PY) bench/bench_training_step.py

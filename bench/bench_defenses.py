@@ -37,6 +37,7 @@ from datamodules.defender_shapes import DefenderShapesDataModule
 from defenses.cleanclip import CleanCLIPObjective
 from defenses.frozen import FrozenCopy
 from defenses.invertune import ActivationTuner, identify_target, invert_trigger
+from defenses.invertune.tuning_augment import TuningAugment
 from defenses.par import PARObjective
 from defenses.victim import load_victim
 from model_families.clip import create_clip, zero_shot_weights
@@ -175,8 +176,16 @@ def main(argv: list[str] | None = None) -> dict:
         "activation_weight",
         "preserve_weight",
         "freeze_bn_stats",
+        "pairing",
+        "invariance_weight",
     )
-    tuner = ActivationTuner(model, normalize, **{k: model_args[k] for k in tuning_keys if k in model_args})
+    tuner = ActivationTuner(
+        model,
+        normalize,
+        augment=TuningAugment.from_dict(model_args.get("augment")),
+        seed=model_args.get("seed", 0),
+        **{k: model_args[k] for k in tuning_keys if k in model_args},
+    )
     batch = next(iter(clean))[: model_args.get("tuning_batch_size", 64)]
     with PeakMemory(device) as mem:
         tuner.fit(batch, trigger.eval())
