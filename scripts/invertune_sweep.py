@@ -47,6 +47,19 @@ def parse_setting(text: str) -> tuple[str, dict, dict]:
     return name, model, callback
 
 
+def latest_inversion(runs: Path) -> Path:
+    """The ``trigger_inversion`` folder of the newest ``version_N`` run under ``runs`` that has one."""
+    found = sorted(
+        (int(path.parent.parent.name.split("_")[-1]), path.parent)
+        for path in runs.glob("version_*/trigger_inversion/trigger.safetensors")
+    )
+    if not found:
+        raise FileNotFoundError(
+            f"no saved inversion (version_N/trigger_inversion/trigger.safetensors) under {runs}"
+        )
+    return found[-1][1]
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -69,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
         name, model, callback = parse_setting(text)
         results[name] = {"model": model, "callback": callback, "attacks": {}}
         for attack in args.attacks:
-            folder = Path(args.inversions) / attack / "invertune" / "version_0" / "trigger_inversion"
+            folder = latest_inversion(Path(args.inversions) / attack / "invertune")
             config = copy.deepcopy(base)
             config["trainer"]["callbacks"][0]["init_args"].update({"load_from": str(folder), **callback})
             config["model"]["init_args"].update(model)

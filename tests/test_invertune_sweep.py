@@ -1,0 +1,41 @@
+"""The InverTune sweep script's setting parser and inversion lookup (the runs themselves are the sweep)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "invertune_sweep.py"
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    spec = importlib.util.spec_from_file_location("invertune_sweep", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_settings_split_into_model_and_callback_keys(sweep) -> None:
+    name, model, callback = sweep.parse_setting(
+        "views+inv:augment={flip_p: 0.5, max_shift: 2};invariance_weight=0.5;cb.load_from=null"
+    )
+    assert name == "views+inv"
+    assert model == {"augment": {"flip_p": 0.5, "max_shift": 2}, "invariance_weight": 0.5}
+    assert callback == {"load_from": None}
+    assert sweep.parse_setting("base") == ("base", {}, {})
+    with pytest.raises(ValueError, match="expected key=value, got 'lr'"):
+        sweep.parse_setting("bad:lr")
+
+
+def test_the_newest_saved_inversion_is_used(sweep, tmp_path) -> None:
+    for version in (0, 2, 10):
+        folder = tmp_path / f"version_{version}" / "trigger_inversion"
+        folder.mkdir(parents=True)
+        if version != 10:  # a run without a saved trigger is skipped
+            (folder / "trigger.safetensors").write_bytes(b"")
+    assert sweep.latest_inversion(tmp_path) == tmp_path / "version_2" / "trigger_inversion"
+    with pytest.raises(FileNotFoundError, match="no saved inversion"):
+        sweep.latest_inversion(tmp_path / "nothing")
