@@ -228,8 +228,9 @@ class TriggerInversion(L.Callback):
         self.outcome: InversionOutcome | None = None
 
     # --- steps -------------------------------------------------------------------------------------
-    def build_uap(self, image_size: tuple[int, int]) -> CornerPatchUAP | LinfUAP:
-        if self.uap_kind == "patch":
+    def build_uap(self, image_size: tuple[int, int], kind: UAPKind | None = None) -> CornerPatchUAP | LinfUAP:
+        """A fresh UAP of ``kind`` (default: this callback's ``uap``) with this callback's geometry."""
+        if (kind or self.uap_kind) == "patch":
             return CornerPatchUAP(
                 image_size, area_fraction=self.uap_area_fraction, margin=self.uap_margin, seed=self.seed
             )
@@ -346,11 +347,7 @@ class TriggerInversion(L.Callback):
         uap = None
         if (folder / "uap.safetensors").is_file():
             kind = report.get("config", {}).get("uap", self.uap_kind)
-            saved_kind, self.uap_kind = self.uap_kind, kind
-            try:
-                uap = self.build_uap(tuple(first.shape[-2:]))
-            finally:
-                self.uap_kind = saved_kind
+            uap = self.build_uap(tuple(first.shape[-2:]), kind)
             uap.load_state_dict(load_file(str(folder / "uap.safetensors")))
             uap.to(device).eval().requires_grad_(False)
         num_images = sum(images.shape[0] for images in clean)

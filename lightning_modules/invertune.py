@@ -62,7 +62,8 @@ class InverTuneModule(L.LightningModule):
         pairing: ``L_act`` on batch means (``batch_mean``, the paper) or per image pair (``per_sample``).
         invariance_weight: weight of the optional ``||F_theta(X') - F_theta0(X)||_F`` term (0: off, the paper).
         augment: optional views of the tuning batch, a :class:`defenses.invertune.tuning_augment.TuningAugment`
-            block (``flip_p``, ``vflip_p``, ``max_shift``, ``noise_std``); ``null``: the batch itself (the paper).
+            block (``flip_p``, ``vflip_p``, ``max_shift``, ``noise_std``, ``trigger_first``); ``null``: the
+            batch itself (the paper).
         tune_with_uap: also tune against the identification UAP (step 1's universal perturbation, which
             sends most clean images to the target) as a second trigger estimate: ``L_act`` and
             ``L_invariance`` become means over the two triggered batches. Not in the paper; off by default.
