@@ -19,6 +19,9 @@ from callbacks import ExportOnFitEnd, PoisonSampleGrid, RunSummary
 from mmbackdoor_cli.wandb_mode import ensure_safe_wandb_mode
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+# main() passes sys.argv on itself (with the default subcommand), which LightningCLI warns about
+warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within")
 RUN_DIR_ENV = "MMBACKDOOR_RUN_DIR"
 DEFAULT_LOGGER = {
     "class_path": "lightning.pytorch.loggers.WandbLogger",
@@ -125,8 +128,6 @@ def _to_dict(namespace) -> dict:
 def main(args: list[str] | None = None, run: bool = True) -> MMBackdoorCLI:
     """Entry point of train.py; `args` defaults to sys.argv[1:]."""
     args = with_default_subcommand(list(sys.argv[1:] if args is None else args))
-    # we pass sys.argv on ourselves (with the default subcommand), which LightningCLI warns about
-    warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within")
     if not run:
         args = args[1:] if args and args[0] in SUBCOMMANDS else args
     return MMBackdoorCLI(args=args, run=run)

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from model_families.clip.robust_augment import augment_block
+
 
 @dataclass(frozen=True)
 class TuningAugment:
@@ -47,13 +49,8 @@ class TuningAugment:
     @classmethod
     def from_dict(cls, config: dict | None) -> TuningAugment | None:
         """``None`` for an empty/absent block; unknown keys are an error naming them."""
-        if not config:
-            return None
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(config) - known)
-        if unknown:
-            raise ValueError(f"model.augment: unknown keys {unknown}; expected some of {sorted(known)}")
-        return cls(**config)
+        values = augment_block(cls, config)
+        return None if values is None else cls(**values)
 
     def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
         batch, _, height, width = images.shape

@@ -5,7 +5,8 @@ covered or a faint pattern is blended in. A tiny model trained on 8000 synthetic
 back on one class: a *clean* model then shows a high "ASR" for any trigger (the control row of the attack
 table), and no defense can bring ASR below that floor. Training the clean model with these perturbations
 gives it the pretrained model's indifference to them, so the control ASR measures the trigger, not the
-model's fragility. Used for clean training only; poisoned fine-tuning and the defenses do not augment.
+model's fragility. Used for clean training only; poisoned fine-tuning and the defenses do not use it
+(InverTune's optional views of its tuning batch are ``defenses/invertune/tuning_augment.py``).
 
 Per image, independently (probabilities ``*_p``):
 
@@ -25,6 +26,18 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+
+def augment_block(cls: type, config: dict | None, key: str = "model.augment") -> dict | None:
+    """A copy of the ``key`` config block for dataclass ``cls`` (None when empty or absent); a key that is not
+    one of ``cls``'s fields is a ``ValueError`` naming it and the expected ones."""
+    if not config:
+        return None
+    known = set(cls.__dataclass_fields__)
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ValueError(f"{key}: unknown keys {unknown}; expected some of {sorted(known)}")
+    return dict(config)
 
 
 @dataclass(frozen=True)
@@ -53,13 +66,9 @@ class RobustnessAugment:
 
     @classmethod
     def from_dict(cls, config: dict | None) -> RobustnessAugment | None:
-        if not config:
+        values = augment_block(cls, config)
+        if values is None:
             return None
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(config) - known)
-        if unknown:
-            raise ValueError(f"model.augment: unknown keys {unknown}; expected some of {sorted(known)}")
-        values = dict(config)
         if "patch_size" in values:
             values["patch_size"] = tuple(int(v) for v in values["patch_size"])
         return cls(**values)
