@@ -310,6 +310,10 @@ def test_tuner_argument_errors() -> None:
         ActivationTuner(model, normalize, update_scope="everything")
     with pytest.raises(ValueError, match="images is empty"):
         ActivationTuner(model, normalize).fit(torch.empty(0, 3, 32, 32), corner_trigger())
+    with pytest.raises(ValueError, match="pairing must be 'batch_mean' or 'per_sample', got 'pairs'"):
+        ActivationTuner(model, normalize, pairing="pairs")
+    with pytest.raises(ValueError, match=r"invariance_weight must be >= 0, got -0\.5"):
+        ActivationTuner(model, normalize, invariance_weight=-0.5)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -469,6 +469,13 @@ class ActivationTuner:
         self.normalize_features = normalize_features
         if pairing not in ("batch_mean", "per_sample"):
             raise ValueError(f"pairing must be 'batch_mean' or 'per_sample', got {pairing!r}")
+        for name, weight in (
+            ("activation_weight", activation_weight),
+            ("preserve_weight", preserve_weight),
+            ("invariance_weight", invariance_weight),
+        ):
+            if weight < 0:
+                raise ValueError(f"{name} must be >= 0, got {weight}")
         self.pairing = pairing
         self.invariance_weight = invariance_weight
         self.kmeans_iters = kmeans_iters
