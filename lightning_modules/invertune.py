@@ -60,6 +60,9 @@ class InverTuneModule(L.LightningModule):
             (``update_scope="neurons"``: the paper's neuron-restricted updates; ``"model_code"``: the
             authors' code, masks only inside the loss).
         pairing: ``L_act`` on batch means (``batch_mean``, the paper) or per image pair (``per_sample``).
+        act_denominator: ``tuned`` (the paper and the code: gradients also flow through the denominator of
+            ``L_act``, so the ratio can fall by inflating the selected neurons' clean activations) or
+            ``constant`` (the denominator is detached; only closing the clean/triggered gap helps).
         invariance_weight: weight of the optional ``||F_theta(X') - F_theta0(X)||_F`` term (0: off, the paper).
         augment: optional views of the tuning batch, a :class:`defenses.invertune.tuning_augment.TuningAugment`
             block (``flip_p``, ``vflip_p``, ``max_shift``, ``noise_std``, ``trigger_first``); ``null``: the
@@ -89,6 +92,7 @@ class InverTuneModule(L.LightningModule):
         preserve_weight: float = 0.5,
         freeze_bn_stats: bool = True,
         pairing: Literal["batch_mean", "per_sample"] = "batch_mean",
+        act_denominator: Literal["tuned", "constant"] = "tuned",
         invariance_weight: float = 0.0,
         augment: dict | None = None,
         tune_with_uap: bool = False,
@@ -120,6 +124,7 @@ class InverTuneModule(L.LightningModule):
             preserve_weight=preserve_weight,
             freeze_bn_stats=freeze_bn_stats,
             pairing=pairing,
+            act_denominator=act_denominator,
             invariance_weight=invariance_weight,
             augment=TuningAugment.from_dict(augment),
             seed=seed,

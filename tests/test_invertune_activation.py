@@ -196,6 +196,21 @@ def test_activation_loss_matches_formula() -> None:
     assert activation_loss(clean, triggered, masks).item() == pytest.approx(2.5)
 
 
+def test_constant_denominator_has_the_same_value_and_no_denominator_gradient() -> None:
+    # L = ||m (c - t)|| / ||m c|| with c = (3, 4), t = (0, 0), m = 1: the value is 1 either way.
+    # d/dc of the tuned ratio is 0 (scaling c scales both norms); with the denominator constant it
+    # is the numerator's gradient / ||c|| = (c / ||c||) / ||c|| = (0.12, 0.16).
+    mask = {"a": torch.ones(2)}
+    for denominator, expected in (("tuned", [0.0, 0.0]), ("constant", [0.12, 0.16])):
+        clean = torch.tensor([[3.0, 4.0]], requires_grad=True)
+        loss = activation_loss({"a": clean}, {"a": torch.zeros(1, 2)}, mask, denominator=denominator)
+        loss.backward()
+        assert loss.item() == pytest.approx(1.0)
+        assert clean.grad[0].tolist() == pytest.approx(expected, abs=1e-6)
+    with pytest.raises(ValueError, match="denominator must be 'tuned' or 'constant', got 'frozen'"):
+        activation_loss({"a": clean}, {"a": torch.zeros(1, 2)}, mask, denominator="frozen")
+
+
 def test_preserve_loss_matches_formula() -> None:
     features = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
     reference = torch.tensor([[0.0, 2.0], [1.0, 0.0]])
@@ -314,6 +329,8 @@ def test_tuner_argument_errors() -> None:
         ActivationTuner(model, normalize, pairing="pairs")
     with pytest.raises(ValueError, match=r"invariance_weight must be >= 0, got -0\.5"):
         ActivationTuner(model, normalize, invariance_weight=-0.5)
+    with pytest.raises(ValueError, match="act_denominator must be 'tuned' or 'constant', got 'x'"):
+        ActivationTuner(model, normalize, act_denominator="x")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from defenses.invertune.zero_shot import Normalize, eval_mode, model_device
 Granularity = Literal["channel", "element"]
 UpdateScope = Literal["neurons", "model_code"]
 Pairing = Literal["batch_mean", "per_sample"]
+Denominator = Literal["tuned", "constant"]
 Augmentation = Callable[[Tensor, torch.Generator], Tensor]
 TuningCallback = Callable[[dict[str, float]], None]
 
@@ -307,10 +308,16 @@ def activation_loss(
     loss_masks: Mapping[str, Tensor],
     *,
     pairing: Pairing = "batch_mean",
+    denominator: Denominator = "tuned",
     eps: float = 1e-12,
 ) -> Tensor:
     """``L_act = sum_l ||M_l * (mean_b A_l(X) - mean_b A_l(X'))||_2 / ||M_l * mean_b A_l(X)||_2``
     over the layers of ``loss_masks`` (denominator floored at ``eps``).
+
+    ``denominator="tuned"`` (the paper and the authors' code) lets gradients flow through the
+    denominator too, so the ratio can also fall by *inflating* the selected neurons' clean activations;
+    ``"constant"`` detaches it (the same value, no gradient): only closing the clean/triggered gap
+    lowers the loss (an option, not in the paper).
 
     ``pairing="per_sample"`` compares every triggered image with its own clean image instead of the
     batch means: ``||M_l * (A_l(X) - A_l(X'))||_2 / ||M_l * A_l(X)||_2`` with the norms over the batch
@@ -319,6 +326,8 @@ def activation_loss(
         raise ValueError("activation_loss needs at least one layer mask")
     if pairing not in ("batch_mean", "per_sample"):
         raise ValueError(f"pairing must be 'batch_mean' or 'per_sample', got {pairing!r}")
+    if denominator not in ("tuned", "constant"):
+        raise ValueError(f"denominator must be 'tuned' or 'constant', got {denominator!r}")
     total = None
     for name, mask in loss_masks.items():
         if pairing == "batch_mean":
@@ -327,9 +336,10 @@ def activation_loss(
         else:
             clean_mean, triggered_mean = clean_acts[name], triggered_acts[name]
         mask = mask.to(clean_mean)
-        term = torch.linalg.vector_norm(mask * (clean_mean - triggered_mean)) / torch.linalg.vector_norm(
-            mask * clean_mean
-        ).clamp_min(eps)
+        scale = torch.linalg.vector_norm(mask * clean_mean).clamp_min(eps)
+        if denominator == "constant":
+            scale = scale.detach()
+        term = torch.linalg.vector_norm(mask * (clean_mean - triggered_mean)) / scale
         total = term if total is None else total + term
     return total
 
@@ -437,6 +447,7 @@ class ActivationTuner:
         freeze_bn_stats: bool = True,
         normalize_features: bool = True,
         pairing: Pairing = "batch_mean",
+        act_denominator: Denominator = "tuned",
         invariance_weight: float = 0.0,
         kmeans_iters: int = 100,
         augment: Augmentation | None = None,
@@ -476,7 +487,10 @@ class ActivationTuner:
         ):
             if weight < 0:
                 raise ValueError(f"{name} must be >= 0, got {weight}")
+        if act_denominator not in ("tuned", "constant"):
+            raise ValueError(f"act_denominator must be 'tuned' or 'constant', got {act_denominator!r}")
         self.pairing = pairing
+        self.act_denominator = act_denominator
         self.invariance_weight = invariance_weight
         self.kmeans_iters = kmeans_iters
         self.augment = augment
@@ -530,7 +544,9 @@ class ActivationTuner:
             triggered_acts, triggered_features = capture_activations(
                 self.model, batch, self.normalize, layers
             )
-            act = act + activation_loss(clean_acts, triggered_acts, loss_masks, pairing=self.pairing)
+            act = act + activation_loss(
+                clean_acts, triggered_acts, loss_masks, pairing=self.pairing, denominator=self.act_denominator
+            )
             if self.invariance_weight:
                 invariance = invariance + preserve_loss(
                     triggered_features, reference, normalize=self.normalize_features
