@@ -59,6 +59,9 @@ class InverTuneModule(L.LightningModule):
             preserve_weight, freeze_bn_stats: :class:`defenses.invertune.ActivationTuner`
             (``update_scope="neurons"``: the paper's neuron-restricted updates; ``"model_code"``: the
             authors' code, masks only inside the loss).
+        update_writers: with ``update_scope="neurons"``, the selected rows of the layer's own block only
+            (``last``) or of every block adding into the same residual channels (``all``: the stage's
+            earlier bottlenecks, the earlier ViT blocks); the same on a one-block-per-stage model.
         pairing: ``L_act`` on batch means (``batch_mean``, the paper) or per image pair (``per_sample``).
         act_denominator: ``tuned`` (the paper and the code: gradients also flow through the denominator of
             ``L_act``, so the ratio can fall by inflating the selected neurons' clean activations) or
@@ -84,6 +87,7 @@ class InverTuneModule(L.LightningModule):
         num_layers: int = 3,
         granularity: Literal["channel", "element"] = "channel",
         update_scope: Literal["neurons", "model_code"] = "neurons",
+        update_writers: Literal["last", "all"] = "last",
         lr: float = 2e-6,
         weight_decay: float = 1e-4,
         grad_clip: float = 1.0,
@@ -115,6 +119,7 @@ class InverTuneModule(L.LightningModule):
             num_layers=num_layers,
             granularity=granularity,
             update_scope=update_scope,
+            update_writers=update_writers,
             iterations=iterations,
             lr=lr,
             weight_decay=weight_decay,

@@ -40,8 +40,10 @@ def single_thread():
 
 
 def tiny_clip(kind: str, seed: int = 0) -> open_clip.model.CLIP:
+    """``rn`` (one bottleneck per stage), ``rn2`` (two per stage) or ``vit`` (two blocks)."""
     torch.manual_seed(seed)
-    return open_clip.model.CLIP(32, RN_CFG if kind == "rn" else VIT_CFG, TEXT_CFG)
+    vision = {"rn": RN_CFG, "rn2": {**RN_CFG, "layers": (2, 2, 2, 2)}, "vit": VIT_CFG}[kind]
+    return open_clip.model.CLIP(32, vision, TEXT_CFG)
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
@@ -246,19 +248,57 @@ def test_neuron_parameter_masks_cover_output_rows() -> None:
     assert masks[prefix + "mlp.c_proj.weight"][5].all() and masks[prefix + "mlp.c_proj.weight"].sum() == 128
 
 
+def test_all_writers_cover_every_block_adding_into_the_residual_channels() -> None:
+    rn = tiny_clip("rn2")
+    channels = torch.zeros(256, dtype=torch.bool)
+    channels[4] = True
+    last = neuron_parameter_masks(rn, "visual.layer3", channels)
+    assert set(last) == {
+        "visual.layer3.1.conv3.weight",
+        "visual.layer3.1.bn3.weight",
+        "visual.layer3.1.bn3.bias",
+    }
+    every = neuron_parameter_masks(rn, "visual.layer3", channels, writers="all")
+    assert set(every) == set(last) | {
+        "visual.layer3.0.conv3.weight",
+        "visual.layer3.0.bn3.weight",
+        "visual.layer3.0.bn3.bias",
+        "visual.layer3.0.downsample.0.weight",
+        "visual.layer3.0.downsample.1.weight",
+        "visual.layer3.0.downsample.1.bias",
+    }
+    assert all(mask[4].all() and mask.sum() == mask[4].numel() for mask in every.values())
+    vit = tiny_clip("vit")
+    units = torch.zeros(32, dtype=torch.bool)
+    units[5] = True
+    every = neuron_parameter_masks(vit, "visual.transformer.resblocks.1", units, writers="all")
+    assert {name.split(".")[3] for name in every} == {"0", "1"} and len(every) == 8
+    assert set(neuron_parameter_masks(vit, "visual.transformer.resblocks.0", units, writers="all")) == {
+        n for n in every if ".resblocks.0." in n
+    }
+    with pytest.raises(ValueError, match="writers must be 'last' or 'all', got 'first'"):
+        neuron_parameter_masks(vit, "visual.transformer.resblocks.0", units, writers="first")
+
+
 # ------------------------------------------------------------------------------------------------
 # tuning
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["rn", "vit"])
-def test_restricted_updates_leave_everything_else_bit_identical(kind) -> None:
+@pytest.mark.parametrize(
+    ("kind", "writers"), [("rn", "last"), ("vit", "last"), ("rn2", "all"), ("vit", "all")]
+)
+def test_restricted_updates_leave_everything_else_bit_identical(kind, writers) -> None:
     model = tiny_clip(kind)
     params_before = {n: p.detach().clone() for n, p in model.named_parameters()}
     buffers_before = {n: b.detach().clone() for n, b in model.named_buffers()}
     flags_before = {n: p.requires_grad for n, p in model.named_parameters()}
-    tuner = ActivationTuner(model, normalize, num_layers=2, iterations=4, lr=1e-2, weight_decay=0.1)
+    tuner = ActivationTuner(
+        model, normalize, num_layers=2, iterations=4, lr=1e-2, weight_decay=0.1, update_writers=writers
+    )
     result = tuner.fit(clean_batch(), corner_trigger())
+    if kind == "rn2":  # the stages' first bottlenecks are writers too
+        assert any(".0.conv3." in name for name in result.parameter_masks)
     assert result.best_iteration > 0, "the tuned state must be kept for this test to be meaningful"
     assert len(result.selected_layers) == 2 and set(result.selected_layers) <= set(candidate_layers(model))
     for name, param in model.named_parameters():
@@ -331,6 +371,8 @@ def test_tuner_argument_errors() -> None:
         ActivationTuner(model, normalize, invariance_weight=-0.5)
     with pytest.raises(ValueError, match="act_denominator must be 'tuned' or 'constant', got 'x'"):
         ActivationTuner(model, normalize, act_denominator="x")
+    with pytest.raises(ValueError, match="update_writers must be 'last' or 'all', got 'x'"):
+        ActivationTuner(model, normalize, update_writers="x")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -20,8 +20,11 @@ Data: one batch ``X`` of clean images (64 in the paper) and ``X' = trigger(X)``.
    selected channels/units change: for a ResNet stage, the output rows of its last bottleneck's
    ``conv3`` (and ``downsample`` conv) and the matching ``bn3`` (and downsample BN) affine entries;
    for a ViT block, the output rows and biases of ``attn.out_proj`` and ``mlp.c_proj`` (and LayerScale
-   entries). Gradients are masked before clipping, and after every AdamW step the unselected entries
-   are restored, because decoupled weight decay moves parameters even with zero gradients.
+   entries). Those are the writers of the layer's own block (``update_writers="last"``, default); the
+   residual channels also receive the additions of the stage's earlier bottlenecks / the earlier ViT
+   blocks, which ``update_writers="all"`` unmasks as well (same rows). Gradients are masked before
+   clipping, and after every AdamW step the unselected entries are restored, because decoupled weight
+   decay moves parameters even with zero gradients.
    ``update_scope="model_code"`` (the authors' code): masks act only inside the loss and AdamW updates
    the whole image tower.
 5. Optimiser: AdamW lr 2e-6, weight decay 1e-4, gradient-norm clip 1.0, cosine schedule over the
@@ -47,6 +50,7 @@ Granularity = Literal["channel", "element"]
 UpdateScope = Literal["neurons", "model_code"]
 Pairing = Literal["batch_mean", "per_sample"]
 Denominator = Literal["tuned", "constant"]
+Writers = Literal["last", "all"]
 Augmentation = Callable[[Tensor, torch.Generator], Tensor]
 TuningCallback = Callable[[dict[str, float]], None]
 
@@ -366,38 +370,70 @@ def _row_mask(param: Tensor, channel_mask: Tensor) -> Tensor:
     return channel_mask.to(param.device).reshape(-1, *([1] * (param.ndim - 1))).expand_as(param).clone()
 
 
-def _output_modules(layer: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(relative name, module) of the modules whose outputs write the layer's output channels."""
-    if isinstance(layer, nn.Sequential) and hasattr(layer[-1], "conv3"):  # ModifiedResNet stage
-        index = list(layer._modules)[-1]
-        block = layer[-1]
+def _block_writers(index: str, block: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The modules of one residual block that add into the residual stream's channels / units."""
+    if hasattr(block, "conv3"):  # ModifiedResNet Bottleneck
         found = [(f"{index}.conv3", block.conv3), (f"{index}.bn3", block.bn3)]
         if getattr(block, "downsample", None) is not None:
             for name, module in block.downsample.named_children():
                 if isinstance(module, nn.Conv2d | nn.BatchNorm2d):
                     found.append((f"{index}.downsample.{name}", module))
         return found
+    found = []
+    for path in ("attn.out_proj", "mlp.c_proj", "ls_1", "ls_2"):  # ViT residual block
+        try:
+            module = block.get_submodule(path)
+        except AttributeError:
+            continue
+        if any(True for _ in module.parameters(recurse=False)):
+            found.append((f"{index}.{path}" if index else path, module))
+    return found
+
+
+def _output_modules(
+    model: nn.Module, layer_name: str, writers: Writers = "last"
+) -> list[tuple[str, nn.Module]]:
+    """(name in ``model``, module) of the modules whose outputs write ``layer_name``'s output channels.
+
+    ``writers="last"``: the layer's own block (the last bottleneck of a ResNet stage; the ViT block
+    itself). ``"all"``: every block that adds into the same residual channels / units before the
+    layer's output: all bottlenecks of the stage (the first one's downsample included), or the ViT
+    blocks ``0..N`` (the patch embedding, ``ln_pre`` and the positional embedding, which also write the
+    stream, stay frozen)."""
+    if writers not in ("last", "all"):
+        raise ValueError(f"writers must be 'last' or 'all', got {writers!r}")
+    layer = model.get_submodule(layer_name)
+    if isinstance(layer, nn.Sequential) and hasattr(layer[-1], "conv3"):  # ModifiedResNet stage
+        indices = list(layer._modules)
+        chosen = indices if writers == "all" else indices[-1:]
+        return [
+            (f"{layer_name}.{name}", module)
+            for index in chosen
+            for name, module in _block_writers(index, layer.get_submodule(index))
+        ]
     if hasattr(layer, "mlp") and hasattr(layer, "attn"):  # ViT residual block
-        found = []
-        for path in ("attn.out_proj", "mlp.c_proj", "ls_1", "ls_2"):
-            try:
-                module = layer.get_submodule(path)
-            except AttributeError:
-                continue
-            if any(True for _ in module.parameters(recurse=False)):
-                found.append((path, module))
-        return found
+        parent_name, _, index = layer_name.rpartition(".")
+        if writers == "last" or not index.isdigit():
+            return [(f"{layer_name}.{name}", module) for name, module in _block_writers("", layer)]
+        parent = model.get_submodule(parent_name)
+        return [
+            (f"{parent_name}.{i}.{name}", module)
+            for i in range(int(index) + 1)
+            for name, module in _block_writers("", parent[i])
+        ]
     raise ValueError(f"cannot restrict updates to neurons of a {type(layer).__name__}")
 
 
-def neuron_parameter_masks(model: nn.Module, layer_name: str, channel_mask: Tensor) -> dict[str, Tensor]:
+def neuron_parameter_masks(
+    model: nn.Module, layer_name: str, channel_mask: Tensor, writers: Writers = "last"
+) -> dict[str, Tensor]:
     """Boolean element masks (parameter shape) of the parameters producing the selected channels of
-    ``layer_name``, keyed by their names in ``model.named_parameters()`` (see the module docstring)."""
-    layer = model.get_submodule(layer_name)
+    ``layer_name``, keyed by their names in ``model.named_parameters()`` (see the module docstring and
+    :func:`_output_modules` for ``writers``)."""
     masks = {}
-    for relative, module in _output_modules(layer):
+    for module_name, module in _output_modules(model, layer_name, writers):
         for pname, param in module.named_parameters(recurse=False):
-            masks[f"{layer_name}.{relative}.{pname}"] = _row_mask(param, channel_mask)
+            masks[f"{module_name}.{pname}"] = _row_mask(param, channel_mask)
     if not masks:
         raise ValueError(f"layer {layer_name} has no parameters producing its output channels")
     return masks
@@ -437,6 +473,7 @@ class ActivationTuner:
         num_layers: int = 3,
         granularity: Granularity = "channel",
         update_scope: UpdateScope = "neurons",
+        update_writers: Writers = "last",
         iterations: int = 200,
         lr: float = 2e-6,
         weight_decay: float = 1e-4,
@@ -468,7 +505,10 @@ class ActivationTuner:
         self.normalize = normalize
         self.num_layers = num_layers
         self.granularity = granularity
+        if update_writers not in ("last", "all"):
+            raise ValueError(f"update_writers must be 'last' or 'all', got {update_writers!r}")
         self.update_scope = update_scope
+        self.update_writers = update_writers
         self.iterations = iterations
         self.lr = lr
         self.weight_decay = weight_decay
@@ -520,7 +560,11 @@ class ActivationTuner:
             return {name: None for name, _ in self.model.named_parameters() if name.startswith(prefix)}
         masks: dict[str, Tensor | None] = {}
         for layer_name, selection in neurons.items():
-            masks.update(neuron_parameter_masks(self.model, layer_name, selection.channel_mask))
+            layer_masks = neuron_parameter_masks(
+                self.model, layer_name, selection.channel_mask, self.update_writers
+            )
+            for name, mask in layer_masks.items():  # several layers may share writers ("all")
+                masks[name] = mask if masks.get(name) is None else masks[name] | mask
         return masks
 
     def compute_losses(
