@@ -67,8 +67,6 @@ class InverTuneModule(L.LightningModule):
             ``L_act``, so the ratio can fall by inflating the selected neurons' clean activations) or
             ``constant`` (the denominator is detached; only closing the clean/triggered gap helps).
         invariance_weight: weight of the optional ``||F_theta(X') - F_theta0(X)||_F`` term (0: off, the paper).
-        invariance_reference: what ``F_theta(X')`` is pulled to: the suspect's clean features
-            ``F_theta0(X)`` (``suspect``) or the tuned model's own, without gradient (``current``).
         augment: optional views of the tuning batch, a :class:`defenses.invertune.tuning_augment.TuningAugment`
             block (``flip_p``, ``vflip_p``, ``max_shift``, ``noise_std``, ``trigger_first``); ``null``: the
             batch itself (the paper).
@@ -100,7 +98,6 @@ class InverTuneModule(L.LightningModule):
         pairing: Literal["batch_mean", "per_sample"] = "batch_mean",
         act_denominator: Literal["tuned", "constant"] = "tuned",
         invariance_weight: float = 0.0,
-        invariance_reference: Literal["suspect", "current"] = "suspect",
         augment: dict | None = None,
         tune_with_uap: bool = False,
         zero_shot_templates: str | list[str] = "embedded",
@@ -134,7 +131,6 @@ class InverTuneModule(L.LightningModule):
             pairing=pairing,
             act_denominator=act_denominator,
             invariance_weight=invariance_weight,
-            invariance_reference=invariance_reference,
             augment=TuningAugment.from_dict(augment),
             seed=seed,
         )

@@ -51,7 +51,6 @@ UpdateScope = Literal["neurons", "model_code"]
 Pairing = Literal["batch_mean", "per_sample"]
 Denominator = Literal["tuned", "constant"]
 Writers = Literal["last", "all"]
-InvarianceReference = Literal["suspect", "current"]
 Augmentation = Callable[[Tensor, torch.Generator], Tensor]
 TuningCallback = Callable[[dict[str, float]], None]
 
@@ -487,7 +486,6 @@ class ActivationTuner:
         pairing: Pairing = "batch_mean",
         act_denominator: Denominator = "tuned",
         invariance_weight: float = 0.0,
-        invariance_reference: InvarianceReference = "suspect",
         kmeans_iters: int = 100,
         augment: Augmentation | None = None,
         seed: int = 0,
@@ -533,12 +531,7 @@ class ActivationTuner:
             raise ValueError(f"act_denominator must be 'tuned' or 'constant', got {act_denominator!r}")
         self.pairing = pairing
         self.act_denominator = act_denominator
-        if invariance_reference not in ("suspect", "current"):
-            raise ValueError(
-                f"invariance_reference must be 'suspect' or 'current', got {invariance_reference!r}"
-            )
         self.invariance_weight = invariance_weight
-        self.invariance_reference = invariance_reference
         self.kmeans_iters = kmeans_iters
         self.augment = augment
         self.seed = seed
@@ -591,7 +584,6 @@ class ActivationTuner:
         triggered_batches = [triggered] if isinstance(triggered, Tensor) else list(triggered)
         clean_acts, features = capture_activations(self.model, images, self.normalize, layers)
         act, invariance = 0.0, 0.0
-        invariance_target = reference if self.invariance_reference == "suspect" else features.detach()
         for batch in triggered_batches:
             triggered_acts, triggered_features = capture_activations(
                 self.model, batch, self.normalize, layers
@@ -601,7 +593,7 @@ class ActivationTuner:
             )
             if self.invariance_weight:
                 invariance = invariance + preserve_loss(
-                    triggered_features, invariance_target, normalize=self.normalize_features
+                    triggered_features, reference, normalize=self.normalize_features
                 )
         act = act / len(triggered_batches)
         preserve = preserve_loss(features, reference, normalize=self.normalize_features)
