@@ -177,6 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
         "preserve_weight",
         "freeze_bn_stats",
         "pairing",
+        "act_denominator",
+        "update_writers",
         "invariance_weight",
     )
     tuner = ActivationTuner(
@@ -188,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     batch = next(iter(clean))[: model_args.get("tuning_batch_size", 64)]
     with PeakMemory(device) as mem:
-        tuner.fit(batch, trigger.eval())
+        tuner.fit(batch, trigger.eval(), [uap] if model_args.get("tune_with_uap") else [])
     rows["tuning"] = {"seconds": mem.seconds, "peak_mib": mem.peak_mib}
 
     for name, args_, make in (

@@ -620,9 +620,15 @@ class ActivationTuner:
         iterations one :meth:`TuningSession.step` at a time (a LightningModule's training steps)."""
         return TuningSession(self, images, inverted_trigger, extra_triggers)
 
-    def fit(self, images: Tensor, inverted_trigger: Callable[[Tensor], Tensor]) -> ActivationTuningResult:
-        """Tune ``self.model`` in place on one clean batch ``images`` (``B x 3 x H x W``, [0, 1])."""
-        session = self.begin(images, inverted_trigger)
+    def fit(
+        self,
+        images: Tensor,
+        inverted_trigger: Callable[[Tensor], Tensor],
+        extra_triggers: Sequence[Callable[[Tensor], Tensor]] = (),
+    ) -> ActivationTuningResult:
+        """Tune ``self.model`` in place on one clean batch ``images`` (``B x 3 x H x W``, [0, 1]);
+        ``extra_triggers``: further trigger estimates (e.g. the identification UAP) for the losses."""
+        session = self.begin(images, inverted_trigger, extra_triggers)
         try:
             for _ in range(self.iterations):
                 session.step()
