@@ -243,7 +243,8 @@ class InverTuneModule(L.LightningModule):
             if self.inversion.uap is None:
                 raise ValueError(
                     "model.tune_with_uap needs the identification UAP, but the target was given "
-                    "(TriggerInversion.target) or loaded from a run without uap.safetensors"
+                    "(TriggerInversion.target) or loaded from a run without uap.safetensors; "
+                    "set --model.tune_with_uap=false to tune against the inverted trigger only"
                 )
             extra.append(self.inversion.uap.to(self.device))
         self.session = self.tuner.begin(self.tuning_batch(), self.inversion.trigger, extra)
