@@ -392,7 +392,10 @@ def test_layer_selection_on_real_architectures(name, expected) -> None:
     assert set(divergences) == set(candidate_layers(model)) and len(selected) == 3
     for layer in selected:
         assert 0 < int(neurons[layer].channel_mask.sum()) < neurons[layer].channel_mask.numel()
-        assert neuron_parameter_masks(model, layer, neurons[layer].channel_mask)
+        last = neuron_parameter_masks(model, layer, neurons[layer].channel_mask)
+        every = neuron_parameter_masks(model, layer, neurons[layer].channel_mask, writers="all")
+        # RN50 stages have 3-6 bottlenecks and ViT-B-32 12 blocks: "all" adds the earlier writers
+        assert set(last) < set(every) or (name == "ViT-B-32" and layer.endswith(".0"))
 
 
 @pytest.mark.slow
