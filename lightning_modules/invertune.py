@@ -35,7 +35,7 @@ from attacks.io import atomic_write_json
 from defenses.frozen import FrozenCopy
 from defenses.invertune import ActivationTuner, ActivationTuningResult, TuningSession
 from defenses.invertune.tuning_augment import TuningAugment
-from defenses.invertune.zero_shot import _batch_images
+from defenses.invertune.zero_shot import _batch_images, eval_mode, zero_shot_predict
 from defenses.victim import load_victim
 from metrics import AttackSuccessRate
 from model_families.clip import zero_shot_weights
@@ -67,6 +67,9 @@ class InverTuneModule(L.LightningModule):
             ``L_act``, so the ratio can fall by inflating the selected neurons' clean activations) or
             ``constant`` (the denominator is detached; only closing the clean/triggered gap helps).
         invariance_weight: weight of the optional ``||F_theta(X') - F_theta0(X)||_F`` term (0: off, the paper).
+        target_preserve_weight: weight of an extra ``||F_theta(X_t) - F_theta0(X_t)||_F`` over the tuning-batch
+            images ``X_t`` that the suspect assigns to the identified target (0: off, the paper): tuning
+            against a trigger that sends images to the target also weakens the target class itself.
         augment: optional views of the tuning batch, a :class:`defenses.invertune.tuning_augment.TuningAugment`
             block (``flip_p``, ``vflip_p``, ``max_shift``, ``noise_std``, ``trigger_first``); ``null``: the
             batch itself (the paper).
@@ -98,6 +101,7 @@ class InverTuneModule(L.LightningModule):
         pairing: Literal["batch_mean", "per_sample"] = "batch_mean",
         act_denominator: Literal["tuned", "constant"] = "tuned",
         invariance_weight: float = 0.0,
+        target_preserve_weight: float = 0.0,
         augment: dict | None = None,
         tune_with_uap: bool = False,
         zero_shot_templates: str | list[str] = "embedded",
@@ -131,6 +135,7 @@ class InverTuneModule(L.LightningModule):
             pairing=pairing,
             act_denominator=act_denominator,
             invariance_weight=invariance_weight,
+            target_preserve_weight=target_preserve_weight,
             augment=TuningAugment.from_dict(augment),
             seed=seed,
         )
@@ -247,7 +252,18 @@ class InverTuneModule(L.LightningModule):
                     "set --model.tune_with_uap=false to tune against the inverted trigger only"
                 )
             extra.append(self.inversion.uap.to(self.device))
-        self.session = self.tuner.begin(self.tuning_batch(), self.inversion.trigger, extra)
+        batch = self.tuning_batch()
+        target_rows = None
+        if self.hparams.target_preserve_weight:
+            with eval_mode(self.model):  # the suspect, before any tuning step
+                predicted = zero_shot_predict(self.model, batch, self.class_text_embeds(), self.normalize)
+            target_rows = predicted == self.inversion.target
+            log.info(
+                "activation tuning: %d of %d tuning images predicted as the target",
+                int(target_rows.sum()),
+                len(batch),
+            )
+        self.session = self.tuner.begin(batch, self.inversion.trigger, extra, target_rows)
         selection = {
             name: int(self.session.result.neurons[name].channel_mask.sum()) for name in self.session.layers
         }

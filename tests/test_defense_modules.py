@@ -288,7 +288,12 @@ def test_saved_trigger_is_reused_with_load_from(victim, tmp_path) -> None:
         f"--trainer.callbacks.init_args.load_from={saved}",
         "--model.augment={flip_p: 0.5, max_shift: 1}",
         "--model.tune_with_uap=true",
+        "--model.target_preserve_weight=1.0",
     )
+    rows = second.model.session.target_rows  # the suspect's own predictions of the tuning batch
+    assert rows is not None and rows.shape == (32,) and rows.dtype == torch.bool
+    history = second.model.session.result.history
+    assert ("target_preserve" in history[0]) == bool(rows.any())
     old, new = first.model.inversion, second.model.inversion
     assert new.target == old.target and new.identification is None
     assert torch.equal(new.trigger.mask.cpu(), old.trigger.mask.cpu())

@@ -512,3 +512,25 @@ def test_several_trigger_estimates_average_the_activation_and_invariance_terms()
     assert both["preserve"].item() == pytest.approx(one["preserve"].item(), rel=1e-6)
     expected = both["activation"] + 0.5 * both["preserve"] + 0.3 * both["invariance"]
     assert both["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_target_preserve_term_matches_its_formula_on_the_marked_rows() -> None:
+    model = tiny_clip("rn").eval()
+    x = clean_batch()
+    layers = candidate_layers(model)
+    masks = {name: torch.ones(()) for name in layers}
+    rows = torch.tensor([True, False, False, True, False, False, False, False])
+    with torch.no_grad():
+        features = model.encode_image(normalize(x))
+        reference = tiny_clip("rn", seed=1).eval().encode_image(normalize(x))  # another model: L > 0
+        tuner = ActivationTuner(model, normalize, preserve_weight=0.5, target_preserve_weight=2.0)
+        got = tuner.compute_losses(x, corner_trigger()(x), layers, masks, reference, rows)
+        without = tuner.compute_losses(x, corner_trigger()(x), layers, masks, reference)
+    expected = preserve_loss(features[rows], reference[rows])
+    assert got["target_preserve"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert got["loss"].item() == pytest.approx(without["loss"].item() + 2.0 * expected.item(), rel=1e-5)
+    assert "target_preserve" not in without
+    with pytest.raises(ValueError, match=r"target_preserve_weight must be >= 0, got -1"):
+        ActivationTuner(model, normalize, target_preserve_weight=-1)
+    with pytest.raises(ValueError, match=r"target_rows must hold one flag per image \(8\), got shape \(3,\)"):
+        tuner.begin(x, corner_trigger(), target_rows=torch.ones(3, dtype=torch.bool))

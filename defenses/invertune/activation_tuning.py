@@ -486,6 +486,7 @@ class ActivationTuner:
         pairing: Pairing = "batch_mean",
         act_denominator: Denominator = "tuned",
         invariance_weight: float = 0.0,
+        target_preserve_weight: float = 0.0,
         kmeans_iters: int = 100,
         augment: Augmentation | None = None,
         seed: int = 0,
@@ -524,6 +525,7 @@ class ActivationTuner:
             ("activation_weight", activation_weight),
             ("preserve_weight", preserve_weight),
             ("invariance_weight", invariance_weight),
+            ("target_preserve_weight", target_preserve_weight),
         ):
             if weight < 0:
                 raise ValueError(f"{name} must be >= 0, got {weight}")
@@ -532,6 +534,7 @@ class ActivationTuner:
         self.pairing = pairing
         self.act_denominator = act_denominator
         self.invariance_weight = invariance_weight
+        self.target_preserve_weight = target_preserve_weight
         self.kmeans_iters = kmeans_iters
         self.augment = augment
         self.seed = seed
@@ -574,13 +577,17 @@ class ActivationTuner:
         layers: Mapping[str, nn.Module],
         loss_masks: Mapping[str, Tensor],
         reference: Tensor,
+        target_rows: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """``loss = w_act * L_act + w_preserve * L_preserve [+ w_inv * L_invariance]`` (and the parts) of
         the current model on ``images`` / ``triggered``; ``reference`` holds ``F_theta0(images)``.
         ``L_invariance = ||F_theta(X') - F_theta0(X)||_F`` (the ``invariance_weight`` option) is
         ``L_preserve`` applied to the triggered batch. With several triggered batches (the inverted
         trigger and further trigger estimates) ``L_act`` and ``L_invariance`` are their means over
-        them. Runs in the caller's mode."""
+        them. ``L_target = ||F_theta(X_t) - F_theta0(X_t)||_F`` over the rows ``X_t`` of ``images`` that
+        ``target_rows`` marks (the images the suspect assigns to the identified target) is added with
+        ``target_preserve_weight`` (an option: unlearning a targeted backdoor also weakens the target
+        class itself). Runs in the caller's mode."""
         triggered_batches = [triggered] if isinstance(triggered, Tensor) else list(triggered)
         clean_acts, features = capture_activations(self.model, images, self.normalize, layers)
         act, invariance = 0.0, 0.0
@@ -603,6 +610,11 @@ class ActivationTuner:
             invariance = invariance / len(triggered_batches)
             total = total + self.invariance_weight * invariance
             out["invariance"] = invariance
+        if self.target_preserve_weight and target_rows is not None and bool(target_rows.any()):
+            rows = target_rows.to(features.device)
+            target = preserve_loss(features[rows], reference[rows], normalize=self.normalize_features)
+            total = total + self.target_preserve_weight * target
+            out["target_preserve"] = target
         return {"loss": total, **out}
 
     def _set_train_mode(self) -> None:
@@ -615,10 +627,13 @@ class ActivationTuner:
         images: Tensor,
         inverted_trigger: Callable[[Tensor], Tensor],
         extra_triggers: Sequence[Callable[[Tensor], Tensor]] = (),
+        target_rows: Tensor | None = None,
     ) -> TuningSession:
         """Select layers and neurons on ``images`` and return a :class:`TuningSession` that runs the
-        iterations one :meth:`TuningSession.step` at a time (a LightningModule's training steps)."""
-        return TuningSession(self, images, inverted_trigger, extra_triggers)
+        iterations one :meth:`TuningSession.step` at a time (a LightningModule's training steps).
+        ``target_rows``: a boolean per image, the images the suspect assigns to the target (for
+        ``target_preserve_weight``)."""
+        return TuningSession(self, images, inverted_trigger, extra_triggers, target_rows)
 
     def fit(
         self,
@@ -654,10 +669,16 @@ class TuningSession:
         images: Tensor,
         inverted_trigger: Callable[[Tensor], Tensor],
         extra_triggers: Sequence[Callable[[Tensor], Tensor]] = (),
+        target_rows: Tensor | None = None,
     ) -> None:
         if images.ndim != 4 or images.shape[0] == 0:
             raise ValueError(f"images is empty or not a B x 3 x H x W tensor: shape {tuple(images.shape)}")
+        if target_rows is not None and tuple(target_rows.shape) != (images.shape[0],):
+            raise ValueError(
+                f"target_rows must hold one flag per image ({images.shape[0]}), got shape {tuple(target_rows.shape)}"
+            )
         self.tuner = tuner
+        self.target_rows = None if target_rows is None else target_rows.bool()
         model = tuner.model
         device = model_device(model)
         self.x = images.to(device)
@@ -709,7 +730,12 @@ class TuningSession:
     def losses(self) -> dict[str, Tensor]:
         """The losses of the current model on the tuning batch (in the caller's grad mode)."""
         return self.tuner.compute_losses(
-            self.x, [self.x_triggered, *self.x_extra], self.layers, self.loss_masks, self.reference
+            self.x,
+            [self.x_triggered, *self.x_extra],
+            self.layers,
+            self.loss_masks,
+            self.reference,
+            self.target_rows,
         )
 
     def augmented_losses(self) -> dict[str, Tensor]:
@@ -729,7 +755,9 @@ class TuningSession:
                 x_triggered = [trigger(x).detach() for trigger in (self.trigger, *self.extra_triggers)]
             with eval_mode(self.frozen):
                 reference = self.frozen.encode_image(self.tuner.normalize(x))
-        return self.tuner.compute_losses(x, x_triggered, self.layers, self.loss_masks, reference)
+        return self.tuner.compute_losses(
+            x, x_triggered, self.layers, self.loss_masks, reference, self.target_rows
+        )
 
     def step(self) -> dict[str, float]:
         """One AdamW iteration (masked gradients, clipping, restore of unselected entries, schedule);
