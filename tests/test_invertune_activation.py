@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import open_clip
@@ -534,3 +535,15 @@ def test_target_preserve_term_matches_its_formula_on_the_marked_rows() -> None:
         ActivationTuner(model, normalize, target_preserve_weight=-1)
     with pytest.raises(ValueError, match=r"target_rows must hold one flag per image \(8\), got shape \(3,\)"):
         tuner.begin(x, corner_trigger(), target_rows=torch.ones(3, dtype=torch.bool))
+
+
+def test_trigger_first_with_element_masks_warns() -> None:
+    from defenses.invertune.tuning_augment import TuningAugment
+
+    model = tiny_clip("rn")
+    views = TuningAugment(flip_p=0.5, trigger_first=True)
+    with pytest.warns(UserWarning, match="trigger_first with granularity='element'"):
+        ActivationTuner(model, normalize, granularity="element", augment=views)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ActivationTuner(model, normalize, granularity="channel", augment=views)

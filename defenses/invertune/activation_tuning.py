@@ -36,6 +36,7 @@ Data: one batch ``X`` of clean images (64 in the paper) and ``X' = trigger(X)``.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -537,6 +538,14 @@ class ActivationTuner:
         self.target_preserve_weight = target_preserve_weight
         self.kmeans_iters = kmeans_iters
         self.augment = augment
+        if getattr(augment, "trigger_first", False) and granularity == "element":
+            warnings.warn(
+                "augment.trigger_first with granularity='element': the element masks are chosen on the "
+                "un-augmented batch, so a flipped or shifted trigger falls partly outside them; "
+                "granularity='channel' does not depend on the position",
+                UserWarning,
+                stacklevel=2,
+            )
         self.seed = seed
         self.callback = callback
 
