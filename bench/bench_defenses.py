@@ -36,10 +36,10 @@ from callbacks.trigger_inversion import TriggerInversion, _CleanImages
 from datamodules.defender_shapes import DefenderShapesDataModule
 from defenses.cleanclip import CleanCLIPObjective
 from defenses.frozen import FrozenCopy
-from defenses.invertune import ActivationTuner, identify_target, invert_trigger
-from defenses.invertune.tuning_augment import TuningAugment
+from defenses.invertune import identify_target, invert_trigger
 from defenses.par import PARObjective
 from defenses.victim import load_victim
+from lightning_modules.invertune import build_tuner
 from model_families.clip import create_clip, zero_shot_weights
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -164,30 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     rows["inversion"] = {"seconds": mem.seconds, "peak_mib": mem.peak_mib}
 
-    tuning_keys = (
-        "num_layers",
-        "granularity",
-        "update_scope",
-        "iterations",
-        "lr",
-        "weight_decay",
-        "grad_clip",
-        "min_lr",
-        "activation_weight",
-        "preserve_weight",
-        "freeze_bn_stats",
-        "pairing",
-        "act_denominator",
-        "update_writers",
-        "invariance_weight",
-    )
-    tuner = ActivationTuner(
-        model,
-        normalize,
-        augment=TuningAugment.from_dict(model_args.get("augment")),
-        seed=model_args.get("seed", 0),
-        **{k: model_args[k] for k in tuning_keys if k in model_args},
-    )
+    tuner = build_tuner(model, normalize, model_args)
     batch = next(iter(clean))[: model_args.get("tuning_batch_size", 64)]
     with PeakMemory(device) as mem:
         tuner.fit(batch, trigger.eval(), [uap] if model_args.get("tune_with_uap") else [])

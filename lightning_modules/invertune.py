@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -44,6 +45,39 @@ from model_families.clip.export import save_clip_export
 log = logging.getLogger(__name__)
 
 warnings.filterwarnings("ignore", message=r".*configure_optimizers` returned `None`.*")
+
+
+TUNER_KEYS = (
+    "num_layers",
+    "granularity",
+    "update_scope",
+    "update_writers",
+    "iterations",
+    "lr",
+    "weight_decay",
+    "grad_clip",
+    "min_lr",
+    "activation_weight",
+    "preserve_weight",
+    "freeze_bn_stats",
+    "pairing",
+    "act_denominator",
+    "invariance_weight",
+    "target_preserve_weight",
+    "seed",
+)
+"""The ``model`` keys of an InverTune config that are :class:`ActivationTuner` arguments of the same name."""
+
+
+def build_tuner(model: nn.Module, normalize: nn.Module, config: Mapping) -> ActivationTuner:
+    """The :class:`ActivationTuner` of an InverTune ``model`` config block (absent keys: the tuner's
+    defaults; ``augment`` becomes a :class:`TuningAugment`); the module and the benchmark share it."""
+    return ActivationTuner(
+        model,
+        normalize,
+        augment=TuningAugment.from_dict(config.get("augment")),
+        **{key: config[key] for key in TUNER_KEYS if key in config},
+    )
 
 
 class InverTuneModule(L.LightningModule):
@@ -117,28 +151,7 @@ class InverTuneModule(L.LightningModule):
         self.normalize = self.bundle.normalize
         self.frozen = FrozenCopy(self.model)  # theta0: the suspect before tuning
         self.automatic_optimization = False
-        self.tuner = ActivationTuner(
-            self.model,
-            self.normalize,
-            num_layers=num_layers,
-            granularity=granularity,
-            update_scope=update_scope,
-            update_writers=update_writers,
-            iterations=iterations,
-            lr=lr,
-            weight_decay=weight_decay,
-            grad_clip=grad_clip,
-            min_lr=min_lr,
-            activation_weight=activation_weight,
-            preserve_weight=preserve_weight,
-            freeze_bn_stats=freeze_bn_stats,
-            pairing=pairing,
-            act_denominator=act_denominator,
-            invariance_weight=invariance_weight,
-            target_preserve_weight=target_preserve_weight,
-            augment=TuningAugment.from_dict(augment),
-            seed=seed,
-        )
+        self.tuner = build_tuner(self.model, self.normalize, self.hparams)
         self.class_names: list[str] = []
         self.report_target: int | None = None  # the true target, for ASR reporting only
         self.inversion = None  # callbacks.trigger_inversion.InversionOutcome
