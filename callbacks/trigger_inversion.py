@@ -32,11 +32,12 @@ from typing import Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 from torchvision.utils import make_grid, save_image
 
-from attacks.io import atomic_write_json
+from attacks.io import atomic_write_bytes, atomic_write_json
 from defenses.invertune import (
     CornerPatchUAP,
     InvertedTrigger,
@@ -131,6 +132,16 @@ class _CleanImages:
                 images = images[self.classes(batch, images) != self.exclude]
             if images.shape[0]:
                 yield images
+
+    def size(self) -> tuple[int, tuple[int, ...]]:
+        """(number of images, shape ``C x H x W`` of one image); an empty set is a ``ValueError``."""
+        num_images, image_shape = 0, None
+        for images in self:
+            num_images += images.shape[0]
+            image_shape = tuple(images.shape[1:])
+        if num_images == 0 or image_shape is None:
+            raise ValueError("the defender's clean image set is empty: InverTune needs clean images")
+        return num_images, image_shape
 
 
 class TriggerInversion(L.Callback):
@@ -243,12 +254,7 @@ class TriggerInversion(L.Callback):
         text = pl_module.class_text_embeds()
         device = text.device
         clean = _CleanImages(loader, device)
-        num_images, image_shape = 0, None
-        for images in clean:
-            num_images += images.shape[0]
-            image_shape = tuple(images.shape[1:])
-        if num_images == 0 or image_shape is None:
-            raise ValueError("the defender's clean image set is empty: InverTune needs clean images")
+        num_images, image_shape = clean.size()
         timings: dict[str, float] = {}
 
         start = time.perf_counter()
@@ -330,13 +336,11 @@ class TriggerInversion(L.Callback):
         text = pl_module.class_text_embeds()
         device = text.device
         clean = _CleanImages(loader, device)
-        first = next(iter(clean), None)
-        if first is None:
-            raise ValueError("the defender's clean image set is empty: InverTune needs clean images")
-        if tuple(pattern.shape) != tuple(first.shape[1:]) or mask.shape[1:] != pattern.shape[1:]:
+        num_images, image_shape = clean.size()
+        if tuple(pattern.shape) != image_shape or mask.shape[1:] != pattern.shape[1:]:
             raise ValueError(
                 f"{tensors_path}: trigger of shape mask {tuple(mask.shape)} / pattern {tuple(pattern.shape)} "
-                f"does not fit this run's images {tuple(first.shape[1:])}"
+                f"does not fit this run's images {image_shape}"
             )
         trigger = InvertedTrigger(tuple(pattern.shape), mask_channels=mask.shape[0])
         with torch.no_grad():
@@ -347,10 +351,9 @@ class TriggerInversion(L.Callback):
         uap = None
         if (folder / "uap.safetensors").is_file():
             kind = report.get("config", {}).get("uap", self.uap_kind)
-            uap = self.build_uap(tuple(first.shape[-2:]), kind)
+            uap = self.build_uap(image_shape[-2:], kind)
             uap.load_state_dict(load_file(str(folder / "uap.safetensors")))
             uap.to(device).eval().requires_grad_(False)
-        num_images = sum(images.shape[0] for images in clean)
         asr = inverted_trigger_asr(pl_module.suspect_model, clean, trigger, target, text, pl_module.normalize)
         log.info("trigger loaded from %s: target %s, ASR %.3f on the suspect model", folder, target_name, asr)
         return InversionOutcome(
@@ -444,12 +447,11 @@ class TriggerInversion(L.Callback):
         )
         for name, image in images.items():
             save_image(self._upscale(image), folder / f"{name}.png")
-        save_file(
-            {"mask": mask.contiguous(), "pattern": pattern.contiguous()}, str(folder / "trigger.safetensors")
-        )
+        trigger_state = {"mask": mask.contiguous(), "pattern": pattern.contiguous()}
+        atomic_write_bytes(folder / "trigger.safetensors", save_safetensors(trigger_state))
         if outcome.uap is not None:
             uap_state = {k: v.detach().cpu().contiguous() for k, v in outcome.uap.state_dict().items()}
-            save_file(uap_state, str(folder / "uap.safetensors"))
+            atomic_write_bytes(folder / "uap.safetensors", save_safetensors(uap_state))
         trigger.to(pl_module.device)
         summary = outcome.summary(list(pl_module.class_names))
         summary["config"] = {
