@@ -17,13 +17,14 @@ few pixels off the inverted one); otherwise it is ``trigger(aug(X))`` (the trigg
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model_families.clip.robust_augment import augment_block
+from model_families.clip.robust_augment import augment_block, uniform_draw
 
 
 @dataclass(frozen=True)
@@ -55,9 +56,7 @@ class TuningAugment:
     def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
         batch, _, height, width = images.shape
         device = images.device
-
-        def draw(*shape: int) -> Tensor:
-            return torch.rand(*shape, generator=generator).to(device)
+        draw = functools.partial(uniform_draw, generator, device)
 
         out = images
         for p, dim in ((self.flip_p, -1), (self.vflip_p, -2)):

@@ -21,6 +21,7 @@ All on the images' device, from a seeded ``torch.Generator`` (CPU), so runs are 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -38,6 +39,12 @@ def augment_block(cls: type, config: dict | None, key: str = "model.augment") ->
     if unknown:
         raise ValueError(f"{key}: unknown keys {unknown}; expected some of {sorted(known)}")
     return dict(config)
+
+
+def uniform_draw(generator: torch.Generator, device: torch.device, *shape: int) -> Tensor:
+    """``U[0, 1)`` numbers drawn from a CPU ``generator`` and moved to ``device``: the same views on
+    every device for one seed (shared by the augmentations of clean training and of InverTune)."""
+    return torch.rand(*shape, generator=generator).to(device)
 
 
 @dataclass(frozen=True)
@@ -77,9 +84,7 @@ class RobustnessAugment:
         """Perturb a ``B x 3 x H x W`` batch of [0, 1] images."""
         batch, _, height, width = images.shape
         device = images.device
-
-        def draw(*shape: int) -> Tensor:
-            return torch.rand(*shape, generator=generator).to(device)
+        draw = functools.partial(uniform_draw, generator, device)
 
         out = images
         noisy = (draw(batch) < self.noise_p).view(-1, 1, 1, 1)
