@@ -126,21 +126,27 @@ def markdown(results: dict, defenses: list[str]) -> str:
     return "\n".join(lines)
 
 
+def removed(asr_after: float, ca_drop: float) -> bool:
+    """The issue's removal criterion: ASR <= 0.05 after the defense, CA dropping by at most 0.05."""
+    return asr_after <= 0.05 and ca_drop <= 0.05
+
+
 def acceptance(results: dict) -> dict:
     """The issue's acceptance counts over the attacks (embedded world)."""
     rows = [r for r in results.values() if "invertune" in r and "none" in r["scores"]]
     found = sum(r["invertune"]["target_found"] for r in rows)
-    removed = sum(
+    removed_count = sum(
         r["scores"]["none"]["asr"] >= 0.90
-        and r["scores"]["invertune"]["asr"] <= 0.05
-        and r["scores"]["none"]["ca"] - r["scores"]["invertune"]["ca"] <= 0.05
+        and removed(
+            r["scores"]["invertune"]["asr"], r["scores"]["none"]["ca"] - r["scores"]["invertune"]["ca"]
+        )
         for r in rows
     )
     reproduced = sum(r["invertune"]["inverted_asr"] >= 0.80 for r in rows)
     return {
         "attacks": len(rows),
         "target_found": found,
-        "asr_removed_ca_kept": removed,
+        "asr_removed_ca_kept": removed_count,
         "inverted_trigger_asr_ge_0.80": reproduced,
     }
 

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from defense_table import ATTACKS, attack_data_overrides, run_defense  # noqa: E402
+from defense_table import ATTACKS, attack_data_overrides, removed, run_defense  # noqa: E402
 
 from attacks.io import atomic_write_json  # noqa: E402
 
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
         cells, count = [], 0
         for attack in args.attacks:
             row = result["attacks"][attack]
-            ok = row["asr"] <= 0.05 and row["ca_drop"] <= 0.05
+            ok = removed(row["asr"], row["ca_drop"])
             count += ok
             cells.append(f"{row['asr']:.3f} / {row['ca_drop']:+.3f}{' ✓' if ok else ''}")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {count} |")

@@ -39,3 +39,30 @@ def test_the_newest_saved_inversion_is_used(sweep, tmp_path) -> None:
     assert sweep.latest_inversion(tmp_path) == tmp_path / "version_2" / "trigger_inversion"
     with pytest.raises(FileNotFoundError, match="no saved inversion"):
         sweep.latest_inversion(tmp_path / "nothing")
+
+
+def test_acceptance_counts_the_removal_criterion(sweep) -> None:
+    table = sweep.sys.modules["defense_table"]  # imported by the sweep script
+
+    def row(before_asr, before_ca, after_asr, after_ca, found=True, inverted=0.9):
+        return {
+            "scores": {
+                "none": {"asr": before_asr, "ca": before_ca},
+                "invertune": {"asr": after_asr, "ca": after_ca},
+            },
+            "invertune": {"target_found": found, "inverted_asr": inverted},
+        }
+
+    results = {
+        "kept": row(0.99, 0.96, 0.05, 0.91),  # ASR 0.05 and a drop of 0.05: both at the bound
+        "ca_lost": row(0.99, 0.96, 0.02, 0.90),  # drop 0.06
+        "asr_left": row(0.99, 0.96, 0.06, 0.96),
+        "weak_attack": row(0.80, 0.96, 0.00, 0.96, found=False, inverted=0.5),  # ASR was never >= 0.90
+    }
+    assert table.removed(0.05, 0.05) and not table.removed(0.051, 0.0) and not table.removed(0.0, 0.051)
+    assert table.acceptance(results) == {
+        "attacks": 4,
+        "target_found": 3,
+        "asr_removed_ca_kept": 1,
+        "inverted_trigger_asr_ge_0.80": 3,
+    }
