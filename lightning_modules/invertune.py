@@ -104,6 +104,11 @@ class InverTuneModule(L.LightningModule):
         target_preserve_weight: weight of an extra ``||F_theta(X_t) - F_theta0(X_t)||_F`` over the tuning-batch
             images ``X_t`` that the suspect assigns to the identified target (0: off, the paper): tuning
             against a trigger that sends images to the target also weakens the target class itself.
+        target_rows: which tuning images ``X_t`` are: those the suspect *predicts* as the target
+            (``predicted``, label-free) or those whose clean-set *label* is the target (``label``: the
+            defender's class-labelled clean images, as ``TriggerInversion.reference_source: label``; a
+            backdoor that leaks onto clean images makes the suspect predict the target for some of them,
+            and ``predicted`` would preserve that leak).
         augment: optional views of the tuning batch, a :class:`defenses.invertune.tuning_augment.TuningAugment`
             block (``flip_p``, ``vflip_p``, ``max_shift``, ``noise_std``, ``trigger_first``); ``null``: the
             batch itself (the paper).
@@ -136,6 +141,7 @@ class InverTuneModule(L.LightningModule):
         act_denominator: Literal["tuned", "constant"] = "tuned",
         invariance_weight: float = 0.0,
         target_preserve_weight: float = 0.0,
+        target_rows: Literal["predicted", "label"] = "predicted",
         augment: dict | None = None,
         tune_with_uap: bool = False,
         zero_shot_templates: str | list[str] = "embedded",
@@ -146,6 +152,8 @@ class InverTuneModule(L.LightningModule):
         self.save_hyperparameters()
         if tuning_batch_size < 1:
             raise ValueError(f"model.tuning_batch_size must be >= 1, got {tuning_batch_size}")
+        if target_rows not in ("predicted", "label"):
+            raise ValueError(f"model.target_rows must be 'predicted' or 'label', got {target_rows!r}")
         self.bundle = load_victim(victim, model_name)
         self.model = self.bundle.model
         self.normalize = self.bundle.normalize
@@ -228,12 +236,20 @@ class InverTuneModule(L.LightningModule):
         return None
 
     # --- tuning -------------------------------------------------------------------------------------
-    def tuning_batch(self) -> Tensor:
-        """``tuning_batch_size`` clean images from the datamodule's clean loader, in a seeded order."""
-        images, count = [], 0
+    def tuning_batch(self, with_labels: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """``tuning_batch_size`` clean images from the datamodule's clean loader, in a seeded order
+        (and their labels with ``with_labels``: the clean batches must then carry a ``label`` key)."""
+        images, labels, count = [], [], 0
         generator = torch.Generator().manual_seed(self.hparams.seed)
         for batch in self.trainer.datamodule.train_dataloader():
             x = _batch_images(batch, "clean images")
+            if with_labels:
+                if not isinstance(batch, dict) or "label" not in batch:
+                    raise ValueError(
+                        "model.target_rows='label' needs clean batches with a 'label' key; "
+                        f"{type(self.trainer.datamodule).__name__} gave none (use target_rows: predicted)"
+                    )
+                labels.append(torch.as_tensor(batch["label"]))
             images.append(x)
             count += x.shape[0]
             if count >= self.hparams.tuning_batch_size:
@@ -247,6 +263,8 @@ class InverTuneModule(L.LightningModule):
             )
         pool = torch.cat(images)
         keep = torch.randperm(pool.shape[0], generator=generator)[: self.hparams.tuning_batch_size]
+        if with_labels:
+            return pool[keep].to(self.device), torch.cat(labels)[keep].to(self.device)
         return pool[keep].to(self.device)
 
     def on_train_start(self) -> None:
@@ -265,16 +283,22 @@ class InverTuneModule(L.LightningModule):
                     "set --model.tune_with_uap=false to tune against the inverted trigger only"
                 )
             extra.append(self.inversion.uap.to(self.device))
-        batch = self.tuning_batch()
+        by_label = bool(self.hparams.target_preserve_weight) and self.hparams.target_rows == "label"
+        batch = self.tuning_batch(with_labels=by_label)
         target_rows = None
-        if self.hparams.target_preserve_weight:
+        if by_label:
+            batch, labels = batch
+            target_rows = labels == self.inversion.target
+        elif self.hparams.target_preserve_weight:
             with eval_mode(self.model):  # the suspect, before any tuning step
                 predicted = zero_shot_predict(self.model, batch, self.class_text_embeds(), self.normalize)
             target_rows = predicted == self.inversion.target
+        if target_rows is not None:
             log.info(
-                "activation tuning: %d of %d tuning images predicted as the target",
+                "activation tuning: %d of %d tuning images %s as the target",
                 int(target_rows.sum()),
                 len(batch),
+                "labelled" if by_label else "predicted",
             )
         self.session = self.tuner.begin(batch, self.inversion.trigger, extra, target_rows)
         selection = {

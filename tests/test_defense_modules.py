@@ -341,3 +341,35 @@ def test_tuning_with_the_uap_needs_an_identification(victim, tmp_path) -> None:
             "--trainer.callbacks.init_args.target=star",
             "--trainer.callbacks.init_args.epochs=1",
         )
+
+
+def test_target_rows_from_labels_mark_the_labelled_target_images(victim, tmp_path) -> None:
+    common = (
+        "--model.tuning_batch_size=32",
+        "--model.iterations=1",
+        "--model.tune_with_uap=false",
+        "--model.target_preserve_weight=1.0",
+        "--trainer.callbacks.init_args.target=circle",
+        "--trainer.callbacks.init_args.epochs=1",
+    )
+    cli = run_cli(
+        "invertune_clip_shapes.yaml", victim, tmp_path / "label", *common, "--model.target_rows=label"
+    )
+    session, dm = cli.model.session, cli.trainer.datamodule
+    circle = dm.class_names.index("circle")
+    # each tuning image's label, looked up in the defender's clean set itself
+    clean = torch.stack([dm.train_set[i]["image"] for i in range(len(dm.train_set))])
+    labels = torch.tensor([int(dm.train_set[i]["label"]) for i in range(len(dm.train_set))])
+    matches = (session.x.cpu()[:, None] == clean[None]).flatten(2).all(-1)
+    assert bool((matches.sum(1) == 1).all()), "every tuning image is one clean-set image"
+    expected = labels[matches.float().argmax(1)] == circle
+    assert bool(expected.any()), "the batch holds labelled circles (else the test checks nothing)"
+    assert torch.equal(session.target_rows.cpu(), expected)
+    # the same images as with predicted rows: only the marking differs
+    other = run_cli("invertune_clip_shapes.yaml", victim, tmp_path / "predicted", *common)
+    assert torch.equal(other.model.session.x, session.x)
+
+
+def test_target_rows_must_be_predicted_or_label(victim) -> None:
+    with pytest.raises(ValueError, match=r"model\.target_rows must be 'predicted' or 'label', got 'both'"):
+        InverTuneModule(victim=str(victim), target_rows="both")
