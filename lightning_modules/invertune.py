@@ -64,6 +64,8 @@ TUNER_KEYS = (
     "act_denominator",
     "invariance_weight",
     "target_preserve_weight",
+    "label_weight",
+    "label_temperature",
     "seed",
 )
 """The ``model`` keys of an InverTune config that are :class:`ActivationTuner` arguments of the same name."""
@@ -109,6 +111,9 @@ class InverTuneModule(L.LightningModule):
             defender's class-labelled clean images, as ``TriggerInversion.reference_source: label``; a
             backdoor that leaks onto clean images makes the suspect predict the target for some of them,
             and ``predicted`` would preserve that leak).
+        label_weight: weight of an extra zero-shot cross-entropy of the clean tuning images against their
+            clean-set labels (0: off, the paper); needs labelled clean batches. ``label_temperature``: its
+            temperature (CLIP's 0.07).
         augment: optional views of the tuning batch, a :class:`defenses.invertune.tuning_augment.TuningAugment`
             block (``flip_p``, ``vflip_p``, ``max_shift``, ``noise_std``, ``trigger_first``); ``null``: the
             batch itself (the paper).
@@ -142,6 +147,8 @@ class InverTuneModule(L.LightningModule):
         invariance_weight: float = 0.0,
         target_preserve_weight: float = 0.0,
         target_rows: Literal["predicted", "label"] = "predicted",
+        label_weight: float = 0.0,
+        label_temperature: float = 0.07,
         augment: dict | None = None,
         tune_with_uap: bool = False,
         zero_shot_templates: str | list[str] = "embedded",
@@ -246,8 +253,8 @@ class InverTuneModule(L.LightningModule):
             if with_labels:
                 if not isinstance(batch, dict) or "label" not in batch:
                     raise ValueError(
-                        "model.target_rows='label' needs clean batches with a 'label' key; "
-                        f"{type(self.trainer.datamodule).__name__} gave none (use target_rows: predicted)"
+                        "model.target_rows='label' and model.label_weight need clean batches with a "
+                        f"'label' key; {type(self.trainer.datamodule).__name__} gave none"
                     )
                 labels.append(torch.as_tensor(batch["label"]))
             images.append(x)
@@ -284,10 +291,12 @@ class InverTuneModule(L.LightningModule):
                 )
             extra.append(self.inversion.uap.to(self.device))
         by_label = bool(self.hparams.target_preserve_weight) and self.hparams.target_rows == "label"
-        batch = self.tuning_batch(with_labels=by_label)
-        target_rows = None
-        if by_label:
+        with_labels = by_label or bool(self.hparams.label_weight)
+        batch = self.tuning_batch(with_labels=with_labels)
+        target_rows = labels = None
+        if with_labels:
             batch, labels = batch
+        if by_label:
             target_rows = labels == self.inversion.target
         elif self.hparams.target_preserve_weight:
             with eval_mode(self.model):  # the suspect, before any tuning step
@@ -300,7 +309,14 @@ class InverTuneModule(L.LightningModule):
                 len(batch),
                 "labelled" if by_label else "predicted",
             )
-        self.session = self.tuner.begin(batch, self.inversion.trigger, extra, target_rows)
+        self.session = self.tuner.begin(
+            batch,
+            self.inversion.trigger,
+            extra,
+            target_rows,
+            labels if self.hparams.label_weight else None,
+            self.class_text_embeds() if self.hparams.label_weight else None,
+        )
         selection = {
             name: int(self.session.result.neurons[name].channel_mask.sum()) for name in self.session.layers
         }

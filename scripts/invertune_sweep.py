@@ -11,7 +11,8 @@ validation-split ASR and CA drop (the test split stays for the final table).
 A setting is ``NAME`` or ``NAME:key=value;key=value`` with ``model.init_args`` keys (YAML values);
 ``cb.KEY`` sets a ``TriggerInversion`` key instead (``cb.load_from=null`` inverts again). Prints one
 markdown table (ASR / CA drop per attack; a tick where ASR <= 0.05 and the drop <= 0.05) and writes
-``<root>/sweep.json``.
+``<root>/sweep.json``. ``--val-size 5000`` scores on more scenes of the validation stream (the default
+1000 scenes put a standard error of about 0.01 on a CA drop).
 """
 
 from __future__ import annotations
@@ -73,6 +74,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--config", default="configs/invertune_clip_shapes.yaml")
     parser.add_argument("--root", default="runs/invertune_sweep")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--val-size",
+        type=int,
+        default=None,
+        help="validation scenes to score on (default: the config's data.val_size); more scenes from "
+        "the same validation stream make the choice between settings less noisy",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     base = yaml.safe_load(Path(args.config).read_text())
@@ -92,6 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
             start = time.perf_counter()
             victim = (Path(args.models) / f"clip_shapes_{attack}" / "latest_export").resolve()
             overrides = attack_data_overrides(ROOT / "configs" / f"clip_shapes_{attack}.yaml")
+            if args.val_size is not None:
+                overrides.append(f"--data.init_args.val_size={args.val_size}")
             _, module, _ = run_defense(path, victim, root / name / attack, overrides)
             metrics = {k: float(v) for k, v in module.trainer.callback_metrics.items()}
             row = {

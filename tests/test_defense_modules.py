@@ -343,7 +343,7 @@ def test_tuning_with_the_uap_needs_an_identification(victim, tmp_path) -> None:
         )
 
 
-def test_target_rows_from_labels_mark_the_labelled_target_images(victim, tmp_path) -> None:
+def test_labelled_tuning_rows_and_the_label_term_use_the_clean_set_labels(victim, tmp_path) -> None:
     common = (
         "--model.tuning_batch_size=32",
         "--model.iterations=1",
@@ -353,7 +353,12 @@ def test_target_rows_from_labels_mark_the_labelled_target_images(victim, tmp_pat
         "--trainer.callbacks.init_args.epochs=1",
     )
     cli = run_cli(
-        "invertune_clip_shapes.yaml", victim, tmp_path / "label", *common, "--model.target_rows=label"
+        "invertune_clip_shapes.yaml",
+        victim,
+        tmp_path / "label",
+        *common,
+        "--model.target_rows=label",
+        "--model.label_weight=0.5",
     )
     session, dm = cli.model.session, cli.trainer.datamodule
     circle = dm.class_names.index("circle")
@@ -365,6 +370,8 @@ def test_target_rows_from_labels_mark_the_labelled_target_images(victim, tmp_pat
     expected = labels[matches.float().argmax(1)] == circle
     assert bool(expected.any()), "the batch holds labelled circles (else the test checks nothing)"
     assert torch.equal(session.target_rows.cpu(), expected)
+    assert torch.equal(session.labels.cpu(), labels[matches.float().argmax(1)])
+    assert "label" in session.result.history[0]
     # the same images as with predicted rows: only the marking differs
     other = run_cli("invertune_clip_shapes.yaml", victim, tmp_path / "predicted", *common)
     assert torch.equal(other.model.session.x, session.x)

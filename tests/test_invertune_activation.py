@@ -537,6 +537,35 @@ def test_target_preserve_term_matches_its_formula_on_the_marked_rows() -> None:
         tuner.begin(x, corner_trigger(), target_rows=torch.ones(3, dtype=torch.bool))
 
 
+def test_label_term_is_the_zero_shot_cross_entropy_of_the_clean_images() -> None:
+    model = tiny_clip("rn").eval()
+    x = clean_batch()
+    layers = candidate_layers(model)
+    masks = {name: torch.ones(()) for name in layers}
+    labels = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    text = torch.randn(4, model.text_projection.shape[1], generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        features = model.encode_image(normalize(x))
+        reference = features.clone()
+        tuner = ActivationTuner(model, normalize, label_weight=0.5, label_temperature=0.1)
+        got = tuner.compute_losses(x, corner_trigger()(x), layers, masks, reference, None, labels, text)
+        without = tuner.compute_losses(x, corner_trigger()(x), layers, masks, reference)
+    # reference formula, written out: -mean_i log softmax_c(cos(f_i, t_c) / T)[y_i]
+    cos = torch.stack([torch.stack([torch.cosine_similarity(f, t, dim=0) for t in text]) for f in features])
+    expected = -(cos / 0.1).log_softmax(dim=1)[torch.arange(8), labels].mean()
+    assert got["label"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert got["loss"].item() == pytest.approx(without["loss"].item() + 0.5 * expected.item(), rel=1e-5)
+    assert "label" not in without
+    with pytest.raises(ValueError, match=r"label_weight must be >= 0, got -1"):
+        ActivationTuner(model, normalize, label_weight=-1)
+    with pytest.raises(ValueError, match=r"label_temperature must be > 0, got 0"):
+        ActivationTuner(model, normalize, label_temperature=0)
+    with pytest.raises(ValueError, match=r"label_weight > 0 needs the tuning images' labels"):
+        tuner.begin(x, corner_trigger())
+    with pytest.raises(ValueError, match=r"labels must hold one class per image \(8\), got shape \(2,\)"):
+        tuner.begin(x, corner_trigger(), labels=torch.zeros(2, dtype=torch.long), class_text_embeds=text)
+
+
 def test_trigger_first_with_element_masks_warns() -> None:
     from defenses.invertune.tuning_augment import TuningAugment
 

@@ -488,6 +488,8 @@ class ActivationTuner:
         act_denominator: Denominator = "tuned",
         invariance_weight: float = 0.0,
         target_preserve_weight: float = 0.0,
+        label_weight: float = 0.0,
+        label_temperature: float = 0.07,
         kmeans_iters: int = 100,
         augment: Augmentation | None = None,
         seed: int = 0,
@@ -527,6 +529,7 @@ class ActivationTuner:
             ("preserve_weight", preserve_weight),
             ("invariance_weight", invariance_weight),
             ("target_preserve_weight", target_preserve_weight),
+            ("label_weight", label_weight),
         ):
             if weight < 0:
                 raise ValueError(f"{name} must be >= 0, got {weight}")
@@ -536,6 +539,10 @@ class ActivationTuner:
         self.act_denominator = act_denominator
         self.invariance_weight = invariance_weight
         self.target_preserve_weight = target_preserve_weight
+        if label_temperature <= 0:
+            raise ValueError(f"label_temperature must be > 0, got {label_temperature}")
+        self.label_weight = label_weight
+        self.label_temperature = label_temperature
         self.kmeans_iters = kmeans_iters
         self.augment = augment
         if getattr(augment, "trigger_first", False) and granularity == "element":
@@ -587,6 +594,8 @@ class ActivationTuner:
         loss_masks: Mapping[str, Tensor],
         reference: Tensor,
         target_rows: Tensor | None = None,
+        labels: Tensor | None = None,
+        class_text_embeds: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """``loss = w_act * L_act + w_preserve * L_preserve [+ w_inv * L_invariance]`` (and the parts) of
         the current model on ``images`` / ``triggered``; ``reference`` holds ``F_theta0(images)``.
@@ -596,7 +605,11 @@ class ActivationTuner:
         them. ``L_target = ||F_theta(X_t) - F_theta0(X_t)||_F`` over the rows ``X_t`` of ``images`` that
         ``target_rows`` marks (the images the suspect assigns to the identified target) is added with
         ``target_preserve_weight`` (an option: unlearning a targeted backdoor also weakens the target
-        class itself). Runs in the caller's mode."""
+        class itself). ``L_label = CE(cos(F_theta(X), T) / label_temperature, y)``, the zero-shot
+        cross-entropy of the clean images against their labels ``y`` over the class text embeddings
+        ``T``, is added with ``label_weight`` (an option for a defender whose clean images are labelled:
+        it holds every class' decisions, the target's included, without holding the suspect's own
+        target predictions). Runs in the caller's mode."""
         triggered_batches = [triggered] if isinstance(triggered, Tensor) else list(triggered)
         clean_acts, features = capture_activations(self.model, images, self.normalize, layers)
         act, invariance = 0.0, 0.0
@@ -624,6 +637,13 @@ class ActivationTuner:
             target = preserve_loss(features[rows], reference[rows], normalize=self.normalize_features)
             total = total + self.target_preserve_weight * target
             out["target_preserve"] = target
+        if self.label_weight and labels is not None:
+            if class_text_embeds is None:
+                raise ValueError("label_weight needs the class text embeddings")
+            logits = F.normalize(features, dim=-1) @ F.normalize(class_text_embeds.to(features), dim=-1).T
+            label = F.cross_entropy(logits / self.label_temperature, labels.to(features.device))
+            total = total + self.label_weight * label
+            out["label"] = label
         return {"loss": total, **out}
 
     def _set_train_mode(self) -> None:
@@ -637,12 +657,17 @@ class ActivationTuner:
         inverted_trigger: Callable[[Tensor], Tensor],
         extra_triggers: Sequence[Callable[[Tensor], Tensor]] = (),
         target_rows: Tensor | None = None,
+        labels: Tensor | None = None,
+        class_text_embeds: Tensor | None = None,
     ) -> TuningSession:
         """Select layers and neurons on ``images`` and return a :class:`TuningSession` that runs the
         iterations one :meth:`TuningSession.step` at a time (a LightningModule's training steps).
         ``target_rows``: a boolean per image, the images the suspect assigns to the target (for
-        ``target_preserve_weight``)."""
-        return TuningSession(self, images, inverted_trigger, extra_triggers, target_rows)
+        ``target_preserve_weight``); ``labels`` (class index per image) and ``class_text_embeds``
+        (``C x D``): for ``label_weight``."""
+        return TuningSession(
+            self, images, inverted_trigger, extra_triggers, target_rows, labels, class_text_embeds
+        )
 
     def fit(
         self,
@@ -679,6 +704,8 @@ class TuningSession:
         inverted_trigger: Callable[[Tensor], Tensor],
         extra_triggers: Sequence[Callable[[Tensor], Tensor]] = (),
         target_rows: Tensor | None = None,
+        labels: Tensor | None = None,
+        class_text_embeds: Tensor | None = None,
     ) -> None:
         if images.ndim != 4 or images.shape[0] == 0:
             raise ValueError(f"images is empty or not a B x 3 x H x W tensor: shape {tuple(images.shape)}")
@@ -688,6 +715,14 @@ class TuningSession:
             )
         self.tuner = tuner
         self.target_rows = None if target_rows is None else target_rows.bool()
+        if labels is not None and tuple(labels.shape) != (images.shape[0],):
+            raise ValueError(
+                f"labels must hold one class per image ({images.shape[0]}), got shape {tuple(labels.shape)}"
+            )
+        if tuner.label_weight and (labels is None or class_text_embeds is None):
+            raise ValueError("label_weight > 0 needs the tuning images' labels and the class text embeddings")
+        self.labels = None if labels is None else labels.long()
+        self.class_text_embeds = class_text_embeds
         model = tuner.model
         device = model_device(model)
         self.x = images.to(device)
@@ -745,6 +780,8 @@ class TuningSession:
             self.loss_masks,
             self.reference,
             self.target_rows,
+            self.labels,
+            self.class_text_embeds,
         )
 
     def augmented_losses(self) -> dict[str, Tensor]:
@@ -765,7 +802,14 @@ class TuningSession:
             with eval_mode(self.frozen):
                 reference = self.frozen.encode_image(self.tuner.normalize(x))
         return self.tuner.compute_losses(
-            x, x_triggered, self.layers, self.loss_masks, reference, self.target_rows
+            x,
+            x_triggered,
+            self.layers,
+            self.loss_masks,
+            reference,
+            self.target_rows,
+            self.labels,
+            self.class_text_embeds,
         )
 
     def step(self) -> dict[str, float]:
