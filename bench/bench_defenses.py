@@ -37,6 +37,7 @@ from datamodules.defender_shapes import DefenderShapesDataModule
 from defenses.cleanclip import CleanCLIPObjective
 from defenses.frozen import FrozenCopy
 from defenses.invertune import identify_target, invert_trigger
+from defenses.invertune.zero_shot import zero_shot_predict
 from defenses.par import PARObjective
 from defenses.victim import load_victim
 from lightning_modules.invertune import build_tuner
@@ -165,9 +166,25 @@ def main(argv: list[str] | None = None) -> dict:
     rows["inversion"] = {"seconds": mem.seconds, "peak_mib": mem.peak_mib}
 
     tuner = build_tuner(model, normalize, model_args)
-    batch = next(iter(clean))[: model_args.get("tuning_batch_size", 64)]
+    first = next(iter(loader))
+    size = model_args.get("tuning_batch_size", 64)
+    batch, labels = first["image"][:size].to(device), first["label"][:size].to(device)
+    rows = None  # the module's target rows (model.target_preserve_weight / target_rows)
+    if model_args.get("target_preserve_weight"):
+        if model_args.get("target_rows", "predicted") == "label":
+            rows = labels == target
+        else:
+            rows = zero_shot_predict(model.eval(), batch, text, normalize) == target
+    with_labels = bool(model_args.get("label_weight"))
     with PeakMemory(device) as mem:
-        tuner.fit(batch, trigger.eval(), [uap] if model_args.get("tune_with_uap") else [])
+        tuner.fit(
+            batch,
+            trigger.eval(),
+            [uap] if model_args.get("tune_with_uap") else [],
+            rows,
+            labels if with_labels else None,
+            text if with_labels else None,
+        )
     rows["tuning"] = {"seconds": mem.seconds, "peak_mib": mem.peak_mib}
 
     for name, args_, make in (

@@ -48,6 +48,16 @@ def parse_setting(text: str) -> tuple[str, dict, dict]:
     return name, model, callback
 
 
+def data_overrides(attack: str, val_size: int | None = None) -> list[str]:
+    """The CLI overrides of one attack's reporting trigger (and of the validation size, when given)."""
+    overrides = attack_data_overrides(ROOT / "configs" / f"clip_shapes_{attack}.yaml")
+    if val_size is not None:
+        if val_size < 1:
+            raise ValueError(f"--val-size must be >= 1, got {val_size}")
+        overrides.append(f"--data.init_args.val_size={val_size}")
+    return overrides
+
+
 def latest_inversion(runs: Path) -> Path:
     """The ``trigger_inversion`` folder of the newest ``version_N`` run under ``runs`` that has one."""
     found = sorted(
@@ -99,9 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
             path.write_text(yaml.safe_dump(config))
             start = time.perf_counter()
             victim = (Path(args.models) / f"clip_shapes_{attack}" / "latest_export").resolve()
-            overrides = attack_data_overrides(ROOT / "configs" / f"clip_shapes_{attack}.yaml")
-            if args.val_size is not None:
-                overrides.append(f"--data.init_args.val_size={args.val_size}")
+            overrides = data_overrides(attack, args.val_size)
             _, module, _ = run_defense(path, victim, root / name / attack, overrides)
             metrics = {k: float(v) for k, v in module.trainer.callback_metrics.items()}
             row = {

@@ -66,3 +66,11 @@ def test_acceptance_counts_the_removal_criterion(sweep) -> None:
         "asr_removed_ca_kept": 1,
         "inverted_trigger_asr_ge_0.80": 3,
     }
+
+
+def test_val_size_is_passed_to_the_data_block(sweep) -> None:
+    plain = sweep.data_overrides("sig")
+    assert "--data.init_args.attack=sig" in plain and not any("val_size" in o for o in plain)
+    assert sweep.data_overrides("sig", 5000) == [*plain, "--data.init_args.val_size=5000"]
+    with pytest.raises(ValueError, match="--val-size must be >= 1, got 0"):
+        sweep.data_overrides("sig", 0)

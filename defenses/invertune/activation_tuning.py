@@ -674,10 +674,14 @@ class ActivationTuner:
         images: Tensor,
         inverted_trigger: Callable[[Tensor], Tensor],
         extra_triggers: Sequence[Callable[[Tensor], Tensor]] = (),
+        target_rows: Tensor | None = None,
+        labels: Tensor | None = None,
+        class_text_embeds: Tensor | None = None,
     ) -> ActivationTuningResult:
         """Tune ``self.model`` in place on one clean batch ``images`` (``B x 3 x H x W``, [0, 1]);
-        ``extra_triggers``: further trigger estimates (e.g. the identification UAP) for the losses."""
-        session = self.begin(images, inverted_trigger, extra_triggers)
+        ``extra_triggers``: further trigger estimates (e.g. the identification UAP) for the losses;
+        the other arguments as in :meth:`begin`."""
+        session = self.begin(images, inverted_trigger, extra_triggers, target_rows, labels, class_text_embeds)
         try:
             for _ in range(self.iterations):
                 session.step()
