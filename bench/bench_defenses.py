@@ -169,19 +169,19 @@ def main(argv: list[str] | None = None) -> dict:
     first = next(iter(loader))
     size = model_args.get("tuning_batch_size", 64)
     batch, labels = first["image"][:size].to(device), first["label"][:size].to(device)
-    rows = None  # the module's target rows (model.target_preserve_weight / target_rows)
+    target_rows = None  # as the module marks them (model.target_preserve_weight / target_rows)
     if model_args.get("target_preserve_weight"):
         if model_args.get("target_rows", "predicted") == "label":
-            rows = labels == target
+            target_rows = labels == target
         else:
-            rows = zero_shot_predict(model.eval(), batch, text, normalize) == target
+            target_rows = zero_shot_predict(model.eval(), batch, text, normalize) == target
     with_labels = bool(model_args.get("label_weight"))
     with PeakMemory(device) as mem:
         tuner.fit(
             batch,
             trigger.eval(),
             [uap] if model_args.get("tune_with_uap") else [],
-            rows,
+            target_rows,
             labels if with_labels else None,
             text if with_labels else None,
         )
