@@ -7,6 +7,7 @@ effect, which ``scripts/defense_table.py`` measures on the real poisoned models.
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 from typing import ClassVar
@@ -380,3 +381,33 @@ def test_labelled_tuning_rows_and_the_label_term_use_the_clean_set_labels(victim
 def test_target_rows_must_be_predicted_or_label(victim) -> None:
     with pytest.raises(ValueError, match=r"model\.target_rows must be 'predicted' or 'label', got 'both'"):
         InverTuneModule(victim=str(victim), target_rows="both")
+
+
+def test_validating_during_tuning_logs_a_trajectory_and_changes_no_weight(victim, tmp_path) -> None:
+    common = (
+        "--model.tuning_batch_size=32",
+        "--model.iterations=6",
+        "--trainer.callbacks.init_args.target=circle",
+        "--trainer.callbacks.init_args.epochs=1",
+        "--model.tune_with_uap=false",
+    )
+    plain = run_cli("invertune_clip_shapes.yaml", victim, tmp_path / "plain", *common)
+    watched = run_cli(
+        "invertune_clip_shapes.yaml",
+        victim,
+        tmp_path / "watched",
+        *common,
+        "--trainer.val_check_interval=2",
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.save_dir={tmp_path / 'logs'}",
+    )
+    (metrics,) = (tmp_path / "logs").rglob("metrics.csv")
+    with metrics.open() as handle:
+        steps = [row["step"] for row in csv.DictReader(handle) if row.get("val/ca")]
+    assert len(steps) >= 3, f"validation ran at steps {steps} only"  # every 2 of 6 steps, then the end
+    for cli in (plain, watched):
+        assert cli.model.tuning_result.best_iteration >= 0
+    first = load_file(str(Path(plain.trainer.mmbackdoor_export) / "model.safetensors"))
+    second = load_file(str(Path(watched.trainer.mmbackdoor_export) / "model.safetensors"))
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first), "validating moved the tuned weights"
