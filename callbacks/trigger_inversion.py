@@ -47,6 +47,7 @@ from defenses.invertune import (
     invert_trigger,
     inverted_trigger_asr,
 )
+from defenses.invertune.warp_inversion import InvertedWarp, invert_warp
 from defenses.invertune.zero_shot import _batch_images, zero_shot_predict
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,10 @@ class InversionOutcome:
     uap: nn.Module | None = None
     """The fitted universal perturbation of step 1 (``None`` with a given target); activation tuning
     may use it as a second trigger estimate (``model.tune_with_uap``)."""
+    warp: InvertedWarp | None = None
+    """A fitted warp trigger estimate (``warp_epochs > 0``; ``model.tune_with_warp``), else ``None``."""
+    warp_asr: float | None = None
+    """ASR of the warp on the suspect model (as ``inverted_asr``)."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds per stage (``identification``, ``inversion``) and peak CUDA memory when on a GPU."""
 
@@ -98,6 +103,12 @@ class InversionOutcome:
             )
         if self.trigger.history:
             out["inversion_final"] = self.trigger.history[-1]
+        if self.warp is not None:
+            out["warp"] = {
+                "asr": self.warp_asr,
+                "grid": int(self.warp.control.shape[-1]),
+                "displacement_px": float(self.warp.displacement_px()),
+            }
         return out
 
 
@@ -163,6 +174,11 @@ class TriggerInversion(L.Callback):
             images to invert on: ``"predicted"`` (the suspect's zero-shot predictions: no labels
             needed) or ``"label"`` (the clean set's labels).
         max_reference_images: reference images kept for ``L_emb``.
+        warp_epochs: > 0 also fits a warp trigger estimate for ``warp_epochs`` epochs over the clean
+            non-target images (:func:`defenses.invertune.warp_inversion.invert_warp`; not in the paper:
+            a WaNet-style warp is no mask and pattern); 0 (default) does not.
+        warp_grid, warp_lr, warp_displacement_weight: the warp's control grid size (WaNet's k = 4), Adam
+            learning rate and weight of its mean displacement in pixels.
         seed: seeds the UAP and trigger initialisations.
         image_scale: nearest-neighbour upscaling of the saved PNGs (small images stay visible).
         load_from: a previous run's ``trigger_inversion`` folder (``trigger.safetensors`` +
@@ -196,6 +212,10 @@ class TriggerInversion(L.Callback):
         noise_std: float = 0.0,
         reference_source: ReferenceSource = "predicted",
         max_reference_images: int = 64,
+        warp_epochs: int = 0,
+        warp_grid: int = 4,
+        warp_lr: float = 0.01,
+        warp_displacement_weight: float = 0.1,
         seed: int = 0,
         image_scale: int = 4,
         dirname: str = "trigger_inversion",
@@ -207,6 +227,14 @@ class TriggerInversion(L.Callback):
             raise ValueError(f"reference_source must be 'predicted' or 'label', got {reference_source!r}")
         if max_reference_images < 1:
             raise ValueError(f"max_reference_images must be >= 1, got {max_reference_images}")
+        if warp_epochs < 0:
+            raise ValueError(f"warp_epochs must be >= 0 (0: no warp estimate), got {warp_epochs}")
+        self.warp = {
+            "epochs": warp_epochs,
+            "grid": warp_grid,
+            "lr": warp_lr,
+            "displacement_weight": warp_displacement_weight,
+        }
         self.target = target
         self.uap_kind = uap
         self.uap_fit = {
@@ -299,6 +327,9 @@ class TriggerInversion(L.Callback):
         timings.update(_peak_memory(device, "inversion"))
         asr = inverted_trigger_asr(model, clean, trigger, target, text, normalize)
         log.info("inverted trigger: ASR %.3f on the suspect model, mask L1 %.1f", asr, trigger.mask.sum())
+        warp, warp_asr = None, None
+        if self.warp["epochs"] > 0:
+            warp, warp_asr = self.fit_warp(pl_module, clean, non_target, target, timings)
         return InversionOutcome(
             target=target,
             target_name=class_names[target],
@@ -308,12 +339,34 @@ class TriggerInversion(L.Callback):
             num_clean_images=num_images,
             num_reference_images=int(references.shape[0]),
             uap=uap,
+            warp=warp,
+            warp_asr=warp_asr,
             timings=timings,
         )
 
+    def fit_warp(
+        self, pl_module: L.LightningModule, clean, non_target, target: int, timings: dict[str, float]
+    ) -> tuple[InvertedWarp, float]:
+        """The warp trigger estimate (``warp_epochs > 0``) on the non-target images, and its ASR."""
+        model, normalize, text = pl_module.suspect_model, pl_module.normalize, pl_module.class_text_embeds()
+        _, image_shape = clean.size()
+        start = time.perf_counter()
+        warp = invert_warp(
+            model, non_target, target, text, normalize, tuple(image_shape[-2:]), seed=self.seed, **self.warp
+        )
+        timings["warp_s"] = time.perf_counter() - start
+        asr = inverted_trigger_asr(model, clean, warp, target, text, normalize)
+        log.info(
+            "inverted warp: ASR %.3f on the suspect model, mean displacement %.2f px",
+            asr,
+            float(warp.displacement_px()),
+        )
+        return warp, asr
+
     def load(self, pl_module: L.LightningModule, loader: Iterable) -> InversionOutcome:
         """The target and trigger saved by an earlier run in ``load_from`` (steps 1 and 2 skipped);
-        the trigger's ASR is measured again on this run's clean images."""
+        the trigger's ASR is measured again on this run's clean images. A saved warp
+        (``warp.safetensors``) is loaded too; without one, ``warp_epochs > 0`` fits it now."""
         folder = Path(self.load_from)
         if folder.is_file():
             folder = folder.parent
@@ -356,6 +409,25 @@ class TriggerInversion(L.Callback):
             uap.to(device).eval().requires_grad_(False)
         asr = inverted_trigger_asr(pl_module.suspect_model, clean, trigger, target, text, pl_module.normalize)
         log.info("trigger loaded from %s: target %s, ASR %.3f on the suspect model", folder, target_name, asr)
+        warp, warp_asr, timings = None, None, {}
+        if (folder / "warp.safetensors").is_file():
+            control = load_file(str(folder / "warp.safetensors"))["control"]
+            warp = InvertedWarp(image_shape[-2:], grid=control.shape[-1])
+            with torch.no_grad():
+                warp.control.copy_(control)
+            warp.to(device).eval().requires_grad_(False)
+            warp_asr = inverted_trigger_asr(
+                pl_module.suspect_model, clean, warp, target, text, pl_module.normalize
+            )
+        elif self.warp["epochs"] > 0:
+            by_class = {
+                "model": pl_module.suspect_model,
+                "text": text,
+                "normalize": pl_module.normalize,
+                "source": self.reference_source,
+            }
+            non_target = _CleanImages(loader, device, exclude=target, **by_class)
+            warp, warp_asr = self.fit_warp(pl_module, clean, non_target, target, timings)
         return InversionOutcome(
             target=target,
             target_name=target_name,
@@ -365,6 +437,9 @@ class TriggerInversion(L.Callback):
             num_clean_images=num_images,
             num_reference_images=int(report.get("num_reference_images", 0)),
             uap=uap,
+            warp=warp,
+            warp_asr=warp_asr,
+            timings=timings,
         )
 
     def reference_images(self, loader: Iterable, device: torch.device, target: int, by_class: dict) -> Tensor:
@@ -452,6 +527,15 @@ class TriggerInversion(L.Callback):
         if outcome.uap is not None:
             uap_state = {k: v.detach().cpu().contiguous() for k, v in outcome.uap.state_dict().items()}
             atomic_write_bytes(folder / "uap.safetensors", save_safetensors(uap_state))
+        if outcome.warp is not None:
+            warp_state = {"control": outcome.warp.control.detach().cpu().contiguous()}
+            atomic_write_bytes(folder / "warp.safetensors", save_safetensors(warp_state))
+            warped = outcome.warp.cpu()(examples)
+            save_image(
+                self._upscale(make_grid(torch.cat([examples, warped]), nrow=examples.shape[0], padding=1)),
+                folder / "warp_examples.png",
+            )
+            outcome.warp.to(pl_module.device)
         trigger.to(pl_module.device)
         summary = outcome.summary(list(pl_module.class_names))
         summary["config"] = {
@@ -459,6 +543,7 @@ class TriggerInversion(L.Callback):
             "uap_fit": self.uap_fit,
             "inversion": self.inversion,
             "reference_source": self.reference_source,
+            "warp": self.warp,
             "oracle_target": self.target,
             "loaded_from": self.load_from,
         }
@@ -470,6 +555,8 @@ class TriggerInversion(L.Callback):
         }
         if outcome.identification is not None:
             scalars["identify/margin"] = outcome.identification.margin
+        if outcome.warp_asr is not None:
+            scalars["invert/warp_asr"] = outcome.warp_asr
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=0)
             if hasattr(logger, "log_image"):

@@ -120,6 +120,9 @@ class InverTuneModule(L.LightningModule):
         tune_with_uap: also tune against the identification UAP (step 1's universal perturbation, which
             sends most clean images to the target) as a second trigger estimate: ``L_act`` and
             ``L_invariance`` become means over the two triggered batches. Not in the paper; off by default.
+        tune_with_warp: also tune against the warp trigger estimate of ``TriggerInversion`` (its
+            ``warp_epochs > 0``; for WaNet-style warps, which a mask and pattern cannot express). Not in the
+            paper; off by default.
         zero_shot_templates: prompt templates of the zero-shot head (``embedded``, ``imagenet80``, a list).
         exclude_target_class: ASR ignores evaluation images whose true class is the target.
         seed: seeds the choice of the tuning batch and the augmented views.
@@ -151,6 +154,7 @@ class InverTuneModule(L.LightningModule):
         label_temperature: float = 0.07,
         augment: dict | None = None,
         tune_with_uap: bool = False,
+        tune_with_warp: bool = False,
         zero_shot_templates: str | list[str] = "embedded",
         exclude_target_class: bool = True,
         seed: int = 0,
@@ -290,6 +294,14 @@ class InverTuneModule(L.LightningModule):
                     "set --model.tune_with_uap=false to tune against the inverted trigger only"
                 )
             extra.append(self.inversion.uap.to(self.device))
+        if self.hparams.tune_with_warp:
+            if self.inversion.warp is None:
+                raise ValueError(
+                    "model.tune_with_warp needs a warp trigger estimate: set "
+                    "--trainer.callbacks.init_args.warp_epochs to a positive number of epochs "
+                    "(or --model.tune_with_warp=false)"
+                )
+            extra.append(self.inversion.warp.to(self.device))
         by_label = bool(self.hparams.target_preserve_weight) and self.hparams.target_rows == "label"
         with_labels = by_label or bool(self.hparams.label_weight)
         batch = self.tuning_batch(with_labels=with_labels)

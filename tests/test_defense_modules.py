@@ -411,3 +411,44 @@ def test_validating_during_tuning_logs_a_trajectory_and_changes_no_weight(victim
     second = load_file(str(Path(watched.trainer.mmbackdoor_export) / "model.safetensors"))
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first), "validating moved the tuned weights"
+
+
+def test_warp_estimate_is_fitted_saved_reloaded_and_tuned_against(victim, tmp_path) -> None:
+    common = ("--model.tuning_batch_size=32", "--model.iterations=1", "--model.tune_with_uap=false")
+    first = run_cli(
+        "invertune_clip_shapes.yaml",
+        victim,
+        tmp_path / "first",
+        *common,
+        "--trainer.callbacks.init_args.target=circle",
+        "--trainer.callbacks.init_args.epochs=1",
+        "--trainer.callbacks.init_args.warp_epochs=1",
+        "--model.tune_with_warp=true",
+    )
+    outcome = first.model.inversion
+    assert outcome.warp is not None and 0.0 <= outcome.warp_asr <= 1.0
+    assert first.model.session.extra_triggers == [outcome.warp]
+    saved = Path(first.trainer.default_root_dir) / "trigger_inversion"
+    report = json.loads((saved / "report.json").read_text())
+    assert report["warp"]["grid"] == 4 and report["config"]["warp"]["epochs"] == 1
+    assert (saved / "warp.safetensors").is_file() and (saved / "warp_examples.png").is_file()
+    second = run_cli(
+        "invertune_clip_shapes.yaml",
+        victim,
+        tmp_path / "second",
+        *common,
+        f"--trainer.callbacks.init_args.load_from={saved}",
+        "--model.tune_with_warp=true",
+    )
+    assert torch.equal(second.model.inversion.warp.control.cpu(), outcome.warp.control.cpu())
+    assert second.model.inversion.warp_asr == pytest.approx(outcome.warp_asr)
+    with pytest.raises(ValueError, match="tune_with_warp needs a warp trigger estimate"):
+        run_cli(
+            "invertune_clip_shapes.yaml",
+            victim,
+            tmp_path / "third",
+            *common,
+            "--trainer.callbacks.init_args.target=circle",
+            "--trainer.callbacks.init_args.epochs=1",
+            "--model.tune_with_warp=true",
+        )
