@@ -37,6 +37,7 @@ from datamodules.defender_shapes import DefenderShapesDataModule
 from defenses.cleanclip import CleanCLIPObjective
 from defenses.frozen import FrozenCopy
 from defenses.invertune import identify_target, invert_trigger
+from defenses.invertune.warp_inversion import invert_warp
 from defenses.invertune.zero_shot import zero_shot_predict
 from defenses.par import PARObjective
 from defenses.victim import load_victim
@@ -163,7 +164,15 @@ def main(argv: list[str] | None = None) -> dict:
         trigger = invert_trigger(
             model, non_target, target, text, references, normalize, seed=callback.seed, **callback.inversion
         )
+        warp = None
+        if callback.warp["epochs"] > 0:  # the optional warp estimate counts as part of the inversion
+            size = (data_args["image_size"],) * 2
+            warp = invert_warp(
+                model, non_target, target, text, normalize, size, seed=callback.seed, **callback.warp
+            )
     rows["inversion"] = {"seconds": mem.seconds, "peak_mib": mem.peak_mib}
+    if model_args.get("tune_with_warp") and warp is None:
+        raise ValueError("model.tune_with_warp needs TriggerInversion.warp_epochs > 0 in the config")
 
     tuner = build_tuner(model, normalize, model_args)
     first = next(iter(loader))
@@ -180,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
         tuner.fit(
             batch,
             trigger.eval(),
-            [uap] if model_args.get("tune_with_uap") else [],
+            [uap] * bool(model_args.get("tune_with_uap")) + [warp] * bool(model_args.get("tune_with_warp")),
             target_rows,
             labels if with_labels else None,
             text if with_labels else None,
