@@ -41,7 +41,7 @@ from defenses.invertune.warp_inversion import invert_warp
 from defenses.invertune.zero_shot import zero_shot_predict
 from defenses.par import PARObjective
 from defenses.victim import load_victim
-from lightning_modules.invertune import build_tuner
+from lightning_modules.invertune import build_tuner, tuning_target_rows
 from model_families.clip import create_clip, zero_shot_weights
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -178,12 +178,9 @@ def main(argv: list[str] | None = None) -> dict:
     first = next(iter(loader))
     size = model_args.get("tuning_batch_size", 64)
     batch, labels = first["image"][:size].to(device), first["label"][:size].to(device)
-    target_rows = None  # as the module marks them (model.target_preserve_weight / target_rows)
-    if model_args.get("target_preserve_weight"):
-        if model_args.get("target_rows", "predicted") == "label":
-            target_rows = labels == target
-        else:
-            target_rows = zero_shot_predict(model.eval(), batch, text, normalize) == target
+    target_rows = tuning_target_rows(
+        model_args, target, labels, lambda: zero_shot_predict(model.eval(), batch, text, normalize)
+    )
     with_labels = bool(model_args.get("label_weight"))
     with PeakMemory(device) as mem:
         tuner.fit(

@@ -329,7 +329,9 @@ class TriggerInversion(L.Callback):
         log.info("inverted trigger: ASR %.3f on the suspect model, mask L1 %.1f", asr, trigger.mask.sum())
         warp, warp_asr = None, None
         if self.warp["epochs"] > 0:
-            warp, warp_asr = self.fit_warp(pl_module, clean, non_target, target, timings)
+            warp, warp_asr = self.fit_warp(
+                pl_module, clean, non_target, target, tuple(image_shape[-2:]), timings
+            )
         return InversionOutcome(
             target=target,
             target_name=class_names[target],
@@ -345,15 +347,19 @@ class TriggerInversion(L.Callback):
         )
 
     def fit_warp(
-        self, pl_module: L.LightningModule, clean, non_target, target: int, timings: dict[str, float]
+        self,
+        pl_module: L.LightningModule,
+        clean,
+        non_target,
+        target: int,
+        image_hw: tuple[int, int],
+        timings: dict[str, float],
     ) -> tuple[InvertedWarp, float]:
-        """The warp trigger estimate (``warp_epochs > 0``) on the non-target images, and its ASR."""
+        """The warp trigger estimate (``warp_epochs > 0``) for ``image_hw`` images on the non-target
+        images, and its ASR on all clean images."""
         model, normalize, text = pl_module.suspect_model, pl_module.normalize, pl_module.class_text_embeds()
-        _, image_shape = clean.size()
         start = time.perf_counter()
-        warp = invert_warp(
-            model, non_target, target, text, normalize, tuple(image_shape[-2:]), seed=self.seed, **self.warp
-        )
+        warp = invert_warp(model, non_target, target, text, normalize, image_hw, seed=self.seed, **self.warp)
         timings["warp_s"] = time.perf_counter() - start
         asr = inverted_trigger_asr(model, clean, warp, target, text, normalize)
         log.info(
@@ -427,7 +433,9 @@ class TriggerInversion(L.Callback):
                 "source": self.reference_source,
             }
             non_target = _CleanImages(loader, device, exclude=target, **by_class)
-            warp, warp_asr = self.fit_warp(pl_module, clean, non_target, target, timings)
+            warp, warp_asr = self.fit_warp(
+                pl_module, clean, non_target, target, tuple(image_shape[-2:]), timings
+            )
         return InversionOutcome(
             target=target,
             target_name=target_name,

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -80,6 +80,19 @@ def build_tuner(model: nn.Module, normalize: nn.Module, config: Mapping) -> Acti
         augment=TuningAugment.from_dict(config.get("augment")),
         **{key: config[key] for key in TUNER_KEYS if key in config},
     )
+
+
+def tuning_target_rows(
+    config: Mapping, target: int, labels: Tensor | None, predict: Callable[[], Tensor]
+) -> Tensor | None:
+    """The tuning images that ``target_preserve_weight`` holds (``None`` when it is off): those whose
+    ``labels`` are ``target`` (``target_rows: label``) or those the suspect predicts as it (``predicted``;
+    ``predict()`` gives the suspect's zero-shot classes of the batch). The module and the benchmark share it."""
+    if not config.get("target_preserve_weight"):
+        return None
+    if config.get("target_rows", "predicted") == "label":
+        return labels == target
+    return predict() == target
 
 
 class InverTuneModule(L.LightningModule):
@@ -305,15 +318,15 @@ class InverTuneModule(L.LightningModule):
         by_label = bool(self.hparams.target_preserve_weight) and self.hparams.target_rows == "label"
         with_labels = by_label or bool(self.hparams.label_weight)
         batch = self.tuning_batch(with_labels=with_labels)
-        target_rows = labels = None
+        labels = None
         if with_labels:
             batch, labels = batch
-        if by_label:
-            target_rows = labels == self.inversion.target
-        elif self.hparams.target_preserve_weight:
+
+        def predict() -> Tensor:
             with eval_mode(self.model):  # the suspect, before any tuning step
-                predicted = zero_shot_predict(self.model, batch, self.class_text_embeds(), self.normalize)
-            target_rows = predicted == self.inversion.target
+                return zero_shot_predict(self.model, batch, self.class_text_embeds(), self.normalize)
+
+        target_rows = tuning_target_rows(self.hparams, self.inversion.target, labels, predict)
         if target_rows is not None:
             log.info(
                 "activation tuning: %d of %d tuning images %s as the target",

@@ -17,14 +17,6 @@ BAND, LEFT, RIGHT = (
 )  # clean images hold a soft vertical band at column 10; the backdoor wants it at 13
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class ToyWarpModel(nn.Module):
     """Classes 0, 1, 3 follow the mean red, green and blue values; class 2 ("target") lights up when
     column 13 is brighter than column 7 (by 0.1 or more): on clean images the band at column 10 lights
