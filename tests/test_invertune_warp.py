@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from callbacks.trigger_inversion import TriggerInversion
 from defenses.invertune import inverted_trigger_asr
 from defenses.invertune.warp_inversion import InvertedWarp, invert_warp
 
@@ -87,3 +88,9 @@ def test_warp_errors_name_the_value() -> None:
         invert_warp(model, [torch.rand(2, 3, 8, 8)], TARGET, text, nn.Identity(), (8, 8), epochs=0)
     with pytest.raises(ValueError, match="the clean non-target set is empty"):
         invert_warp(model, [], TARGET, text, nn.Identity(), (8, 8), epochs=1)
+    with pytest.raises(ValueError, match=r"displacement weight must be >= 0, got -0\.1"):
+        invert_warp(
+            model, [torch.rand(2, 3, 8, 8)], TARGET, text, nn.Identity(), (8, 8), displacement_weight=-0.1
+        )
+    with pytest.raises(ValueError, match=r"warp_epochs must be >= 0 \(0: no warp estimate\), got -1"):
+        TriggerInversion(warp_epochs=-1)
