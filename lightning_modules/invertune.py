@@ -57,6 +57,7 @@ TUNER_KEYS = (
     "weight_decay",
     "grad_clip",
     "min_lr",
+    "warmup_iterations",
     "activation_weight",
     "preserve_weight",
     "freeze_bn_stats",
@@ -111,6 +112,8 @@ class InverTuneModule(L.LightningModule):
         update_writers: with ``update_scope="neurons"``, the selected rows of the layer's own block only
             (``last``) or of every block adding into the same residual channels (``all``: the stage's
             earlier bottlenecks, the earlier ViT blocks); the same on a one-block-per-stage model.
+        warmup_iterations: linear learning-rate warm-up steps before the cosine decay (0: none, the
+            paper); :func:`defenses.invertune.activation_tuning.tuning_schedule`.
         pairing: ``L_act`` on batch means (``batch_mean``, the paper) or per image pair (``per_sample``).
         act_denominator: ``tuned`` (the paper and the code: gradients also flow through the denominator of
             ``L_act``, so the ratio can fall by inflating the selected neurons' clean activations) or
@@ -155,6 +158,7 @@ class InverTuneModule(L.LightningModule):
         weight_decay: float = 1e-4,
         grad_clip: float = 1.0,
         min_lr: float = 1e-7,
+        warmup_iterations: int = 0,
         activation_weight: float = 1.0,
         preserve_weight: float = 0.5,
         freeze_bn_stats: bool = True,

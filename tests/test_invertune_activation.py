@@ -25,6 +25,7 @@ from defenses.invertune import (
     select_layers,
     select_neurons,
 )
+from defenses.invertune.activation_tuning import tuning_schedule
 
 TEXT_CFG = {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 4, "layers": 1}
 RN_CFG = {"image_size": 32, "layers": (1, 1, 1, 1), "width": 16}
@@ -337,6 +338,35 @@ def test_tuning_keeps_the_lowest_loss_state() -> None:
     assert losses["loss"].item() == pytest.approx(result.best_loss, rel=1e-5)
 
 
+def _schedule_lrs(iterations: int, min_lr: float, warmup: int, lr: float = 0.1) -> list[float]:
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=lr)
+    scheduler = tuning_schedule(optimizer, iterations, min_lr, warmup)
+    lrs = []
+    for _ in range(iterations):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+def test_tuning_schedule_is_the_cosine_after_a_linear_warmup() -> None:
+    lr, min_lr, iterations = 0.1, 1e-3, 10
+    plain = _schedule_lrs(iterations, min_lr, 0)
+    for i, value in enumerate(plain):  # CosineAnnealingLR's closed form
+        assert value == pytest.approx(min_lr + (lr - min_lr) * (1 + math.cos(math.pi * i / iterations)) / 2)
+    warm = _schedule_lrs(iterations, min_lr, 4)
+    assert warm[:4] == pytest.approx([lr * (i + 1) / 5 for i in range(4)])
+    for i in range(4, iterations):
+        progress = (i - 4) / (iterations - 4)
+        assert warm[i] == pytest.approx(min_lr + (lr - min_lr) * (1 + math.cos(math.pi * progress)) / 2)
+    assert warm[4] == pytest.approx(lr) and max(warm) == pytest.approx(lr)
+    records = []
+    ActivationTuner(
+        tiny_clip("rn"), normalize, iterations=6, lr=1e-2, warmup_iterations=2, callback=records.append
+    ).fit(clean_batch(), corner_trigger())
+    assert [r["lr"] for r in records] == pytest.approx(_schedule_lrs(6, 1e-7, 2, lr=1e-2))
+
+
 def test_model_code_scope_updates_the_whole_image_tower_only() -> None:
     model = tiny_clip("rn")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -374,6 +404,8 @@ def test_tuner_argument_errors() -> None:
         ActivationTuner(model, normalize, act_denominator="x")
     with pytest.raises(ValueError, match="update_writers must be 'last' or 'all', got 'x'"):
         ActivationTuner(model, normalize, update_writers="x")
+    with pytest.raises(ValueError, match=r"warmup_iterations must be >= 0 and below iterations \(5\), got 5"):
+        ActivationTuner(model, normalize, iterations=5, warmup_iterations=5)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ Data: one batch ``X`` of clean images (64 in the paper) and ``X' = trigger(X)``.
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -480,6 +481,7 @@ class ActivationTuner:
         weight_decay: float = 1e-4,
         grad_clip: float = 1.0,
         min_lr: float = 1e-7,
+        warmup_iterations: int = 0,
         activation_weight: float = 1.0,
         preserve_weight: float = 0.5,
         freeze_bn_stats: bool = True,
@@ -518,6 +520,11 @@ class ActivationTuner:
         self.weight_decay = weight_decay
         self.grad_clip = grad_clip
         self.min_lr = min_lr
+        if not 0 <= warmup_iterations < iterations:
+            raise ValueError(
+                f"warmup_iterations must be >= 0 and below iterations ({iterations}), got {warmup_iterations}"
+            )
+        self.warmup_iterations = warmup_iterations
         self.activation_weight = activation_weight
         self.preserve_weight = preserve_weight
         self.freeze_bn_stats = freeze_bn_stats
@@ -690,6 +697,26 @@ class ActivationTuner:
             session.close()
 
 
+def tuning_schedule(
+    optimizer: torch.optim.Optimizer, iterations: int, min_lr: float, warmup_iterations: int = 0
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """The tuning learning rate: cosine decay from the base ``lr`` to ``min_lr`` over ``iterations``
+    (the paper, the authors' code); with ``warmup_iterations = w > 0`` (an option, not in the paper)
+    step ``i < w`` uses ``lr * (i + 1) / (w + 1)`` and the cosine runs over the remaining
+    ``iterations - w`` steps: ``min_lr + (lr - min_lr) * (1 + cos(pi * (i - w) / (iterations - w))) / 2``."""
+    if warmup_iterations == 0:
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iterations, eta_min=min_lr)
+    base = optimizer.param_groups[0]["lr"]
+
+    def factor(i: int) -> float:
+        if i < warmup_iterations:
+            return (i + 1) / (warmup_iterations + 1)
+        progress = (i - warmup_iterations) / (iterations - warmup_iterations)
+        return (min_lr + (base - min_lr) * (1 + math.cos(math.pi * progress)) / 2) / base
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 class TuningSession:
     """One activation-tuning run of an :class:`ActivationTuner`, driven step by step.
 
@@ -761,9 +788,7 @@ class TuningSession:
         for name, p in self.params.items():
             p.requires_grad_(name in self.masks)
         self.optimizer = torch.optim.AdamW(self.trainable, lr=tuner.lr, weight_decay=tuner.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            self.optimizer, T_max=tuner.iterations, eta_min=tuner.min_lr
-        )
+        self.scheduler = tuning_schedule(self.optimizer, tuner.iterations, tuner.min_lr, tuner.warmup_iterations)
 
     @property
     def done(self) -> bool:
