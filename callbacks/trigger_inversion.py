@@ -229,6 +229,12 @@ class TriggerInversion(L.Callback):
             raise ValueError(f"max_reference_images must be >= 1, got {max_reference_images}")
         if warp_epochs < 0:
             raise ValueError(f"warp_epochs must be >= 0 (0: no warp estimate), got {warp_epochs}")
+        if warp_grid < 2:
+            raise ValueError(f"warp_grid must be >= 2 (control points per side), got {warp_grid}")
+        if warp_lr <= 0:
+            raise ValueError(f"warp_lr must be > 0, got {warp_lr}")
+        if warp_displacement_weight < 0:
+            raise ValueError(f"warp_displacement_weight must be >= 0, got {warp_displacement_weight}")
         self.warp = {
             "epochs": warp_epochs,
             "grid": warp_grid,

@@ -94,3 +94,12 @@ def test_warp_errors_name_the_value() -> None:
         )
     with pytest.raises(ValueError, match=r"warp_epochs must be >= 0 \(0: no warp estimate\), got -1"):
         TriggerInversion(warp_epochs=-1)
+    with pytest.raises(ValueError, match=r"learning rate must be > 0, got 0\.0"):
+        invert_warp(model, [torch.rand(2, 3, 8, 8)], TARGET, text, nn.Identity(), (8, 8), lr=0.0)
+    # the callback checks its warp keys when it is built, not only once the warp is fitted
+    with pytest.raises(ValueError, match=r"warp_grid must be >= 2 \(control points per side\), got 1"):
+        TriggerInversion(warp_grid=1)
+    with pytest.raises(ValueError, match=r"warp_lr must be > 0, got -0\.01"):
+        TriggerInversion(warp_lr=-0.01)
+    with pytest.raises(ValueError, match=r"warp_displacement_weight must be >= 0, got -1"):
+        TriggerInversion(warp_displacement_weight=-1)

@@ -93,6 +93,8 @@ def invert_warp(
         raise ValueError(f"warp epochs must be >= 1, got {epochs}")
     if displacement_weight < 0:
         raise ValueError(f"the warp's displacement weight must be >= 0, got {displacement_weight}")
+    if lr <= 0:
+        raise ValueError(f"the warp's learning rate must be > 0, got {lr}")
     device = class_text_embeds.device
     warp = InvertedWarp(image_size, grid=grid, seed=seed).to(device)
     optimizer = torch.optim.Adam(warp.parameters(), lr=lr)
