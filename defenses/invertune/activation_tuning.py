@@ -788,7 +788,9 @@ class TuningSession:
         for name, p in self.params.items():
             p.requires_grad_(name in self.masks)
         self.optimizer = torch.optim.AdamW(self.trainable, lr=tuner.lr, weight_decay=tuner.weight_decay)
-        self.scheduler = tuning_schedule(self.optimizer, tuner.iterations, tuner.min_lr, tuner.warmup_iterations)
+        self.scheduler = tuning_schedule(
+            self.optimizer, tuner.iterations, tuner.min_lr, tuner.warmup_iterations
+        )
 
     @property
     def done(self) -> bool:
