@@ -67,6 +67,7 @@ TUNER_KEYS = (
     "target_preserve_weight",
     "label_weight",
     "label_temperature",
+    "spare_target_ratio",
     "seed",
 )
 """The ``model`` keys of an InverTune config that are :class:`ActivationTuner` arguments of the same name."""
@@ -86,10 +87,11 @@ def build_tuner(model: nn.Module, normalize: nn.Module, config: Mapping) -> Acti
 def tuning_target_rows(
     config: Mapping, target: int, labels: Tensor | None, predict: Callable[[], Tensor]
 ) -> Tensor | None:
-    """The tuning images that ``target_preserve_weight`` holds (``None`` when it is off): those whose
-    ``labels`` are ``target`` (``target_rows: label``) or those the suspect predicts as it (``predicted``;
-    ``predict()`` gives the suspect's zero-shot classes of the batch). The module and the benchmark share it."""
-    if not config.get("target_preserve_weight"):
+    """The tuning images that ``target_preserve_weight`` holds and ``spare_target_ratio`` compares
+    (``None`` when both are off): those whose ``labels`` are ``target`` (``target_rows: label``) or those
+    the suspect predicts as it (``predicted``; ``predict()`` gives the suspect's zero-shot classes of the
+    batch). The module and the benchmark share it."""
+    if not config.get("target_preserve_weight") and config.get("spare_target_ratio") is None:
         return None
     if config.get("target_rows", "predicted") == "label":
         return labels == target
@@ -130,6 +132,10 @@ class InverTuneModule(L.LightningModule):
         label_weight: weight of an extra zero-shot cross-entropy of the clean tuning images against their
             clean-set labels (0: off, the paper); needs labelled clean batches. ``label_temperature``: its
             temperature (CLIP's 0.07).
+        spare_target_ratio: drop from the neuron selection the neurons that the clean images *labelled*
+            with the identified target drive at least this many times as strongly as the trigger moves them
+            (:func:`defenses.invertune.activation_tuning.spare_target_selective`; ``None``: off, the paper);
+            needs ``target_rows: label``.
         augment: optional views of the tuning batch, a :class:`defenses.invertune.tuning_augment.TuningAugment`
             block (``flip_p``, ``vflip_p``, ``max_shift``, ``noise_std``, ``trigger_first``); ``null``: the
             batch itself (the paper).
@@ -169,6 +175,7 @@ class InverTuneModule(L.LightningModule):
         target_rows: Literal["predicted", "label"] = "predicted",
         label_weight: float = 0.0,
         label_temperature: float = 0.07,
+        spare_target_ratio: float | None = None,
         augment: dict | None = None,
         tune_with_uap: bool = False,
         tune_with_warp: bool = False,
@@ -182,6 +189,11 @@ class InverTuneModule(L.LightningModule):
             raise ValueError(f"model.tuning_batch_size must be >= 1, got {tuning_batch_size}")
         if target_rows not in ("predicted", "label"):
             raise ValueError(f"model.target_rows must be 'predicted' or 'label', got {target_rows!r}")
+        if spare_target_ratio is not None and target_rows != "label":
+            raise ValueError(
+                "model.spare_target_ratio compares the tuning images labelled with the target: it needs "
+                f"model.target_rows: label, got {target_rows!r}"
+            )
         self.bundle = load_victim(victim, model_name)
         self.model = self.bundle.model
         self.normalize = self.bundle.normalize
@@ -319,7 +331,9 @@ class InverTuneModule(L.LightningModule):
                     "(or --model.tune_with_warp=false)"
                 )
             extra.append(self.inversion.warp.to(self.device))
-        by_label = bool(self.hparams.target_preserve_weight) and self.hparams.target_rows == "label"
+        by_label = self.hparams.target_rows == "label" and (
+            bool(self.hparams.target_preserve_weight) or self.hparams.spare_target_ratio is not None
+        )
         with_labels = by_label or bool(self.hparams.label_weight)
         batch = self.tuning_batch(with_labels=with_labels)
         labels = None

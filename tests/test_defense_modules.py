@@ -381,6 +381,10 @@ def test_labelled_tuning_rows_and_the_label_term_use_the_clean_set_labels(victim
 def test_target_rows_must_be_predicted_or_label(victim) -> None:
     with pytest.raises(ValueError, match=r"model\.target_rows must be 'predicted' or 'label', got 'both'"):
         InverTuneModule(victim=str(victim), target_rows="both")
+    with pytest.raises(
+        ValueError, match=r"spare_target_ratio .* needs model\.target_rows: label, got 'predicted'"
+    ):
+        InverTuneModule(victim=str(victim), spare_target_ratio=0.5)
 
 
 def test_validating_during_tuning_logs_a_trajectory_and_changes_no_weight(victim, tmp_path) -> None:

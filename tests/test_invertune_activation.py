@@ -25,7 +25,7 @@ from defenses.invertune import (
     select_layers,
     select_neurons,
 )
-from defenses.invertune.activation_tuning import tuning_schedule
+from defenses.invertune.activation_tuning import NeuronSelection, spare_target_selective, tuning_schedule
 
 TEXT_CFG = {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 4, "layers": 1}
 RN_CFG = {"image_size": 32, "layers": (1, 1, 1, 1), "width": 16}
@@ -183,6 +183,65 @@ def test_select_neurons_per_channel_and_per_element() -> None:
     unit = select_neurons(tokens_clean, tokens_triggered)
     assert unit.channel_mask.tolist() == [False] * 4 + [True, False]
     assert unit.loss_mask.shape == (1, 6)  # broadcasts over the tokens
+
+
+def test_spare_target_selective_drops_the_neurons_the_target_class_drives() -> None:
+    # 4 images, the first labelled with the target; 3 channels of 1 x 2 elements, all selected
+    clean = torch.zeros(4, 3, 1, 2)
+    clean[0, 0] = 4.0  # channel 0: target images 4, others 0 -> s = 4
+    clean[0, 1] = 1.0  # channel 1: s = 1
+    clean[1:, 2] = 2.0  # channel 2: the target drives it less than the others -> s = -2
+    triggered = clean.clone()
+    triggered[:, :, :, 0] += 2.0  # the trigger moves element 0 of every channel by 2 -> |g| = 2
+    triggered[:, :, :, 1] += 8.0  # and element 1 by 8 -> |g| = 8
+    rows = torch.tensor([True, False, False, False])
+    element = NeuronSelection(torch.ones(3, dtype=torch.bool), torch.ones(3, 1, 2), torch.zeros(3, 1, 2))
+    spared = spare_target_selective(element, clean, triggered, rows, ratio=0.5)
+    # kept unless s > 0 and s >= 0.5 |g|: channel 0 (s 4) loses both elements (4 >= 1, 4 >= 4),
+    # channel 1 (s 1) loses element 0 (1 >= 1) but not element 1 (1 < 4), channel 2 (s < 0) keeps both
+    assert spared.loss_mask[:, 0].tolist() == [[0.0, 0.0], [0.0, 1.0], [1.0, 1.0]]
+    assert spared.channel_mask.tolist() == [False, True, True]
+    # per channel: s and |g| averaged over the elements (s 4 / 1 / -2, |g| 5 for all): only channel 0 goes
+    channel = NeuronSelection(torch.ones(3, dtype=torch.bool), torch.ones(3, 1, 1), torch.zeros(3))
+    spared = spare_target_selective(channel, clean, triggered, rows, ratio=0.5)
+    assert spared.channel_mask.tolist() == [False, True, True]
+    assert spared.loss_mask.flatten().tolist() == [0.0, 1.0, 1.0]
+    # an unselected neuron stays unselected
+    partly = NeuronSelection(
+        torch.tensor([True, False, True]), torch.tensor([1.0, 0.0, 1.0]).reshape(3, 1, 1), None
+    )
+    assert spare_target_selective(partly, clean, triggered, rows, 0.5).channel_mask.tolist() == [
+        False,
+        False,
+        True,
+    ]
+    with pytest.raises(ValueError, match="needs tuning images labelled with the target and others; 0 of 4"):
+        spare_target_selective(channel, clean, triggered, torch.zeros(4, dtype=torch.bool), 0.5)
+
+
+def test_spared_neurons_keep_their_parameters_bit_identical() -> None:
+    x = clean_batch()
+    rows = torch.arange(x.shape[0]) < 3
+    plain = ActivationTuner(tiny_clip("rn"), normalize, num_layers=2, iterations=1)
+    _, _, selected = plain.select(x, corner_trigger()(x))
+    model = tiny_clip("rn")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tuner = ActivationTuner(model, normalize, num_layers=2, iterations=3, lr=1e-2, spare_target_ratio=0.0)
+    result = tuner.fit(x, corner_trigger(), target_rows=rows)
+    dropped = sum(
+        int(selected[n].channel_mask.sum() - result.neurons[n].channel_mask.sum()) for n in selected
+    )
+    assert dropped > 0, "ratio 0 spares every selected neuron the target images drive more than the others"
+    assert all((result.neurons[n].channel_mask <= selected[n].channel_mask).all() for n in selected)
+    for name, mask in result.parameter_masks.items():
+        param = dict(model.named_parameters())[name]
+        assert torch.equal(param[~mask], before[name][~mask]), (
+            f"spared or unselected entries of {name} changed"
+        )
+    with pytest.raises(ValueError, match="spare_target_ratio needs target_rows"):
+        ActivationTuner(tiny_clip("rn"), normalize, spare_target_ratio=0.5).fit(x, corner_trigger())
+    with pytest.raises(ValueError, match=r"spare_target_ratio must be >= 0 or None \(off\), got -1"):
+        ActivationTuner(tiny_clip("rn"), normalize, spare_target_ratio=-1)
 
 
 def test_activation_loss_matches_formula() -> None:

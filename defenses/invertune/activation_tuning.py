@@ -303,6 +303,44 @@ def select_neurons(
     return NeuronSelection(channel_mask=channel_mask, loss_mask=loss_mask, scores=scores)
 
 
+def spare_target_selective(
+    selection: NeuronSelection,
+    clean_activation: Tensor,
+    triggered_activation: Tensor,
+    target_rows: Tensor,
+    ratio: float,
+) -> NeuronSelection:
+    """Drop from ``M_l`` the selected neurons that encode the target class itself (an option, not in
+    the paper): with the target selectivity ``s = mean_{X_t} A_l - mean_{X \\ X_t} A_l`` over the clean
+    images ``X_t`` labelled with the target and the trigger gap ``g = mean_b A_l(X') - mean_b A_l(X)``,
+    a selected neuron is dropped when ``s > 0`` and ``s >= ratio * |g|``: clean target-class images
+    drive it at least ``ratio`` times as strongly as the trigger moves it. Per element or per channel /
+    unit (the values averaged as in :func:`select_neurons`), following ``selection``'s granularity."""
+    rows = target_rows.to(clean_activation.device).bool()
+    if not bool(rows.any()) or bool(rows.all()):
+        raise ValueError(
+            f"sparing target-selective neurons needs tuning images labelled with the target and others; "
+            f"{int(rows.sum())} of {rows.numel()} are labelled with it"
+        )
+    clean = clean_activation.detach().float()
+    selectivity = clean[rows].mean(dim=0) - clean[~rows].mean(dim=0)
+    gap = (triggered_activation.detach().float().mean(dim=0) - clean.mean(dim=0)).abs()
+    channel_dim = _channel_dim(selectivity) % selectivity.ndim
+    if selection.loss_mask.shape == selectivity.shape:  # element granularity
+        spared = (selectivity > 0) & (selectivity >= ratio * gap)
+        keep = selection.loss_mask.bool() & ~spared
+        moved = keep.movedim(channel_dim, 0)
+        channel_mask = moved.reshape(moved.shape[0], -1).any(dim=1)
+        loss_mask = keep.to(selection.loss_mask.dtype)
+    else:
+        other_dims = [d for d in range(selectivity.ndim) if d != channel_dim]
+        if other_dims:
+            selectivity, gap = selectivity.mean(dim=other_dims), gap.mean(dim=other_dims)
+        channel_mask = selection.channel_mask & ~((selectivity > 0) & (selectivity >= ratio * gap))
+        loss_mask = channel_mask.to(selection.loss_mask.dtype).reshape(selection.loss_mask.shape)
+    return NeuronSelection(channel_mask=channel_mask, loss_mask=loss_mask, scores=selection.scores)
+
+
 # --------------------------------------------------------------------------------------------------
 # Losses
 # --------------------------------------------------------------------------------------------------
@@ -492,6 +530,7 @@ class ActivationTuner:
         target_preserve_weight: float = 0.0,
         label_weight: float = 0.0,
         label_temperature: float = 0.07,
+        spare_target_ratio: float | None = None,
         kmeans_iters: int = 100,
         augment: Augmentation | None = None,
         seed: int = 0,
@@ -550,6 +589,9 @@ class ActivationTuner:
             raise ValueError(f"label_temperature must be > 0, got {label_temperature}")
         self.label_weight = label_weight
         self.label_temperature = label_temperature
+        if spare_target_ratio is not None and spare_target_ratio < 0:
+            raise ValueError(f"spare_target_ratio must be >= 0 or None (off), got {spare_target_ratio}")
+        self.spare_target_ratio = spare_target_ratio
         self.kmeans_iters = kmeans_iters
         self.augment = augment
         if getattr(augment, "trigger_first", False) and granularity == "element":
@@ -564,9 +606,15 @@ class ActivationTuner:
         self.callback = callback
 
     def select(
-        self, images: Tensor, triggered: Tensor
+        self, images: Tensor, triggered: Tensor, target_rows: Tensor | None = None
     ) -> tuple[dict[str, float], list[str], dict[str, NeuronSelection]]:
-        """Layer divergences, the selected layers and their backdoor neurons (eval mode, no grad)."""
+        """Layer divergences, the selected layers and their backdoor neurons (eval mode, no grad);
+        with ``spare_target_ratio``, ``target_rows`` marks the images labelled with the target and the
+        target-selective neurons are dropped (:func:`spare_target_selective`)."""
+        if self.spare_target_ratio is not None and target_rows is None:
+            raise ValueError(
+                "spare_target_ratio needs target_rows: the tuning images labelled with the target"
+            )
         with eval_mode(self.model), torch.no_grad():
             clean_acts, _ = capture_activations(self.model, images, self.normalize)
             triggered_acts, _ = capture_activations(self.model, triggered, self.normalize)
@@ -578,6 +626,13 @@ class ActivationTuner:
             )
             for name in selected
         }
+        if self.spare_target_ratio is not None:
+            neurons = {
+                name: spare_target_selective(
+                    selection, clean_acts[name], triggered_acts[name], target_rows, self.spare_target_ratio
+                )
+                for name, selection in neurons.items()
+            }
         return divergences, selected, neurons
 
     def _trainable_masks(self, neurons: Mapping[str, NeuronSelection]) -> dict[str, Tensor | None]:
@@ -762,7 +817,7 @@ class TuningSession:
             self.x_triggered = inverted_trigger(self.x).detach()
             self.extra_triggers = list(extra_triggers)
             self.x_extra = [trigger(self.x).detach() for trigger in self.extra_triggers]
-        divergences, selected, neurons = tuner.select(self.x, self.x_triggered)
+        divergences, selected, neurons = tuner.select(self.x, self.x_triggered, self.target_rows)
         all_layers = candidate_layers(model)
         self.layers = {name: all_layers[name] for name in selected}
         self.loss_masks = {name: neurons[name].loss_mask.to(device) for name in selected}
