@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from torch import nn
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 
@@ -33,3 +34,25 @@ def tiny_overrides(root, train_size=256, val_size=128, test_size=128, epochs=1) 
         f"--data.init_args.test_size={test_size}",
         "--trainer.check_val_every_n_epoch=1",
     ]
+
+
+class ToyLinearBackdoor(nn.Module):
+    """A linear "backdoored" embedding over 4 classes for the InverTune tests: classes 0, 1, 3 follow
+    the mean red, green and blue values; class 2 (the target) lights up with ``8 * backdoor_feature(x)
+    - 0.8``, so a feature of 0.1 or more opens the backdoor. Subclasses define ``backdoor_feature``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        with torch.no_grad():
+            self.proj.weight.copy_(
+                torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 0, 8.0], [0, 0, 1.0, 0]])
+            )
+            self.proj.bias.copy_(torch.tensor([0.0, 0.0, -0.8, 0.0]))
+
+    def backdoor_feature(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        channel_means = x.mean(dim=(2, 3))
+        return self.proj(torch.cat([channel_means, self.backdoor_feature(x)[:, None]], dim=1))

@@ -24,29 +24,18 @@ from defenses.invertune import (
     ssim,
     uap_objective,
 )
+from tests.conftest import ToyLinearBackdoor
 
 NUM_CLASSES = 4
 TARGET = 2
 
 
-class ToyCornerModel(nn.Module):
-    """A linear "backdoored" embedding: classes 0, 1, 3 follow the mean red, green and blue values;
-    class 2 lights up when the bottom-right 8 x 8 corner is brighter than the image
+class ToyCornerModel(ToyLinearBackdoor):
+    """Class 2 lights up when the bottom-right 8 x 8 corner is brighter than the image
     (embedding ``8 * (corner mean - image mean) - 0.8``)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = nn.Linear(4, 4)
-        with torch.no_grad():
-            self.proj.weight.copy_(
-                torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 0, 8.0], [0, 0, 1.0, 0]])
-            )
-            self.proj.bias.copy_(torch.tensor([0.0, 0.0, -0.8, 0.0]))
-
-    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
-        channel_means = x.mean(dim=(2, 3))
-        corner_excess = x[:, :, -8:, -8:].mean(dim=(1, 2, 3)) - x.mean(dim=(1, 2, 3))
-        return self.proj(torch.cat([channel_means, corner_excess[:, None]], dim=1))
+    def backdoor_feature(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :, -8:, -8:].mean(dim=(1, 2, 3)) - x.mean(dim=(1, 2, 3))
 
 
 def identity(x: torch.Tensor) -> torch.Tensor:

@@ -9,33 +9,19 @@ from torch import nn
 from callbacks.trigger_inversion import TriggerInversion
 from defenses.invertune import inverted_trigger_asr
 from defenses.invertune.warp_inversion import InvertedWarp, invert_warp
+from tests.conftest import ToyLinearBackdoor
 
 TARGET = 2
-BAND, LEFT, RIGHT = (
-    10,
-    7,
-    13,
-)  # clean images hold a soft vertical band at column 10; the backdoor wants it at 13
+# clean images hold a soft vertical band at column 10; the backdoor wants it at 13
+BAND, LEFT, RIGHT = 10, 7, 13
 
 
-class ToyWarpModel(nn.Module):
-    """Classes 0, 1, 3 follow the mean red, green and blue values; class 2 ("target") lights up when
-    column 13 is brighter than column 7 (by 0.1 or more): on clean images the band at column 10 lights
-    both alike; a rightward warp of the band opens the backdoor."""
+class ToyWarpModel(ToyLinearBackdoor):
+    """Class 2 ("target") lights up when column 13 is brighter than column 7 (by 0.1 or more): on clean
+    images the band at column 10 lights both alike; a rightward warp of the band opens the backdoor."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = nn.Linear(4, 4)
-        with torch.no_grad():
-            self.proj.weight.copy_(
-                torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 0, 8.0], [0, 0, 1.0, 0]])
-            )
-            self.proj.bias.copy_(torch.tensor([0.0, 0.0, -0.8, 0.0]))
-
-    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
-        channel_means = x.mean(dim=(2, 3))
-        column_excess = x[:, :, :, RIGHT].mean(dim=(1, 2)) - x[:, :, :, LEFT].mean(dim=(1, 2))
-        return self.proj(torch.cat([channel_means, column_excess[:, None]], dim=1))
+    def backdoor_feature(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :, :, RIGHT].mean(dim=(1, 2)) - x[:, :, :, LEFT].mean(dim=(1, 2))
 
 
 def lined_images(n: int = 64) -> torch.Tensor:
