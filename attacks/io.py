@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text"]
+__all__ = ["atomic_save_image", "atomic_write_bytes", "atomic_write_json", "atomic_write_text"]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -48,6 +48,18 @@ def atomic_write_json(path: str | os.PathLike, data: Any, indent: int | None = 2
     """Serialise ``data`` as JSON (keys sorted, trailing newline) and write it atomically."""
     text = json.dumps(data, indent=indent, sort_keys=True, ensure_ascii=False) + "\n"
     return atomic_write_text(path, text)
+
+
+def atomic_save_image(image: Any, path: str | os.PathLike) -> Path:
+    """Save an image tensor (``C x H x W`` or a batch, values in [0, 1]) as a PNG atomically, through
+    :func:`torchvision.utils.save_image` (a batch becomes a grid); see :func:`atomic_write_bytes`."""
+    import io
+
+    from torchvision.utils import save_image
+
+    buffer = io.BytesIO()
+    save_image(image, buffer, format="png")
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import make_grid
+
+from attacks.io import atomic_save_image
 
 
 class PoisonSampleGrid(L.Callback):
@@ -28,8 +30,7 @@ class PoisonSampleGrid(L.Callback):
         captions = [dm.train_data[i]["caption"] for i in ids]
         grid = make_grid(torch.cat([clean, triggered]), nrow=len(ids), padding=1)
         path = Path(trainer.default_root_dir) / self.filename
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_image(grid, path)
+        atomic_save_image(grid, path)
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
                 logger.log_image("poison/samples", [grid], caption=[" | ".join(captions)])

@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import make_grid
 
-from attacks.io import atomic_write_bytes, atomic_write_json
+from attacks.io import atomic_save_image, atomic_write_bytes, atomic_write_json
 from defenses.invertune import (
     CornerPatchUAP,
     InvertedTrigger,
@@ -535,7 +535,7 @@ class TriggerInversion(L.Callback):
             torch.cat([examples, trigger.cpu()(examples)]), nrow=examples.shape[0], padding=1
         )
         for name, image in images.items():
-            save_image(self._upscale(image), folder / f"{name}.png")
+            atomic_save_image(self._upscale(image), folder / f"{name}.png")
         trigger_state = {"mask": mask.contiguous(), "pattern": pattern.contiguous()}
         atomic_write_bytes(folder / "trigger.safetensors", save_safetensors(trigger_state))
         if outcome.uap is not None:
@@ -545,7 +545,7 @@ class TriggerInversion(L.Callback):
             warp_state = {"control": outcome.warp.control.detach().cpu().contiguous()}
             atomic_write_bytes(folder / "warp.safetensors", save_safetensors(warp_state))
             warped = outcome.warp.cpu()(examples)
-            save_image(
+            atomic_save_image(
                 self._upscale(make_grid(torch.cat([examples, warped]), nrow=examples.shape[0], padding=1)),
                 folder / "warp_examples.png",
             )

@@ -178,3 +178,23 @@ def test_atomic_write_leaves_no_temp_file_on_failure(tmp_path, monkeypatch):
     assert json.loads(path.read_text()) == {"a": 1}
     atomic_write_text(tmp_path / "sub" / "x.txt", "hi")
     assert (tmp_path / "sub" / "x.txt").read_text() == "hi"
+
+
+def test_atomic_save_image_writes_the_png_that_save_image_would(tmp_path, monkeypatch):
+    import torch
+    from PIL import Image
+    from torchvision.utils import save_image
+
+    from attacks.io import atomic_save_image
+
+    image = torch.rand(3, 5, 7, generator=torch.Generator().manual_seed(0))
+    atomic_save_image(image, tmp_path / "sub" / "a.png")
+    save_image(image, tmp_path / "b.png")
+    assert (tmp_path / "sub" / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    assert Image.open(tmp_path / "sub" / "a.png").size == (7, 5)
+    monkeypatch.setattr(os, "replace", lambda src, dst: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        atomic_save_image(torch.zeros(3, 5, 7), tmp_path / "b.png")
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["b.png", "sub"]  # no temp file left, the old PNG kept
+    assert (tmp_path / "b.png").read_bytes() == (tmp_path / "sub" / "a.png").read_bytes()
