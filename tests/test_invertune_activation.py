@@ -219,14 +219,17 @@ def test_spare_target_selective_drops_the_neurons_the_target_class_drives() -> N
         spare_target_selective(channel, clean, triggered, torch.zeros(4, dtype=torch.bool), 0.5)
 
 
-def test_spared_neurons_keep_their_parameters_bit_identical() -> None:
+@pytest.mark.parametrize(("kind", "granularity"), [("rn", "channel"), ("rn", "element"), ("vit", "channel")])
+def test_spared_neurons_keep_their_parameters_bit_identical(kind, granularity) -> None:
     x = clean_batch()
     rows = torch.arange(x.shape[0]) < 3
-    plain = ActivationTuner(tiny_clip("rn"), normalize, num_layers=2, iterations=1)
+    plain = ActivationTuner(tiny_clip(kind), normalize, num_layers=2, iterations=1, granularity=granularity)
     _, _, selected = plain.select(x, corner_trigger()(x))
-    model = tiny_clip("rn")
+    model = tiny_clip(kind)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    tuner = ActivationTuner(model, normalize, num_layers=2, iterations=3, lr=1e-2, spare_target_ratio=0.0)
+    tuner = ActivationTuner(
+        model, normalize, num_layers=2, iterations=3, lr=1e-2, granularity=granularity, spare_target_ratio=0.0
+    )
     result = tuner.fit(x, corner_trigger(), target_rows=rows)
     dropped = sum(
         int(selected[n].channel_mask.sum() - result.neurons[n].channel_mask.sum()) for n in selected
