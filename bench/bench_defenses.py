@@ -41,7 +41,7 @@ from defenses.invertune.warp_inversion import invert_warp
 from defenses.invertune.zero_shot import zero_shot_predict
 from defenses.par import PARObjective
 from defenses.victim import load_victim
-from lightning_modules.invertune import build_tuner, tuning_target_rows
+from lightning_modules.invertune import build_tuner, extra_trigger_estimates, tuning_target_rows
 from model_families.clip import create_clip, zero_shot_weights
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -171,8 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
                 model, non_target, target, text, normalize, size, seed=callback.seed, **callback.warp
             )
     rows["inversion"] = {"seconds": mem.seconds, "peak_mib": mem.peak_mib}
-    if model_args.get("tune_with_warp") and warp is None:
-        raise ValueError("model.tune_with_warp needs TriggerInversion.warp_epochs > 0 in the config")
+    extra = extra_trigger_estimates(model_args, uap, warp)
 
     tuner = build_tuner(model, normalize, model_args)
     first = next(iter(loader))
@@ -186,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
         tuner.fit(
             batch,
             trigger.eval(),
-            [uap] * bool(model_args.get("tune_with_uap")) + [warp] * bool(model_args.get("tune_with_warp")),
+            extra,
             target_rows,
             labels if with_labels else None,
             text if with_labels else None,

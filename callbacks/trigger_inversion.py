@@ -317,7 +317,7 @@ class TriggerInversion(L.Callback):
 
         start = time.perf_counter()
         _reset_peak_memory(device)
-        by_class = {"model": model, "text": text, "normalize": normalize, "source": self.reference_source}
+        by_class = self._class_view(pl_module)
         references = self.reference_images(clean.loader, device, target, by_class)
         if references.shape[0] == 0:
             raise ValueError(
@@ -432,13 +432,7 @@ class TriggerInversion(L.Callback):
                 pl_module.suspect_model, clean, warp, target, text, pl_module.normalize
             )
         elif self.warp["epochs"] > 0:
-            by_class = {
-                "model": pl_module.suspect_model,
-                "text": text,
-                "normalize": pl_module.normalize,
-                "source": self.reference_source,
-            }
-            non_target = _CleanImages(loader, device, exclude=target, **by_class)
+            non_target = _CleanImages(loader, device, exclude=target, **self._class_view(pl_module))
             warp, warp_asr = self.fit_warp(
                 pl_module, clean, non_target, target, tuple(image_shape[-2:]), timings
             )
@@ -455,6 +449,16 @@ class TriggerInversion(L.Callback):
             warp_asr=warp_asr,
             timings=timings,
         )
+
+    def _class_view(self, pl_module: L.LightningModule) -> dict:
+        """How :class:`_CleanImages` tells the clean images' classes: the suspect's zero-shot predictions
+        or the labels (``reference_source``)."""
+        return {
+            "model": pl_module.suspect_model,
+            "text": pl_module.class_text_embeds(),
+            "normalize": pl_module.normalize,
+            "source": self.reference_source,
+        }
 
     def reference_images(self, loader: Iterable, device: torch.device, target: int, by_class: dict) -> Tensor:
         """Up to ``max_reference_images`` clean images of class ``target`` (predicted or labelled).

@@ -98,6 +98,32 @@ def tuning_target_rows(
     return predict() == target
 
 
+def extra_trigger_estimates(
+    config: Mapping, uap: nn.Module | None, warp: nn.Module | None
+) -> list[nn.Module]:
+    """The further trigger estimates that an InverTune ``model`` config tunes against besides the inverted
+    trigger: the identification UAP (``tune_with_uap``) and the warp estimate (``tune_with_warp``); a
+    requested one that is missing is an error. The module and the benchmark share it."""
+    extra = []
+    if config.get("tune_with_uap"):
+        if uap is None:
+            raise ValueError(
+                "model.tune_with_uap needs the identification UAP, but the target was given "
+                "(TriggerInversion.target) or loaded from a run without uap.safetensors; "
+                "set --model.tune_with_uap=false to tune against the inverted trigger only"
+            )
+        extra.append(uap)
+    if config.get("tune_with_warp"):
+        if warp is None:
+            raise ValueError(
+                "model.tune_with_warp needs a warp trigger estimate: set "
+                "--trainer.callbacks.init_args.warp_epochs to a positive number of epochs "
+                "(or --model.tune_with_warp=false)"
+            )
+        extra.append(warp)
+    return extra
+
+
 class InverTuneModule(L.LightningModule):
     """Activation tuning of a possibly backdoored CLIP model with an inverted trigger (InverTune step 3).
 
@@ -314,23 +340,10 @@ class InverTuneModule(L.LightningModule):
                 "(it runs target identification and trigger inversion before tuning)"
             )
         start = time.perf_counter()
-        extra = []
-        if self.hparams.tune_with_uap:
-            if self.inversion.uap is None:
-                raise ValueError(
-                    "model.tune_with_uap needs the identification UAP, but the target was given "
-                    "(TriggerInversion.target) or loaded from a run without uap.safetensors; "
-                    "set --model.tune_with_uap=false to tune against the inverted trigger only"
-                )
-            extra.append(self.inversion.uap.to(self.device))
-        if self.hparams.tune_with_warp:
-            if self.inversion.warp is None:
-                raise ValueError(
-                    "model.tune_with_warp needs a warp trigger estimate: set "
-                    "--trainer.callbacks.init_args.warp_epochs to a positive number of epochs "
-                    "(or --model.tune_with_warp=false)"
-                )
-            extra.append(self.inversion.warp.to(self.device))
+        extra = [
+            estimate.to(self.device)
+            for estimate in extra_trigger_estimates(self.hparams, self.inversion.uap, self.inversion.warp)
+        ]
         by_label = self.hparams.target_rows == "label" and (
             bool(self.hparams.target_preserve_weight) or self.hparams.spare_target_ratio is not None
         )

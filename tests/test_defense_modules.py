@@ -15,12 +15,13 @@ from typing import ClassVar
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 from callbacks.trigger_inversion import TriggerInversion
 from datamodules.defender_shapes import DefenderShapesDataModule
 from defenses.victim import load_victim
 from lightning_modules.cleanclip import CleanCLIPFineTuning
-from lightning_modules.invertune import InverTuneModule
+from lightning_modules.invertune import InverTuneModule, extra_trigger_estimates
 from lightning_modules.par import PARFineTuning
 from mmbackdoor_cli.cli import main as cli_main
 from model_families.clip import create_clip, save_clip_export
@@ -456,3 +457,14 @@ def test_warp_estimate_is_fitted_saved_reloaded_and_tuned_against(victim, tmp_pa
             "--trainer.callbacks.init_args.epochs=1",
             "--model.tune_with_warp=true",
         )
+
+
+def test_extra_trigger_estimates_follow_the_config_and_name_a_missing_one() -> None:
+    uap, warp = nn.Identity(), nn.Identity()
+    assert extra_trigger_estimates({}, uap, warp) == []
+    assert extra_trigger_estimates({"tune_with_uap": True, "tune_with_warp": True}, uap, warp) == [uap, warp]
+    assert extra_trigger_estimates({"tune_with_warp": True}, None, warp) == [warp]
+    with pytest.raises(ValueError, match="tune_with_uap needs the identification UAP"):
+        extra_trigger_estimates({"tune_with_uap": True}, None, warp)
+    with pytest.raises(ValueError, match="tune_with_warp needs a warp trigger estimate"):
+        extra_trigger_estimates({"tune_with_warp": True}, uap, None)
