@@ -84,6 +84,12 @@ def build_tuner(model: nn.Module, normalize: nn.Module, config: Mapping) -> Acti
     )
 
 
+def uses_target_rows(config: Mapping) -> bool:
+    """Whether an InverTune ``model`` config needs the tuning images of the target (``target_rows``):
+    for ``target_preserve_weight`` or ``spare_target_ratio``."""
+    return bool(config.get("target_preserve_weight")) or config.get("spare_target_ratio") is not None
+
+
 def tuning_target_rows(
     config: Mapping, target: int, labels: Tensor | None, predict: Callable[[], Tensor]
 ) -> Tensor | None:
@@ -91,7 +97,7 @@ def tuning_target_rows(
     (``None`` when both are off): those whose ``labels`` are ``target`` (``target_rows: label``) or those
     the suspect predicts as it (``predicted``; ``predict()`` gives the suspect's zero-shot classes of the
     batch). The module and the benchmark share it."""
-    if not config.get("target_preserve_weight") and config.get("spare_target_ratio") is None:
+    if not uses_target_rows(config):
         return None
     if config.get("target_rows", "predicted") == "label":
         return labels == target
@@ -344,9 +350,7 @@ class InverTuneModule(L.LightningModule):
             estimate.to(self.device)
             for estimate in extra_trigger_estimates(self.hparams, self.inversion.uap, self.inversion.warp)
         ]
-        by_label = self.hparams.target_rows == "label" and (
-            bool(self.hparams.target_preserve_weight) or self.hparams.spare_target_ratio is not None
-        )
+        by_label = self.hparams.target_rows == "label" and uses_target_rows(self.hparams)
         with_labels = by_label or bool(self.hparams.label_weight)
         batch = self.tuning_batch(with_labels=with_labels)
         labels = None
