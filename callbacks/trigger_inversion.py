@@ -12,7 +12,8 @@ datamodule's ``train_dataloader()``, and on the suspect model
 It writes ``trigger_inversion/`` into the run folder (mask, pattern and example PNGs, the trigger as
 safetensors, ``report.json``), logs the images and scalars to the loggers, and hands an
 :class:`InversionOutcome` to ``pl_module.receive_inversion``. The real trigger is never read: only
-clean images, the class vocabulary and the suspect model are used.
+clean images, the class vocabulary and the suspect model are used, unless ``oracle_trigger`` (a
+diagnostic, not a defense) asks to tune against the datamodule's real trigger.
 
 The module must provide ``suspect_model`` (``nn.Module`` with ``encode_image``), ``normalize``,
 ``class_names``, ``class_text_embeds()`` (``C x D``) and ``receive_inversion(outcome)``
@@ -79,6 +80,9 @@ class InversionOutcome:
     """ASR of the warp on the suspect model (as ``inverted_asr``)."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds per stage (``identification``, ``inversion``) and peak CUDA memory when on a GPU."""
+    tuning_trigger: nn.Module | None = None
+    """The trigger that activation tuning uses instead of ``trigger``: the attack's *real* trigger with
+    ``TriggerInversion.oracle_trigger`` (a diagnostic); ``None`` (a defense): the inverted ``trigger``."""
 
     def summary(self, class_names: list[str]) -> dict:
         """JSON-ready summary (ranking by class name, margin, histograms, trigger statistics)."""
@@ -91,6 +95,7 @@ class InversionOutcome:
             "mask_l1": float(self.trigger.mask.detach().abs().sum()),
             "mask_mean": float(self.trigger.mask.detach().mean()),
             "timings": self.timings,
+            "oracle_trigger": self.tuning_trigger is not None,
         }
         ident = self.identification
         if ident is not None:
@@ -185,6 +190,11 @@ class TriggerInversion(L.Callback):
             ``report.json``): its target and trigger are reused and steps 1 and 2 are skipped (tuning
             ablations on a fixed inversion). A missing file, a target outside the vocabulary or a
             trigger of another image size is an error.
+        oracle_trigger: a diagnostic, not a defense (the defender never has the real trigger): steps 1
+            and 2 run (or load) as usual, then activation tuning gets the datamodule's *real* image
+            trigger (``data.attack``) instead of the inverted one, so a run measures how far tuning
+            itself can remove the backdoor. The inverted trigger's ASR is still the one logged. A
+            datamodule without an image trigger is an error.
     """
 
     def __init__(
@@ -220,6 +230,7 @@ class TriggerInversion(L.Callback):
         image_scale: int = 4,
         dirname: str = "trigger_inversion",
         load_from: str | None = None,
+        oracle_trigger: bool = False,
     ) -> None:
         if uap not in ("patch", "linf"):
             raise ValueError(f"uap must be 'patch' or 'linf', got {uap!r}")
@@ -270,6 +281,7 @@ class TriggerInversion(L.Callback):
         self.image_scale = image_scale
         self.dirname = dirname
         self.load_from = load_from
+        self.oracle_trigger = oracle_trigger
         self.outcome: InversionOutcome | None = None
 
     # --- steps -------------------------------------------------------------------------------------
@@ -512,12 +524,25 @@ class TriggerInversion(L.Callback):
                 raise TypeError(
                     f"{type(pl_module).__name__} has no {name!r}: TriggerInversion needs an InverTune module"
                 )
+        real_trigger = getattr(dm, "image_trigger", None)
+        if self.oracle_trigger and real_trigger is None:
+            raise ValueError(
+                f"oracle_trigger: {type(dm).__name__} has no image trigger to tune against "
+                "(set data.attack to the attack under study)"
+            )
         if self.load_from is not None:
             self.outcome = self.load(pl_module, dm.train_dataloader())
         else:
             self.outcome = self.run(pl_module, dm.train_dataloader())
         if trainer.is_global_zero:
             self.save(trainer, pl_module, self.outcome)
+        if self.oracle_trigger:
+            log.warning(
+                "oracle_trigger: activation tuning uses the real %s trigger, not the inverted one "
+                "(a diagnostic, not a defense)",
+                type(real_trigger).__name__,
+            )
+            self.outcome.tuning_trigger = real_trigger.to(pl_module.device)
         pl_module.receive_inversion(self.outcome)
 
     # --- artefacts ----------------------------------------------------------------------------------

@@ -369,9 +369,12 @@ class InverTuneModule(L.LightningModule):
                 len(batch),
                 "labelled" if by_label else "predicted",
             )
+        trigger = self.inversion.tuning_trigger  # the real trigger: TriggerInversion.oracle_trigger
+        if trigger is None:
+            trigger = self.inversion.trigger
         self.session = self.tuner.begin(
             batch,
-            self.inversion.trigger,
+            trigger,
             extra,
             target_rows,
             labels if self.hparams.label_weight else None,

@@ -468,3 +468,35 @@ def test_extra_trigger_estimates_follow_the_config_and_name_a_missing_one() -> N
         extra_trigger_estimates({"tune_with_uap": True}, None, warp)
     with pytest.raises(ValueError, match="tune_with_warp needs a warp trigger estimate"):
         extra_trigger_estimates({"tune_with_warp": True}, uap, None)
+
+
+def test_oracle_trigger_tunes_against_the_real_trigger_and_says_so(victim, tmp_path) -> None:
+    cli = run_cli(
+        "invertune_clip_shapes.yaml",
+        victim,
+        tmp_path,
+        "--model.tuning_batch_size=32",
+        "--model.iterations=1",
+        "--model.tune_with_uap=false",
+        "--trainer.callbacks.init_args.uap_epochs=1",
+        "--trainer.callbacks.init_args.epochs=1",
+        "--trainer.callbacks.init_args.oracle_trigger=true",
+    )
+    real = cli.datamodule.image_trigger
+    outcome = cli.model.inversion
+    assert outcome.tuning_trigger is real and cli.model.session.trigger is real
+    # the tuning pairs X' with the real BadNet patch, not with the inverted mask and pattern
+    images = torch.rand(4, 3, 32, 32)
+    assert not torch.equal(real(images), outcome.trigger(images))
+    assert cli.model.report()["inversion"]["oracle_trigger"] is True
+
+
+def test_oracle_trigger_without_an_attack_is_an_error(victim, tmp_path) -> None:
+    with pytest.raises(ValueError, match="oracle_trigger: DefenderShapesDataModule has no image trigger"):
+        run_cli(
+            "invertune_clip_shapes.yaml",
+            victim,
+            tmp_path,
+            "--data.init_args.attack=null",
+            "--trainer.callbacks.init_args.oracle_trigger=true",
+        )
