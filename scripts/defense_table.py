@@ -3,7 +3,7 @@
 CleanCLIP, PAR and InverTune, whether target identification found the true target, and the ASR of the
 inverted trigger on the poisoned model.
 
-    python scripts/defense_table.py [--attacks badnet blended sig wanet] \
+    python scripts/defense_table.py [--attacks badnet blended sig wanet] \\
         [--defenses cleanclip par invertune] [--root runs/defense_table] [--threads 2]
 
 For each attack ``A`` the poisoned model is ``runs/clip_shapes_A/latest_export`` (made by

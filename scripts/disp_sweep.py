@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Mask-ratio sweep of DiSP's inference-time masking (the paper's Fig. 2): ASR and clean accuracy against rho.
 
-    python scripts/disp_sweep.py --checkpoint runs/mdlm_shapes_poison/latest_export \
-        --config configs/mdlm_shapes_poison.yaml [--rhos 0 0.1 0.2 0.3 0.45 0.6 0.8] [--selections saliency random]
+    python scripts/disp_sweep.py --checkpoint runs/mdlm_shapes_poison/latest_export \\
+        --config configs/mdlm_shapes_poison.yaml [--rhos 0 0.1 0.2 0.3 0.45 0.6 0.8] [--selections saliency random] \\
         [--split val] [--size 200] [--wandb]
 
 The config gives the data, trigger and target (its poison arguments rebuild the poisoned training samples for
