@@ -534,8 +534,6 @@ class TriggerInversion(L.Callback):
             self.outcome = self.load(pl_module, dm.train_dataloader())
         else:
             self.outcome = self.run(pl_module, dm.train_dataloader())
-        if trainer.is_global_zero:
-            self.save(trainer, pl_module, self.outcome)
         if self.oracle_trigger:
             log.warning(
                 "oracle_trigger: activation tuning uses the real %s trigger, not the inverted one "
@@ -543,6 +541,8 @@ class TriggerInversion(L.Callback):
                 type(real_trigger).__name__,
             )
             self.outcome.tuning_trigger = real_trigger.to(pl_module.device)
+        if trainer.is_global_zero:
+            self.save(trainer, pl_module, self.outcome)
         pl_module.receive_inversion(self.outcome)
 
     # --- artefacts ----------------------------------------------------------------------------------
@@ -589,6 +589,7 @@ class TriggerInversion(L.Callback):
             "warp": self.warp,
             "oracle_target": self.target,
             "loaded_from": self.load_from,
+            "oracle_trigger": self.oracle_trigger,
         }
         atomic_write_json(folder / "report.json", summary)
         scalars = {

@@ -489,6 +489,8 @@ def test_oracle_trigger_tunes_against_the_real_trigger_and_says_so(victim, tmp_p
     images = torch.rand(4, 3, 32, 32)
     assert not torch.equal(real(images), outcome.trigger(images))
     assert cli.model.report()["inversion"]["oracle_trigger"] is True
+    saved = json.loads((Path(cli.trainer.default_root_dir) / "trigger_inversion" / "report.json").read_text())
+    assert saved["oracle_trigger"] is True and saved["config"]["oracle_trigger"] is True
 
 
 def test_oracle_trigger_without_an_attack_is_an_error(victim, tmp_path) -> None:
