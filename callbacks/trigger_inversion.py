@@ -5,7 +5,8 @@ datamodule's ``train_dataloader()``, and on the suspect model
 
 1. fits a universal adversarial perturbation (the 3%-area corner patch, or an L-inf UAP) and ranks the
    classes by ``P_adv(y) - P_clean(y)`` (:func:`defenses.invertune.identify_target`); the top class is
-   the suspected target (or ``target`` when given: the oracle-target ablation);
+   the suspected target (or ``target`` when given: the oracle-target ablation); a margin to the
+   runner-up below ``min_margin`` is a warning (:mod:`defenses.invertune.target_confidence`);
 2. inverts a mask/pattern trigger for that class on the clean non-target images with the four losses of
    the spec (:func:`defenses.invertune.invert_trigger`), and measures its ASR on the clean images.
 
@@ -33,6 +34,7 @@ from typing import Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
@@ -40,14 +42,18 @@ from torchvision.utils import make_grid
 
 from attacks.io import atomic_save_image, atomic_write_bytes, atomic_write_json
 from defenses.invertune import (
+    DEFAULT_MIN_MARGIN,
     CornerPatchUAP,
     InvertedTrigger,
     LinfUAP,
+    TargetConfidence,
     TargetIdentification,
     identify_target,
     invert_trigger,
     inverted_trigger_asr,
+    target_confidence,
 )
+from defenses.invertune.target_confidence import check_min_margin
 from defenses.invertune.warp_inversion import InvertedWarp, invert_warp
 from defenses.invertune.zero_shot import _batch_images, zero_shot_predict
 
@@ -55,6 +61,26 @@ log = logging.getLogger(__name__)
 
 UAPKind = Literal["patch", "linf"]
 ReferenceSource = Literal["predicted", "label"]
+TargetSource = Literal["identified", "given", "loaded"]
+
+OVERRIDE_KEYS = (
+    "set the target yourself with TriggerInversion.target (--trainer.callbacks.init_args.target=<class name>), "
+    "or change the threshold with TriggerInversion.min_margin"
+)
+
+
+def warn_if_unsure(confidence: TargetConfidence | None, where: str = "target identification") -> None:
+    """A loud ``UserWarning`` (rank zero) when ``confidence`` is low: the margin, the threshold, the top
+    two classes and the keys that override the target or the threshold."""
+    if confidence is None or not confidence.low_confidence:
+        return
+    rank_zero_warn(
+        f"InverTune is unsure of the backdoor target ({where}): the {confidence.describe()} is below "
+        f"TriggerInversion.min_margin={confidence.threshold:g}, so the target may be wrong (steps 2-3 "
+        f"would then invert and tune against the wrong class); compare 'increase' in "
+        f"trigger_inversion/report.json, {OVERRIDE_KEYS}",
+        category=UserWarning,
+    )
 
 
 @dataclass
@@ -83,12 +109,20 @@ class InversionOutcome:
     tuning_trigger: nn.Module | None = None
     """The trigger that activation tuning uses instead of ``trigger``: the attack's *real* trigger with
     ``TriggerInversion.oracle_trigger`` (a diagnostic); ``None`` (a defense): the inverted ``trigger``."""
+    confidence: TargetConfidence | None = None
+    """The margin between the target and the runner-up against ``min_margin``; ``None`` with a given
+    target or one loaded from a report without it."""
+    target_source: TargetSource = "identified"
+    """``identified`` (step 1), ``given`` (``TriggerInversion.target``) or ``loaded`` (``load_from``)."""
 
     def summary(self, class_names: list[str]) -> dict:
-        """JSON-ready summary (ranking by class name, margin, histograms, trigger statistics)."""
+        """JSON-ready summary (target by name and index, ranking by class name, margin and its
+        ``target_confidence``, histograms, trigger statistics)."""
         out: dict = {
             "target": self.target_name,
-            "target_index": self.target,
+            "target_index": int(self.target),
+            "target_source": self.target_source,
+            "target_confidence": None if self.confidence is None else self.confidence.as_dict(),
             "inverted_asr": self.inverted_asr,
             "num_clean_images": self.num_clean_images,
             "num_reference_images": self.num_reference_images,
@@ -179,6 +213,9 @@ class TriggerInversion(L.Callback):
             images to invert on: ``"predicted"`` (the suspect's zero-shot predictions: no labels
             needed) or ``"label"`` (the clean set's labels).
         max_reference_images: reference images kept for ``L_emb``.
+        min_margin: an identification whose margin (the target's rise in top-1 frequency under the UAP
+            minus the runner-up's) is below this is low confidence: a warning, and
+            ``target_confidence.low_confidence`` in ``report.json`` (0: never warn).
         warp_epochs: > 0 also fits a warp trigger estimate for ``warp_epochs`` epochs over the clean
             non-target images (:func:`defenses.invertune.warp_inversion.invert_warp`; not in the paper:
             a WaNet-style warp is no mask and pattern); 0 (default) does not.
@@ -222,6 +259,7 @@ class TriggerInversion(L.Callback):
         noise_std: float = 0.0,
         reference_source: ReferenceSource = "predicted",
         max_reference_images: int = 64,
+        min_margin: float = DEFAULT_MIN_MARGIN,
         warp_epochs: int = 0,
         warp_grid: int = 4,
         warp_lr: float = 0.01,
@@ -277,6 +315,7 @@ class TriggerInversion(L.Callback):
         }
         self.reference_source = reference_source
         self.max_reference_images = max_reference_images
+        self.min_margin = check_min_margin(min_margin)
         self.seed = seed
         self.image_scale = image_scale
         self.dirname = dirname
@@ -305,7 +344,7 @@ class TriggerInversion(L.Callback):
 
         start = time.perf_counter()
         _reset_peak_memory(device)
-        identification, uap = None, None
+        identification, uap, confidence = None, None, None
         if self.target is not None:
             if self.target not in class_names:
                 raise ValueError(f"target {self.target!r} is not in the class vocabulary {class_names}")
@@ -322,6 +361,10 @@ class TriggerInversion(L.Callback):
                 identification.margin,
                 [class_names[i] for i in identification.ranking],
             )
+            confidence = target_confidence(
+                identification.increase, identification.ranking, class_names, self.min_margin
+            )
+            warn_if_unsure(confidence)
         if not 0 <= target < len(class_names):
             raise ValueError(f"identified target {target} is outside the vocabulary of {len(class_names)}")
         timings["identification_s"] = time.perf_counter() - start
@@ -362,6 +405,8 @@ class TriggerInversion(L.Callback):
             warp=warp,
             warp_asr=warp_asr,
             timings=timings,
+            confidence=confidence,
+            target_source="given" if self.target is not None else "identified",
         )
 
     def fit_warp(
@@ -425,6 +470,8 @@ class TriggerInversion(L.Callback):
             trigger.pattern_param.copy_(pattern)
         trigger.to(device).eval()
         target = class_names.index(target_name)
+        confidence = self._loaded_confidence(report, report_path)
+        warn_if_unsure(confidence, f"loaded from {report_path}")
         uap = None
         if (folder / "uap.safetensors").is_file():
             kind = report.get("config", {}).get("uap", self.uap_kind)
@@ -460,7 +507,30 @@ class TriggerInversion(L.Callback):
             warp=warp,
             warp_asr=warp_asr,
             timings=timings,
+            confidence=confidence,
+            target_source="loaded",
         )
+
+    def _loaded_confidence(self, report: dict, report_path: Path) -> TargetConfidence | None:
+        """The saved report's ``target_confidence`` judged against this run's ``min_margin`` (``None``
+        when the report has none: a given target, or a report written before it was recorded)."""
+        saved = report.get("target_confidence")
+        if saved is None:
+            return None
+        try:
+            return TargetConfidence(
+                target=str(saved["target"]),
+                runner_up=str(saved["runner_up"]),
+                target_increase=float(saved["target_increase"]),
+                runner_up_increase=float(saved["runner_up_increase"]),
+                margin=float(saved["margin"]),
+                threshold=self.min_margin,
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(
+                f"{report_path}: target_confidence {saved!r} is not the form TriggerInversion writes "
+                f"({error!r})"
+            ) from error
 
     def _class_view(self, pl_module: L.LightningModule) -> dict:
         """How :class:`_CleanImages` tells the clean images' classes: the suspect's zero-shot predictions
@@ -586,6 +656,7 @@ class TriggerInversion(L.Callback):
             "uap_fit": self.uap_fit,
             "inversion": self.inversion,
             "reference_source": self.reference_source,
+            "min_margin": self.min_margin,
             "warp": self.warp,
             "oracle_target": self.target,
             "loaded_from": self.load_from,
@@ -595,10 +666,12 @@ class TriggerInversion(L.Callback):
         scalars = {
             "invert/asr": outcome.inverted_asr,
             "invert/mask_l1": summary["mask_l1"],
-            "identify/target": float(outcome.target),
+            "identify/target_index": int(outcome.target),
         }
         if outcome.identification is not None:
             scalars["identify/margin"] = outcome.identification.margin
+        if outcome.confidence is not None:
+            scalars["identify/low_confidence"] = int(outcome.confidence.low_confidence)
         if outcome.warp_asr is not None:
             scalars["invert/warp_asr"] = outcome.warp_asr
         for logger in trainer.loggers:

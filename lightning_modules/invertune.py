@@ -34,7 +34,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from attacks.io import atomic_write_json
 from defenses.frozen import FrozenCopy
-from defenses.invertune import ActivationTuner, ActivationTuningResult, TuningSession
+from defenses.invertune import ActivationTuner, ActivationTuningResult, TuningSession, true_target_check
 from defenses.invertune.tuning_augment import TuningAugment
 from defenses.invertune.zero_shot import _batch_images, eval_mode, zero_shot_predict
 from defenses.victim import load_victim
@@ -234,6 +234,9 @@ class InverTuneModule(L.LightningModule):
         self.tuner = build_tuner(self.model, self.normalize, self.hparams)
         self.class_names: list[str] = []
         self.report_target: int | None = None  # the true target, for ASR reporting only
+        self.true_target_unknown = (
+            "the module was never set up with a datamodule"  # why report_target is None
+        )
         self.inversion = None  # callbacks.trigger_inversion.InversionOutcome
         self.session: TuningSession | None = None
         self.tuning_result: ActivationTuningResult | None = None
@@ -280,6 +283,12 @@ class InverTuneModule(L.LightningModule):
             self._text_embeds = None
         self.class_names = names
         self.report_target = getattr(dm, "target_index", None)
+        self.true_target_unknown = (
+            f"{type(dm).__name__} has no attack target (data.target_class is null), so the true target is "
+            "unknown: nothing to compare the identified target with"
+            if hasattr(dm, "target_index")
+            else f"{type(dm).__name__} has no target_index: the true target is unknown"
+        )
         n = len(names)
         self.metrics = nn.ModuleDict()
         for split in ("val", "test"):
@@ -449,19 +458,25 @@ class InverTuneModule(L.LightningModule):
         self.eval_step(batch, "test")
 
     def on_validation_epoch_end(self) -> None:
-        if self.inversion is not None:
-            self.log("identify/target", float(self.inversion.target))
+        if self.inversion is not None:  # the target itself is text: summary_rows and the reports
             self.log("invert/asr", self.inversion.inverted_asr)
             if self.inversion.identification is not None:
                 self.log("identify/margin", self.inversion.identification.margin)
 
     # --- results ------------------------------------------------------------------------------------
     def report(self) -> dict:
-        """JSON-ready summary: identification, inversion, layer/neuron selection, tuning, timings."""
+        """JSON-ready summary: identification (and whether it found the true target, when the data know
+        it), inversion, layer/neuron selection, tuning, timings."""
         out: dict = {"victim": self.hparams.victim, "timings": dict(self.timings)}
         if self.inversion is not None:
             out["inversion"] = self.inversion.summary(self.class_names)
-        if self.report_target is not None:
+            out["identified_target"] = self.inversion.target_name
+            out.update(
+                true_target_check(
+                    self.inversion.target, self.report_target, self.class_names, self.true_target_unknown
+                )
+            )
+        elif self.report_target is not None:
             out["true_target"] = self.class_names[self.report_target]
         result = self.tuning_result
         if result is not None:
@@ -477,6 +492,30 @@ class InverTuneModule(L.LightningModule):
                 "update_scope": self.hparams.update_scope,
             }
         return out
+
+    def summary_rows(self) -> dict[str, str]:
+        """Text rows of the printed run summary (:class:`callbacks.RunSummary`): the target by name, how
+        sure step 1 was, and whether it is the true target."""
+        outcome = self.inversion
+        if outcome is None:
+            return {}
+        rows = {"identify/target": f"{outcome.target_name} (index {outcome.target}, {outcome.target_source})"}
+        confidence = outcome.confidence
+        if confidence is not None:
+            verdict = "LOW CONFIDENCE" if confidence.low_confidence else "ok"
+            rows["identify/confidence"] = (
+                f"{verdict}: margin {confidence.margin:.3f} over {confidence.runner_up!r}, "
+                f"min_margin {confidence.threshold:g}"
+            )
+        check = true_target_check(
+            outcome.target, self.report_target, self.class_names, self.true_target_unknown
+        )
+        if check["true_target"] is None:
+            rows["identify/true_target"] = "unknown (the data have no attack target)"
+        else:
+            found = "found" if check["target_matches_true_target"] else "MISSED"
+            rows["identify/true_target"] = f"{check['true_target']} ({found})"
+        return rows
 
     def on_fit_end(self) -> None:
         if self.trainer.is_global_zero:

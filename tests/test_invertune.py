@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from defenses.invertune import (
+    DEFAULT_MIN_MARGIN,
     CornerPatchUAP,
     InvertedTrigger,
     LinfUAP,
@@ -22,8 +23,11 @@ from defenses.invertune import (
     mask_l1_loss,
     similarity_loss,
     ssim,
+    target_confidence,
+    true_target_check,
     uap_objective,
 )
+from defenses.invertune.target_confidence import check_min_margin
 from tests.conftest import ToyLinearBackdoor
 
 NUM_CLASSES = 4
@@ -156,6 +160,63 @@ def test_identify_target_rejects_empty_clean_set(toy_model, class_text) -> None:
         identify_target(toy_model, torch.empty(0, 3, 32, 32), class_text, uap, identity)
     with pytest.raises(ValueError, match="images is empty"):
         identify_target(toy_model, [], class_text, uap, identity)
+
+
+# ------------------------------------------------------------------------------------------------
+# how sure the identification is, and whether it found the true target
+# ------------------------------------------------------------------------------------------------
+
+NAMES = ["circle", "square", "triangle", "star"]
+
+
+def test_a_margin_below_min_margin_is_low_confidence_and_names_the_top_two() -> None:
+    increase = torch.tensor([0.05, 0.42, -0.30, 0.41], dtype=torch.float64)
+    ranking = [1, 3, 0, 2]
+    confidence = target_confidence(increase, ranking, NAMES, min_margin=0.1)
+    assert (confidence.target, confidence.runner_up) == ("square", "star")
+    assert confidence.margin == pytest.approx(0.42 - 0.41)
+    assert confidence.low_confidence
+    assert confidence.as_dict() == {
+        "margin": pytest.approx(0.01),
+        "threshold": 0.1,
+        "low_confidence": True,
+        "target": "square",
+        "runner_up": "star",
+        "target_increase": pytest.approx(0.42),
+        "runner_up_increase": pytest.approx(0.41),
+    }
+    text = confidence.describe()
+    assert "0.010" in text and "'square'" in text and "'star'" in text
+    # the same ranking is confident under a lower threshold; 0 never flags, not even a tie
+    assert not target_confidence(increase, ranking, NAMES, min_margin=0.005).low_confidence
+    tie = torch.tensor([0.2, 0.2, 0.0, 0.0], dtype=torch.float64)
+    assert not target_confidence(tie, [0, 1, 2, 3], NAMES, min_margin=0.0).low_confidence
+    assert target_confidence(tie, [0, 1, 2, 3], NAMES).low_confidence
+    assert DEFAULT_MIN_MARGIN == 0.1
+
+
+def test_target_confidence_rejects_bad_thresholds_rises_and_names() -> None:
+    increase = torch.tensor([0.5, 0.1, 0.0, -0.6])
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="min_margin must be a finite number >= 0"):
+            check_min_margin(bad)
+    with pytest.raises(ValueError, match="4 class rises for 3 class names"):
+        target_confidence(increase, [0, 1, 2, 3], NAMES[:3])
+    with pytest.raises(ValueError, match=r"non-finite rise .* \['triangle'\]"):
+        target_confidence(torch.tensor([0.5, 0.1, float("nan"), 0.0]), [0, 1, 2, 3], NAMES)
+
+
+def test_true_target_check_says_found_missed_or_why_unknown() -> None:
+    found = true_target_check(3, 3, NAMES, "unused")
+    assert found == {"true_target": "star", "target_matches_true_target": True, "true_target_unknown": None}
+    missed = true_target_check(1, 3, NAMES, "unused")
+    assert missed == {"true_target": "star", "target_matches_true_target": False, "true_target_unknown": None}
+    unknown = true_target_check(1, None, NAMES, "no attack target in the data")
+    assert unknown == {
+        "true_target": None,
+        "target_matches_true_target": None,
+        "true_target_unknown": "no attack target in the data",
+    }
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """InverTune (arXiv 2506.12411, NDSS 2026): backdoor removal for CLIP-style models in three steps.
 
 1. :mod:`~defenses.invertune.target_identification`: a universal adversarial perturbation reveals the
-   target class (``identify_target``).
+   target class (``identify_target``); :mod:`~defenses.invertune.target_confidence` says how sure that is.
 2. :mod:`~defenses.invertune.trigger_inversion`: a mask/pattern trigger is inverted for that class
    (``invert_trigger``).
 3. :mod:`~defenses.invertune.activation_tuning`: the neurons the inverted trigger excites are tuned
@@ -28,6 +28,12 @@ from defenses.invertune.activation_tuning import (
     select_layers,
     select_neurons,
 )
+from defenses.invertune.target_confidence import (
+    DEFAULT_MIN_MARGIN,
+    TargetConfidence,
+    target_confidence,
+    true_target_check,
+)
 from defenses.invertune.target_identification import (
     CornerPatchUAP,
     LinfUAP,
@@ -49,6 +55,7 @@ from defenses.invertune.trigger_inversion import (
 from defenses.invertune.zero_shot import encode_images, zero_shot_predict
 
 __all__ = [
+    "DEFAULT_MIN_MARGIN",
     "ActivationRecorder",
     "ActivationTuner",
     "ActivationTuningResult",
@@ -57,6 +64,7 @@ __all__ = [
     "KMeansResult",
     "LinfUAP",
     "NeuronSelection",
+    "TargetConfidence",
     "TargetIdentification",
     "TuningSession",
     "UniversalPerturbation",
@@ -79,6 +87,8 @@ __all__ = [
     "select_neurons",
     "similarity_loss",
     "ssim",
+    "target_confidence",
+    "true_target_check",
     "uap_objective",
     "zero_shot_predict",
 ]
