@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import ClassVar
 
 import pytest
@@ -17,8 +19,10 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from callbacks.trigger_inversion import TriggerInversion
+from callbacks import RunSummary
+from callbacks.trigger_inversion import InversionOutcome, TriggerInversion, warn_if_unsure
 from datamodules.defender_shapes import DefenderShapesDataModule
+from defenses.invertune import InvertedTrigger, TargetConfidence
 from defenses.victim import load_victim
 from lightning_modules.cleanclip import CleanCLIPFineTuning
 from lightning_modules.invertune import InverTuneModule, extra_trigger_estimates
@@ -200,6 +204,115 @@ def test_inversion_runs_on_clean_batches_and_reports(victim) -> None:
     assert set(summary["timings"]) >= {"identification_s", "inversion_s"}
 
 
+def unsure_messages(caught: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in caught if "unsure of the backdoor target" in str(w.message)]
+
+
+def test_a_small_margin_warns_with_the_margin_classes_and_keys() -> None:
+    confidence = TargetConfidence("square", "star", 0.42, 0.41, 0.01, threshold=0.1)
+    with pytest.warns(UserWarning, match="unsure of the backdoor target") as caught:
+        warn_if_unsure(confidence)
+    (message,) = unsure_messages(caught.list)
+    for part in ("margin 0.010", "'square'", "'star'", "min_margin=0.1", "TriggerInversion.target"):
+        assert part in message, part
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_if_unsure(TargetConfidence("square", "star", 0.42, 0.41, 0.01, threshold=0.005))
+        warn_if_unsure(None)  # a given target: nothing to be unsure of
+    assert unsure_messages(caught) == []
+
+
+def test_identification_reports_the_target_by_name_margin_and_rises_and_flags_low_confidence(victim) -> None:
+    images = [
+        {"image": torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(i))} for i in range(2)
+    ]
+    names = ["circle", "square", "triangle", "star"]
+    # a margin is at most 2 (rises are differences of fractions): min_margin=10 forces low confidence
+    with pytest.warns(UserWarning, match=r"TriggerInversion\.min_margin=10") as caught:
+        outcome = TriggerInversion(uap_epochs=1, epochs=1, min_margin=10).run(
+            module_with_vocabulary(victim), images
+        )
+    summary = json.loads(json.dumps(outcome.summary(names)))  # what report.json holds
+    assert type(summary["target_index"]) is int and summary["target"] == names[summary["target_index"]]
+    assert summary["target_source"] == "identified"
+    assert set(summary["increase"]) == set(names)
+    ranking = summary["ranking"]
+    assert summary["margin"] == pytest.approx(
+        summary["increase"][ranking[0]] - summary["increase"][ranking[1]]
+    )
+    assert summary["target_confidence"] == {
+        "margin": pytest.approx(summary["margin"]),
+        "threshold": 10.0,
+        "low_confidence": True,
+        "target": summary["target"],
+        "runner_up": ranking[1],
+        "target_increase": pytest.approx(summary["increase"][ranking[0]]),
+        "runner_up_increase": pytest.approx(summary["increase"][ranking[1]]),
+    }
+    (message,) = unsure_messages(caught.list)
+    assert repr(summary["target"]) in message and repr(ranking[1]) in message
+    # min_margin 0 never warns; a given target has no confidence to report
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        calm = TriggerInversion(uap_epochs=1, epochs=1, min_margin=0).run(
+            module_with_vocabulary(victim), images
+        )
+        given = TriggerInversion(target="star", epochs=1).run(module_with_vocabulary(victim), images)
+    assert unsure_messages(caught) == []
+    assert calm.summary(names)["target_confidence"]["low_confidence"] is False
+    assert given.summary(names)["target_confidence"] is None and given.target_source == "given"
+
+
+def outcome_for(target: int, confidence: TargetConfidence | None = None) -> InversionOutcome:
+    names = ["circle", "square", "triangle", "star"]
+    return InversionOutcome(
+        target=target,
+        target_name=names[target],
+        trigger=InvertedTrigger((3, 32, 32)),
+        identification=None,
+        inverted_asr=1.0,
+        num_clean_images=16,
+        num_reference_images=4,
+        confidence=confidence,
+    )
+
+
+def test_invertune_report_says_whether_the_identified_target_is_the_true_one(victim) -> None:
+    module = module_with_vocabulary(victim)
+    module.report_target = 3  # "star"
+    module.inversion = outcome_for(3)
+    report = module.report()
+    assert (report["identified_target"], report["true_target"]) == ("star", "star")
+    assert report["target_matches_true_target"] is True and report["true_target_unknown"] is None
+    assert module.summary_rows()["identify/true_target"] == "star (found)"
+    module.inversion = outcome_for(1)
+    report = module.report()
+    assert (report["identified_target"], report["true_target"]) == ("square", "star")
+    assert report["target_matches_true_target"] is False
+    assert module.summary_rows()["identify/true_target"] == "star (MISSED)"
+    # data without an attack target: null, and the report says why
+    dm = DefenderShapesDataModule(clean_size=8, val_size=4, test_size=4, attack=None, target_class=None)
+    dm.setup("fit")
+    module.trainer = SimpleNamespace(datamodule=dm)
+    module.setup("fit")
+    report = module.report()
+    assert report["true_target"] is None and report["target_matches_true_target"] is None
+    assert "DefenderShapesDataModule has no attack target" in report["true_target_unknown"]
+
+
+def test_run_summary_prints_the_target_by_name_and_a_low_confidence(victim, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "300")  # no wrapping inside the table's cells
+    module = module_with_vocabulary(victim)
+    module.report_target = 3
+    module.inversion = outcome_for(1, TargetConfidence("square", "star", 0.42, 0.41, 0.01, threshold=0.1))
+    trainer = SimpleNamespace(global_rank=0, callback_metrics={}, default_root_dir="run", loggers=[])
+    RunSummary()._report(trainer, "fit", module)
+    printed = capsys.readouterr().out
+    assert "square (index 1, identified)" in printed
+    assert "LOW CONFIDENCE: margin 0.010 over 'star', min_margin 0.1" in printed
+    assert "star (MISSED)" in printed
+
+
 def test_tuning_without_inversion_is_an_error(victim, tmp_path) -> None:
     with pytest.raises(RuntimeError, match="TriggerInversion"):
         run_cli("invertune_clip_shapes.yaml", victim, tmp_path, "--trainer.callbacks=[]")
@@ -234,6 +347,10 @@ def test_invertune_end_to_end_restricted_updates(victim, tmp_path) -> None:
     report = json.loads((run_dir / "invertune_report.json").read_text())
     assert report["tuning"]["selected_layers"] == result.selected_layers
     assert report["true_target"] == "star"
+    assert report["identified_target"] == report["inversion"]["target"]
+    assert report["target_matches_true_target"] is (report["identified_target"] == "star")
+    assert report["inversion"]["target_confidence"]["threshold"] == 0.1
+    assert "identify/target" not in metrics  # a class index is no metric: summary_rows print its name
     # the export holds the tuned model; outside the selected neurons it is bit-identical to the victim
     before = load_file(str(victim / "model.safetensors"))
     after = load_file(str(Path(cli.trainer.mmbackdoor_export) / "model.safetensors"))
@@ -305,6 +422,9 @@ def test_saved_trigger_is_reused_with_load_from(victim, tmp_path) -> None:
         (Path(second.trainer.default_root_dir) / "trigger_inversion" / "report.json").read_text()
     )
     assert report["config"]["loaded_from"] == str(saved)
+    saved_report = json.loads((saved / "report.json").read_text())
+    assert report["target_source"] == "loaded"
+    assert report["target_confidence"] == saved_report["target_confidence"] is not None
     assert second.model.tuner.augment is not None
     # the identification UAP is saved and reloaded bit-exactly, and tuning used it as a second trigger
     assert torch.equal(new.uap.delta.cpu(), old.uap.delta.cpu())
