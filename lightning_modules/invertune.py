@@ -234,9 +234,8 @@ class InverTuneModule(L.LightningModule):
         self.tuner = build_tuner(self.model, self.normalize, self.hparams)
         self.class_names: list[str] = []
         self.report_target: int | None = None  # the true target, for ASR reporting only
-        self.true_target_unknown = (
-            "the module was never set up with a datamodule"  # why report_target is None
-        )
+        # why report_target is None (the reports say it when they cannot compare with the true target)
+        self.true_target_unknown = "the module was never set up with a datamodule"
         self.inversion = None  # callbacks.trigger_inversion.InversionOutcome
         self.session: TuningSession | None = None
         self.tuning_result: ActivationTuningResult | None = None
