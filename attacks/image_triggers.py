@@ -1,7 +1,9 @@
 """Image triggers: batched tensor transforms that plant a backdoor pattern.
 
 Every trigger maps float images ``B x C x H x W`` in [0, 1] (any device, any floating dtype) to
-triggered images of the same shape, device and dtype, clamped to [0, 1].
+triggered images of the same shape, device and dtype, clamped to [0, 1]. Images of lower precision
+than float32 (bfloat16, float16) are triggered in float32 and rounded to their dtype once, so the
+result is the float32 result rounded.
 
 Randomness comes in two kinds, both derived from the trigger's ``seed``:
 
@@ -98,7 +100,7 @@ class ImageTrigger(nn.Module):
     """Base class of image triggers.
 
     Subclasses implement ``_trigger(images, sample_ids, fixed)`` (the unclamped triggered batch as a
-    new tensor, which is then clamped in place) and ``_params()`` (their constructor arguments).
+    new tensor, which is then clamped in place; ``images`` is at least float32) and ``_params()`` (their constructor arguments).
     Those with fixed random patterns register their buffer names with ``_register_lazy_buffers`` and
     implement ``_fixed_shapes`` and ``_build_fixed``.
 
@@ -130,9 +132,12 @@ class ImageTrigger(nn.Module):
             )
             raise ValueError(f"{self.name} expects float images B x C x H x W in [0, 1]; got {got}")
         ids = self._sample_ids(images, sample_ids)
-        fixed = self._fixed_tensors(images)
+        # Low-precision images (bfloat16, float16) are triggered in float32 and rounded once at the
+        # end: a warp grid or a sinusoid held in bfloat16 is off by whole pixels (NaN at 224 px).
+        work = images.to(torch.promote_types(images.dtype, torch.float32))
+        fixed = self._fixed_tensors(work)
         # _trigger returns a new tensor, so clamping in place saves an allocation.
-        return self._trigger(images, ids, fixed).clamp_(0.0, 1.0)
+        return self._trigger(work, ids, fixed).clamp_(0.0, 1.0).to(images.dtype)
 
     def config(self) -> dict[str, Any]:
         """JSON-serialisable configuration: ``build_image_trigger(**trigger.config())`` rebuilds it."""

@@ -25,7 +25,8 @@ class AttackSuccessRate(Metric):
     As input to ``update``:
 
     - ``preds``: ``(B,)`` integer predicted class indices, or ``(B, C)`` float logits (argmax taken),
-      computed on the *triggered* inputs.
+      computed on the *triggered* inputs. Logit rows with a NaN or without a finite maximum are a
+      ``ValueError`` naming the rows, raised before the state changes.
     - ``labels``: ``(B,)`` integer true classes; required when ``exclude_target_class`` is true, ignored
       otherwise.
 

@@ -80,9 +80,12 @@ class CrossTriggerInteraction(Metric):
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, values: Tensor) -> None:
-        """Add a batch of per-sample coalition values ``(B, 2^n)``."""
+        """Add a batch of per-sample coalition values ``(B, 2^n)``.
+
+        A NaN or inf value is a ``ValueError`` naming its coalitions, raised before the state changes.
+        """
         cti_sum, cti_sq_sum, count = _cross_trigger_interaction_update(
-            values, len(self.modalities), self._pair_index
+            values, len(self.modalities), self._pair_index, self.modalities
         )
         self.cti_sum += cti_sum
         self.cti_sq_sum += cti_sq_sum

@@ -85,8 +85,13 @@ class TriggerModalityAttribution(Metric):
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, values: Tensor) -> None:
-        """Add a batch of per-sample coalition values ``(B, 2^n)``."""
-        phi_sum, phi_sq_sum, count = _trigger_modality_attribution_update(values, len(self.modalities))
+        """Add a batch of per-sample coalition values ``(B, 2^n)``.
+
+        A NaN or inf value is a ``ValueError`` naming its coalitions, raised before the state changes.
+        """
+        phi_sum, phi_sq_sum, count = _trigger_modality_attribution_update(
+            values, len(self.modalities), self.modalities
+        )
         self.phi_sum += phi_sum
         self.phi_sq_sum += phi_sq_sum
         self.count += count

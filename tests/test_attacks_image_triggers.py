@@ -308,3 +308,30 @@ def test_config_rebuilds_the_trigger(make):
     images = _images()
     rebuilt = build_image_trigger(**trigger.config())
     assert torch.equal(rebuilt(images), trigger(images))
+
+
+# Rounding a value in [0, 1] to bfloat16 / float16 moves it by at most half an ulp at 1 (2**-8 / 2**-11);
+# the tolerance allows a couple of ulps, far below the pixel errors of computing in low precision.
+LOW_PRECISION_ATOL = {torch.bfloat16: 1 / 128, torch.float16: 1e-3}
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION_ATOL, ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("make", ALL_TRIGGERS.values(), ids=ALL_TRIGGERS.keys())
+def test_low_precision_images_get_the_float32_trigger_rounded_once(make, dtype):
+    images = _images(size=32).to(dtype)
+    ids = torch.arange(10, 14)
+    expected = make()(images.float(), ids).to(dtype)
+    out = make()(images, ids)
+    assert out.dtype == dtype
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected, rtol=0, atol=LOW_PRECISION_ATOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION_ATOL, ids=["bfloat16", "float16"])
+def test_wanet_at_224px_in_low_precision_is_finite_and_matches_float32(dtype):
+    # A bfloat16 grid at 224 px samples outside the image (NaN) and float16 is off by up to 0.99.
+    images = _images(batch=2, size=224).to(dtype)
+    trigger = WaNet(image_size=224)
+    out = trigger(images)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, trigger(images.float()).to(dtype), rtol=0, atol=LOW_PRECISION_ATOL[dtype])

@@ -173,3 +173,22 @@ def test_masked_generation(micro):
         generator=torch.Generator().manual_seed(0),
     )
     assert torch.equal(full, other)
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.5], ids=["no_masking", "masking"])
+def test_masked_generation_with_sampling_is_reproducible_from_the_generator(micro, rho):
+    ids, images = _inputs(micro)
+    prompt = ids[:, :5]
+    config = GenerationConfig(gen_length=4, block_length=4, steps=2, temperature=5.0, remasking="random")
+    masking = DiSPMasking(rho=rho, selection="random")
+
+    def run(seed, global_seed):
+        torch.manual_seed(global_seed)  # the global RNG must play no part
+        out, _ = masked_generate_ids(
+            micro, prompt, images, config, masking, generator=torch.Generator().manual_seed(seed)
+        )
+        return out
+
+    first = run(0, global_seed=100)
+    assert torch.equal(first, run(0, global_seed=200))
+    assert any(not torch.equal(first, run(seed, global_seed=100)) for seed in (1, 2, 3))

@@ -16,6 +16,7 @@ from model_families.mdlm.diffusion import (
     masked_diffusion_loss_from_logits,
     num_transfer_tokens,
 )
+from model_families.mdlm.inference import GenerationConfig, generate_ids, suppressed_token_ids
 from model_families.mdlm.modeling import LladaVModel
 from model_families.mdlm.prompt import (
     PromptFormatter,
@@ -411,3 +412,168 @@ def test_loss_backpropagates_through_model(tiny):
     loss.backward()
     assert torch.isfinite(loss) and tiny.mm_projector[0].weight.grad.abs().sum() > 0
     tiny.zero_grad()
+
+
+# ----------------------------------------------------------------- generation: forbidden ids, seeded streams
+def _llada_reference_generate(
+    model_fn, prompt, steps, gen_length, block_length, temperature, remasking, mask_id, generator
+):
+    """LLaDA's ``generate.py`` algorithm written out step by step (its draws, order and dtypes: per step a
+    float64 Gumbel draw of the logits' shape when temperature > 0, then a float32 (B, L) draw for
+    ``random``), with ``generator`` in place of the global RNG and no suppressed ids."""
+    x = torch.full((prompt.shape[0], prompt.shape[1] + gen_length), mask_id, dtype=torch.long)
+    x[:, : prompt.shape[1]] = prompt
+    blocks = gen_length // block_length
+    per_block = steps // blocks
+    for b in range(blocks):
+        lo, hi = prompt.shape[1] + b * block_length, prompt.shape[1] + (b + 1) * block_length
+        count = (x[:, lo:hi] == mask_id).sum(dim=1, keepdim=True)
+        schedule = torch.zeros(x.shape[0], per_block, dtype=torch.int64) + count // per_block
+        for row in range(x.shape[0]):
+            schedule[row, : int(count[row] % per_block)] += 1
+        for i in range(per_block):
+            masked = x == mask_id
+            logits = model_fn(x)
+            noisy = logits
+            if temperature > 0:
+                gumbel = torch.rand(logits.shape, generator=generator, dtype=torch.float64)
+                noisy = logits.to(torch.float64).exp() / (-torch.log(gumbel)) ** temperature
+            x0 = noisy.argmax(dim=-1)
+            if remasking == "low_confidence":
+                p = F.softmax(logits.to(torch.float64), dim=-1)
+                x0_p = p.gather(-1, x0[..., None])[..., 0]
+            else:
+                x0_p = torch.rand((x0.shape[0], x0.shape[1]), generator=generator)
+            x0_p[:, hi:] = -float("inf")
+            x0 = torch.where(masked, x0, x)
+            confidence = torch.where(masked, x0_p, -float("inf"))
+            transfer = torch.zeros_like(x0, dtype=torch.bool)
+            for row in range(confidence.shape[0]):
+                transfer[row, confidence[row].topk(int(schedule[row, i])).indices] = True
+            x[transfer] = x0[transfer]
+    return x
+
+
+def _mixing_model(vocab=40, seed=0):
+    """Logits that depend on the token, its position and the whole sequence; the mask id never wins."""
+    gen = torch.Generator().manual_seed(seed)
+    table, pos = torch.randn(200, vocab, generator=gen), torch.randn(64, vocab, generator=gen)
+    table[:, MASK] = -30.0
+
+    def model_fn(x, **kwargs):
+        emb = table[x]
+        return emb + pos[: x.shape[1]] + emb.mean(dim=1, keepdim=True)
+
+    return model_fn
+
+
+@pytest.mark.parametrize("remasking", ["low_confidence", "random"])
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_generate_equals_llada_reference_with_an_equally_seeded_generator(temperature, remasking):
+    model_fn = _mixing_model()
+    prompt = torch.tensor([[11, 12, 13], [21, 22, 23]])
+    kwargs = {
+        "steps": 6,
+        "gen_length": 8,
+        "block_length": 4,
+        "temperature": temperature,
+        "remasking": remasking,
+    }
+    for seed in range(3):
+        ours = generate(
+            model_fn, prompt, mask_id=MASK, generator=torch.Generator().manual_seed(seed), **kwargs
+        )
+        reference = _llada_reference_generate(
+            model_fn, prompt, mask_id=MASK, generator=torch.Generator().manual_seed(seed), **kwargs
+        )
+        assert torch.equal(ours, reference), (seed, ours, reference)
+
+
+def test_random_remasking_confidences_are_the_float32_stream():
+    # Greedy x0 (no Gumbel draw), so the first step's commits are the top-k of one float32 (B, L) draw.
+    model = ScriptedModel(torch.zeros(20))
+    prompt = torch.tensor([[1, 2], [3, 4]])
+    generate(
+        model, prompt, mask_id=MASK, gen_length=6, block_length=6, steps=3, remasking="random",
+        generator=torch.Generator().manual_seed(5),
+    )  # fmt: skip
+    after_first = model.calls[1][0]
+    confidence = torch.rand((2, 8), generator=torch.Generator().manual_seed(5))  # float32, as LLaDA
+    confidence[:, :2] = -float("inf")
+    expected = torch.zeros(2, 8, dtype=torch.bool)
+    expected.scatter_(1, confidence.topk(2, dim=1).indices, True)
+    assert torch.equal(after_first != MASK, expected | (torch.arange(8) < 2))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_generate_never_commits_suppressed_or_mask_ids(temperature):
+    vocab = 30
+
+    def model_fn(x, **kwargs):
+        # The mask id and id 9 are the argmax everywhere; 12 is the best allowed id.
+        logits = torch.zeros(*x.shape, vocab)
+        logits[..., MASK], logits[..., 9], logits[..., 12] = 5.0, 4.0, 3.0
+        return logits
+
+    prompt = torch.tensor([[1, 2, 3]])
+    out = generate(
+        model_fn, prompt, mask_id=MASK, gen_length=8, block_length=4, steps=8, temperature=temperature,
+        suppress_ids=(9, -200, 10_000), generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    response = out[0, 3:]
+    assert not torch.isin(response, torch.tensor([MASK, 9])).any()
+    if temperature == 0:
+        assert response.tolist() == [12] * 8
+
+
+def test_suppressed_ids_keep_the_ids_that_end_a_response(tokenizer):
+    tiny_config = LladaVConfig.tiny(tokenizer)
+    ids = special_token_ids(tokenizer)
+    assert set(suppressed_token_ids(tiny_config)) == {
+        ids[name] for name in ("mask", "image", "pad", "bos", "start_header", "end_header")
+    }
+    released = LladaVConfig.released()
+    # LLaDA pads with EOS (pad id = eos id): EOS must stay allowed, or responses could never end.
+    assert released.pad_token_id == released.eos_token_id
+    assert not {released.eos_token_id, released.eot_token_id} & set(suppressed_token_ids(released))
+    assert released.mask_token_id in suppressed_token_ids(released)
+
+
+def test_sampling_never_writes_a_special_id_into_a_response(tiny, tokenizer):
+    # The tiny image placeholder is an ordinary vocabulary id: written into a response, the next step found
+    # two placeholders and raised. Near-uniform sampling makes every id likely.
+    gen = torch.Generator().manual_seed(3)
+    prompts = torch.randint(20, 150, (4, 6), generator=gen)
+    prompts[:, 0] = tiny.config.image_token_index
+    images = torch.rand(4, 3, 32, 32, generator=gen)
+    forbidden = torch.tensor(suppressed_token_ids(tiny.config))
+    ends = torch.tensor([tiny.config.eos_token_id, tiny.config.eot_token_id])
+    seen_ends = False
+    for remasking in ("low_confidence", "random"):
+        config = GenerationConfig(
+            gen_length=8, block_length=4, steps=4, temperature=20.0, remasking=remasking
+        )
+        for seed in range(12):
+            ids = generate_ids(tiny, prompts, images, config, generator=torch.Generator().manual_seed(seed))
+            assert not torch.isin(ids, forbidden).any(), (seed, ids)
+            seen_ends |= bool(torch.isin(ids, ends).any())
+    assert seen_ends, "EOS / eot were never sampled: they must stay allowed"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_generation_takes_a_cpu_generator_and_matches_cpu():
+    # Purification seeds a CPU generator whatever the model's device; the draws are made on the generator's
+    # device and moved, so the CUDA run samples the CPU run's tokens.
+    gen = torch.Generator().manual_seed(0)
+    table, pos = torch.randn(200, 40, generator=gen), torch.randn(64, 40, generator=gen)
+
+    def model_fn(x, **kwargs):
+        return table.to(x.device)[x] + pos.to(x.device)[: x.shape[1]]
+
+    prompt = torch.tensor([[11, 12, 13]])
+    kwargs = {"mask_id": MASK, "gen_length": 8, "block_length": 4, "steps": 8, "temperature": 1.0}
+    kwargs["remasking"] = "random"
+    cpu = generate(model_fn, prompt, generator=torch.Generator().manual_seed(4), **kwargs)
+    cuda = generate(model_fn, prompt.cuda(), generator=torch.Generator().manual_seed(4), **kwargs)
+    assert torch.equal(cuda.cpu(), cpu)

@@ -27,6 +27,8 @@ from metrics.functional import (
     cross_trigger_interaction,
     generative_attack_success_rate,
     get_rule,
+    interaction_index,
+    shapley_values,
     trigger_modality_attribution,
 )
 
@@ -156,6 +158,33 @@ def test_asr_bad_inputs() -> None:
         metric.update(torch.zeros(4, dtype=torch.long), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match=r"float `preds` to be logits of shape \(B, C\)"):
         metric.update(torch.zeros(4), torch.zeros(4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("target_class", [0, 2])
+def test_asr_non_finite_logits_never_count_and_name_the_rows(target_class: int) -> None:
+    # argmax of an all-NaN row is class 0: a diverged model would score ASR 1 (target 0) or 0 (otherwise).
+    logits = torch.randn(6, 3, generator=torch.Generator().manual_seed(0))
+    logits[1] = float("nan")
+    logits[3, 2] = float("nan")
+    logits[4] = -float("inf")  # no finite class score
+    logits[5, 0] = float("inf")
+    labels = torch.tensor([1, 1, 1, 1, 1, 1])
+    match = r"4 of 6 rows of the logits `preds` are not finite .*rows 1, 3, 4, 5\)"
+    with pytest.raises(ValueError, match=match):
+        attack_success_rate(logits, labels, target_class=target_class)
+    metric = AttackSuccessRate(target_class=target_class)
+    metric.update(logits[[0, 2]], labels[[0, 2]])
+    with pytest.raises(ValueError, match=match):
+        metric.update(logits, labels)
+    assert metric.counted.item() == 2
+    expected = (logits[[0, 2]].argmax(dim=1) == target_class).float().mean()
+    assert metric.compute().item() == pytest.approx(expected.item())
+
+
+def test_asr_logits_with_masked_classes_are_fine() -> None:
+    # -inf for classes that are masked out is legitimate when some class keeps a finite score.
+    logits = torch.tensor([[-float("inf"), 0.2, 0.9], [0.5, -float("inf"), -float("inf")]])
+    assert attack_success_rate(logits, None, target_class=2, exclude_target_class=False).item() == 0.5
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -398,6 +427,56 @@ def test_attribution_bad_values_shape() -> None:
         CrossTriggerInteraction(MODALITIES[2]).update(torch.zeros(4))
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+def test_attribution_non_finite_values_are_rejected_naming_the_coalition(bad: float) -> None:
+    values = torch.tensor([[0.0, 0.1, 0.8, 1.0], [0.0, 0.0, 1.0, 1.0], [0.0, 0.5, 0.5, 1.0]])
+    values[0, 1] = bad  # column 1 = {image}
+    values[2, 1] = bad
+    values[2, 3] = bad  # column 3 = {image, text}
+    match = (
+        r"3 of 12 are NaN or inf \(2 of 3 rows; non-finite per coalition: column 1 = \{image\}: 2, "
+        r"column 3 = \{image, text\}: 1\)"
+    )
+    for call in (
+        lambda: TriggerModalityAttribution(MODALITIES[2]).update(values),
+        lambda: CrossTriggerInteraction(MODALITIES[2]).update(values),
+        lambda: trigger_modality_attribution(values, MODALITIES[2]),
+        lambda: cross_trigger_interaction(values, MODALITIES[2]),
+    ):
+        with pytest.raises(ValueError, match=match):
+            call()
+    with pytest.raises(ValueError, match=r"column 1 = \{part 0\}: 2"):
+        shapley_values(values)
+    with pytest.raises(ValueError, match=r"column 3 = \{part 0, part 1\}: 1"):
+        interaction_index(values)
+
+
+def test_attribution_state_is_untouched_by_a_rejected_update() -> None:
+    good = torch.tensor([[0.0, 0.1, 0.8, 1.0], [0.0, 0.0, 1.0, 1.0]])
+    bad = good.clone()
+    bad[1, 2] = float("nan")
+    tma = TriggerModalityAttribution(MODALITIES[2], return_ci=True)
+    cti = CrossTriggerInteraction(MODALITIES[2], return_ci=True)
+    for metric in (tma, cti):
+        metric.update(good[:1])
+        with pytest.raises(ValueError, match="NaN or inf"):
+            metric.update(bad)
+        metric.update(good[1:])
+    expected_tma = trigger_modality_attribution(good, MODALITIES[2], return_ci=True)
+    got_tma = tma.compute()
+    assert tma.count.item() == 2
+    for key, value in expected_tma.items():
+        assert torch.isfinite(got_tma[key]) and got_tma[key].item() == pytest.approx(value.item())
+    assert got_tma["image"].item() == pytest.approx(0.075)  # (0.1 + 0.05) / 2, see the docstring example
+    got_cti = cti.compute()
+    assert cti.count.item() == 2
+    # CTI per sample: v(IT) - v(I) - v(T) + v() = 0.1 and 0.0.
+    assert got_cti["cti"].item() == pytest.approx(0.05)
+    assert got_cti["cti_ci95"].item() == pytest.approx(
+        cross_trigger_interaction(good, MODALITIES[2], return_ci=True)["cti_ci95"].item()
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------
 # ASR-G
 # ---------------------------------------------------------------------------------------------------------
@@ -441,6 +520,8 @@ def test_asr_g_bad_arguments() -> None:
         AttackSuccessRateGeneralisation().update(torch.tensor([1, 0]), torch.tensor([2, 0]))
     with pytest.raises(ValueError, match="`source_hits` to be a 1-D tensor"):
         AttackSuccessRateGeneralisation().update(torch.ones(2, 2), torch.ones(2))
+    with pytest.raises(ValueError, match="`source_hits` to hold only 0/1"):
+        AttackSuccessRateGeneralisation().update(torch.tensor([1.0, float("nan")]), torch.ones(2))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -145,12 +145,15 @@ def masked_generate_ids(
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Generated ids (B, gen_length) with DiSP's inference-time masking (none when ``masking`` is None or
-    rho = 0), and the selected tokens (B, N) (None without masking)."""
+    rho = 0), and the selected tokens (B, N) (None without masking).
+
+    ``generator`` seeds the token scores (probes, random selection) and then the sampling (``temperature >
+    0``, ``random`` remasking), so equally seeded calls give equal ids."""
     if masking is None or masking.rho == 0:
-        return generate_ids(model, prompt_ids, pixel_values, generation, prompt_mask), None
+        return generate_ids(model, prompt_ids, pixel_values, generation, prompt_mask, generator), None
     scores = masking.scores(model, prompt_ids, pixel_values, generation.gen_length, prompt_mask, generator)
     selected = masking.select(scores)
     ids = generate_ids(
-        model, prompt_ids, pixel_values, generation, prompt_mask, **masking.model_kwargs(selected)
+        model, prompt_ids, pixel_values, generation, prompt_mask, generator, **masking.model_kwargs(selected)
     )
     return ids, selected

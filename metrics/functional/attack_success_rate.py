@@ -19,6 +19,26 @@ def _attack_success_rate_arg_validation(target_class: int, exclude_target_class:
         )
 
 
+def _logits_validation(logits: Tensor) -> None:
+    """Reject rows of ``(B, C)`` logits whose argmax means nothing: a NaN, or a maximum that is not finite.
+
+    ``argmax`` of an all-NaN row is class 0, so a diverged model would count as a success whenever the
+    target is class 0 and as a failure otherwise (what a working defense looks like). ``-inf`` entries for
+    masked classes are fine as long as some class has a finite score.
+    """
+    if logits.numel() == 0:
+        return
+    bad = logits.isnan().any(dim=1) | ~torch.isfinite(logits.amax(dim=1))
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten()
+        shown = ", ".join(str(int(r)) for r in rows[:10]) + (", ..." if rows.numel() > 10 else "")
+        raise ValueError(
+            f"AttackSuccessRate: {rows.numel()} of {logits.shape[0]} rows of the logits `preds` are not finite"
+            f" (a NaN, +inf, or no finite class score; rows {shown}), so their argmax is meaningless and"
+            " would silently count as a hit or a miss. Check the model (non-finite weights or activations)."
+        )
+
+
 def _attack_success_rate_update(
     preds: Tensor,
     labels: Tensor | None,
@@ -28,7 +48,8 @@ def _attack_success_rate_update(
     """Count successes and counted samples in one batch.
 
     Args:
-        preds: predicted class indices ``(B,)`` (integer) or logits/scores ``(B, C)`` (float, argmax taken).
+        preds: predicted class indices ``(B,)`` (integer) or logits/scores ``(B, C)`` (float, argmax taken);
+            a row with a NaN or no finite maximum is an error naming the rows.
         labels: true class indices ``(B,)``; required when ``exclude_target_class`` is true.
         target_class: the backdoor target class index.
         exclude_target_class: drop the inputs whose true class is the target.
@@ -45,6 +66,7 @@ def _attack_success_rate_update(
             raise ValueError(
                 f"Argument `target_class`={target_class} is out of range for logits with {preds.shape[1]} classes."
             )
+        _logits_validation(preds)
         preds = preds.argmax(dim=1)
     elif preds.dtype == torch.bool or preds.ndim != 1:
         raise ValueError(
@@ -93,7 +115,8 @@ def attack_success_rate(
     already belongs to the target class says nothing about the backdoor.
 
     Args:
-        preds: ``(B,)`` predicted class indices, or ``(B, C)`` float logits (argmax taken).
+        preds: ``(B,)`` predicted class indices, or ``(B, C)`` float logits (argmax taken); a row with a NaN
+            or without a finite maximum is a ``ValueError`` naming the rows, never a silent hit or miss.
         labels: ``(B,)`` true class indices; required when ``exclude_target_class`` is true.
         target_class: the backdoor target class index.
         exclude_target_class: do not count inputs whose true class is ``target_class``.

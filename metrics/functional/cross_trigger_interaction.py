@@ -33,19 +33,21 @@ def _cross_trigger_interaction_arg_validation(
 
 
 def _cross_trigger_interaction_update(
-    values: Tensor, num_parts: int, pair_index: tuple[int, int]
+    values: Tensor, num_parts: int, pair_index: tuple[int, int], modalities: Sequence[str] | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-sample interaction index of one batch, reduced to ``(sum, sum of squares, count)``.
 
     Args:
-        values: ``(B, 2^n)`` coalition values ``v(S)`` in bitmask order.
+        values: ``(B, 2^n)`` finite coalition values ``v(S)`` in bitmask order; a NaN or inf is an error
+            naming its coalitions.
         num_parts: ``n``.
         pair_index: positions ``(i, j)`` of the two parts.
+        modalities: the part names, for the error message.
 
     Returns:
         0-dim float64 sum, 0-dim float64 sum of squares, 0-dim long count ``B``.
     """
-    values = _values_validation(values, num_parts)
+    values = _values_validation(values, num_parts, modalities, "CrossTriggerInteraction")
     cti = values @ _interaction_weights(num_parts, *pair_index).to(values.device)
     count = torch.tensor(values.shape[0], dtype=torch.long, device=values.device)
     return cti.sum(), (cti * cti).sum(), count
@@ -87,7 +89,8 @@ def cross_trigger_interaction(
     Args:
         values: ``(B, 2^n)`` per-sample coalition values in bitmask order (see
             :mod:`metrics.functional.shapley`); for ``["image", "text"]``:
-            ``v({}), v({image}), v({text}), v({image, text})``.
+            ``v({}), v({image}), v({text}), v({image, text})``. Non-finite values are an error naming the
+            coalitions that hold them.
         modalities: names of the ``n`` trigger parts.
         pair: the two parts whose interaction to measure; required when ``n > 2``.
         return_ci: return ``{"cti": mean, "cti_ci95": half-width}`` with the 95% confidence half-width
@@ -104,5 +107,5 @@ def cross_trigger_interaction(
         tensor(0.0500)
     """
     names, pair_index = _cross_trigger_interaction_arg_validation(modalities, pair, return_ci)
-    cti_sum, cti_sq_sum, count = _cross_trigger_interaction_update(values, len(names), pair_index)
+    cti_sum, cti_sq_sum, count = _cross_trigger_interaction_update(values, len(names), pair_index, names)
     return _cross_trigger_interaction_compute(cti_sum, cti_sq_sum, count, return_ci)

@@ -114,13 +114,36 @@ def _interaction_weights(n: int, i: int, j: int) -> Tensor:
     return weights
 
 
-def _values_validation(values: Tensor, n: int) -> Tensor:
-    """Check a ``B x 2^n`` tensor of coalition values and return it as float64."""
+def _values_validation(
+    values: Tensor, n: int, modalities: Sequence[str] | None = None, metric_name: str | None = None
+) -> Tensor:
+    """Check a ``B x 2^n`` tensor of finite coalition values and return it as float64.
+
+    A NaN or infinite ``v(S)`` is an error naming each coalition that holds one and how many: summed into a
+    metric's state it would make every later result NaN, and it means the model or score that produced it
+    is broken. ``modalities`` (the part names) and ``metric_name`` only make the message clearer.
+    """
+    who = f"{metric_name}: e" if metric_name else "E"
     if not isinstance(values, Tensor) or values.ndim != 2 or values.shape[1] != 2**n:
         shape = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
         raise ValueError(
-            f"Expected `values` to be a tensor of shape (B, {2**n}) (one column per coalition of {n} trigger"
+            f"{who}xpected `values` to be a tensor of shape (B, {2**n}) (one column per coalition of {n} trigger"
             f" parts, bitmask order), but got {shape}."
+        )
+    finite = torch.isfinite(values)
+    if not bool(finite.all()):
+        names = tuple(modalities) if modalities is not None else tuple(f"part {m}" for m in range(n))
+        per_column = (~finite).sum(dim=0).tolist()
+        coalitions = ", ".join(
+            f"column {k} = {{{', '.join(names[m] for m in range(n) if k >> m & 1)}}}: {bad}"
+            for k, bad in enumerate(per_column)
+            if bad
+        )
+        rows = int((~finite).any(dim=1).sum())
+        raise ValueError(
+            f"{who}xpected finite coalition values, but {sum(per_column)} of {values.numel()} are NaN or inf"
+            f" ({rows} of {values.shape[0]} rows; non-finite per coalition: {coalitions}). Added to the metric"
+            " they would make it NaN for good; check the model or the score that produced them."
         )
     return values.to(torch.float64)
 
@@ -137,6 +160,8 @@ def _num_parts(values: Tensor) -> int:
 def shapley_values(values: Tensor) -> Tensor:
     """Per-sample exact Shapley values: ``(B, 2^n)`` coalition values -> ``(B, n)`` float64.
 
+    A NaN or inf value is a ``ValueError`` naming its coalitions.
+
     Example:
         >>> import torch
         >>> shapley_values(torch.tensor([[0.0, 0.2, 0.6, 1.0]]))
@@ -149,6 +174,8 @@ def shapley_values(values: Tensor) -> Tensor:
 
 def interaction_index(values: Tensor, i: int = 0, j: int = 1) -> Tensor:
     """Per-sample pairwise Shapley interaction index of parts ``i`` and ``j``: ``(B, 2^n)`` -> ``(B,)`` float64.
+
+    A NaN or inf value is a ``ValueError`` naming its coalitions.
 
     Example:
         >>> import torch

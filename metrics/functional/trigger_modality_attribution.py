@@ -22,17 +22,21 @@ def _trigger_modality_attribution_arg_validation(
     return names
 
 
-def _trigger_modality_attribution_update(values: Tensor, num_parts: int) -> tuple[Tensor, Tensor, Tensor]:
+def _trigger_modality_attribution_update(
+    values: Tensor, num_parts: int, modalities: Sequence[str] | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """Per-sample Shapley values of one batch, reduced to ``(sum phi, sum phi^2, count)``.
 
     Args:
-        values: ``(B, 2^n)`` coalition values ``v(S)`` in bitmask order.
+        values: ``(B, 2^n)`` finite coalition values ``v(S)`` in bitmask order; a NaN or inf is an error
+            naming its coalitions.
         num_parts: ``n``.
+        modalities: the part names, for the error message.
 
     Returns:
         ``(n,)`` float64 sum of phi, ``(n,)`` float64 sum of phi^2, 0-dim long count ``B``.
     """
-    values = _values_validation(values, num_parts)
+    values = _values_validation(values, num_parts, modalities, "TriggerModalityAttribution")
     phi = values @ _shapley_weights(num_parts).to(values.device)
     count = torch.tensor(values.shape[0], dtype=torch.long, device=values.device)
     return phi.sum(dim=0), (phi * phi).sum(dim=0), count
@@ -84,6 +88,7 @@ def trigger_modality_attribution(
         values: ``(B, 2^n)`` per-sample coalition values, column ``k`` = coalition with bitmask ``k`` (bit
             ``m`` set = ``modalities[m]`` active); for ``["image", "text"]`` the columns are
             ``v({}), v({image}), v({text}), v({image, text})``. See :mod:`metrics.functional.shapley`.
+            Non-finite values are an error naming the coalitions that hold them.
         modalities: names of the ``n`` trigger parts (2 or 3 in practice, at most 6).
         normalize: also return the shares ``phi_m / sum_k phi_k`` under keys ``"<name>_share"``. With
             Shapley values of mixed signs a share can fall outside [0, 1]; NaN (with a warning) when the sum is 0.
@@ -102,5 +107,5 @@ def trigger_modality_attribution(
         {'image': 0.075, 'text': 0.925, 'image_share': 0.075, 'text_share': 0.925}
     """
     names = _trigger_modality_attribution_arg_validation(modalities, normalize, return_ci)
-    phi_sum, phi_sq_sum, count = _trigger_modality_attribution_update(values, len(names))
+    phi_sum, phi_sq_sum, count = _trigger_modality_attribution_update(values, len(names), names)
     return _trigger_modality_attribution_compute(phi_sum, phi_sq_sum, count, names, normalize, return_ci)

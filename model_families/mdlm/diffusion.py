@@ -99,15 +99,30 @@ def _as_logits(output: Any) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.logits
 
 
+def _uniform(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, generator: torch.Generator | None
+) -> torch.Tensor:
+    """U[0, 1) of ``shape`` on ``device``: from ``generator`` (drawn on its own device, then moved, so a CPU
+    generator seeds a CUDA run) or, without one, from the global generator of ``device`` as LLaDA does."""
+    if generator is None:
+        return torch.rand(shape, dtype=dtype, device=device)
+    return torch.rand(shape, generator=generator, dtype=dtype, device=generator.device).to(device)
+
+
 def add_gumbel_noise(
     logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """Gumbel-max scores ``exp(logits) / (-log u)^temperature`` in float64 (as LLaDA; low precision hurts
-    sampling quality). ``argmax`` of the result samples from ``softmax(logits / temperature)``."""
+    sampling quality). ``argmax`` of the result samples from ``softmax(logits / temperature)``.
+
+    ``u`` is one float64 draw of the logits' shape, as LLaDA's ``torch.rand_like(logits, dtype=float64)``;
+    at temperature 0 nothing is drawn and the logits are returned (LLaDA's earlier ``generate.py``; its later
+    one draws and discards the noise, which leaves the greedy result unchanged).
+    """
     if temperature == 0:
         return logits
     logits = logits.to(torch.float64)
-    noise = torch.rand(logits.shape, generator=generator, dtype=torch.float64, device=logits.device)
+    noise = _uniform(tuple(logits.shape), torch.float64, logits.device, generator)
     return logits.exp() / (-torch.log(noise)) ** temperature
 
 
@@ -153,6 +168,7 @@ def generate(
     attention_mask: torch.Tensor | None = None,
     cfg_keep_ids: tuple[int, ...] = (),
     unconditional_kwargs: dict[str, Any] | None = None,
+    suppress_ids: tuple[int, ...] = (),
     **model_kwargs: Any,
 ) -> torch.Tensor:
     """Semi-autoregressive masked diffusion sampling with low-confidence (or random) remasking (LLaDA).
@@ -167,6 +183,16 @@ def generate(
     Classifier-free guidance (``cfg_scale > 0``): a second pass with every prompt token masked (except ids in
     ``cfg_keep_ids``, e.g. the image placeholder, which can be masked through ``unconditional_kwargs``), then
     ``logits = u + (s + 1)(c - u)``. ``unconditional_kwargs`` replaces ``model_kwargs`` for that pass.
+
+    Never generated: ``mask_id`` and the ids in ``suppress_ids`` (e.g. the image placeholder, padding, BOS and
+    header ids; never the EOS / eot ids that end a response). Their scores are set to -inf *after* the Gumbel
+    noise, so x0 is the best (or sampled) allowed token while the noise stream and the confidences (the
+    model's own softmax) stay LLaDA's: the result differs from LLaDA's only where it would have committed a
+    forbidden id. At ``temperature > 0`` this samples from the softmax renormalised over the allowed ids.
+
+    Randomness (``temperature > 0`` or ``random`` remasking) comes from ``generator`` in LLaDA's order and
+    dtypes: per step one float64 Gumbel draw of shape (B, L, V), then for ``random`` one float32 (B, L)
+    draw, so an equally seeded generator gives LLaDA's stream.
 
     Batching: all prompts share one length. Prompts of different lengths are left-padded by the caller with
     ``attention_mask`` (B, P) = 0 on the padding; it is extended with ones and passed to ``model_fn`` as
@@ -198,6 +224,7 @@ def generate(
     if cfg_keep_ids:
         prompt_index &= ~torch.isin(x, torch.tensor(cfg_keep_ids, device=device))
     positions = torch.arange(x.shape[1], device=device)
+    forbidden = torch.tensor(sorted({mask_id, *suppress_ids}), dtype=torch.long, device=device)
 
     for block in range(num_blocks):
         start = prompt_len + block * block_length
@@ -210,12 +237,17 @@ def generate(
                 un_x = torch.where(prompt_index, torch.full_like(x, mask_id), x)
                 un_logits = _as_logits(model_fn(un_x, **uncond_kwargs))
                 logits = un_logits + (cfg_scale + 1) * (logits - un_logits)
-            x0 = add_gumbel_noise(logits, temperature, generator).argmax(dim=-1)
+            scores = add_gumbel_noise(logits, temperature, generator)
+            # Ids outside the vocabulary (LLaVA's image placeholder -200) cannot be generated anyway.
+            in_vocab = forbidden[(forbidden >= 0) & (forbidden < scores.shape[-1])]
+            scores = scores.index_fill(-1, in_vocab, -torch.inf)
+            x0 = scores.argmax(dim=-1)
             if remasking == "low_confidence":
                 probs = F.softmax(logits.to(torch.float64), dim=-1)
                 x0_p = probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
             else:
-                x0_p = torch.rand(x0.shape, generator=generator, dtype=torch.float64, device=device)
+                # float32, as LLaDA's torch.rand((B, L)): the same seed gives the same stream.
+                x0_p = _uniform(tuple(x0.shape), torch.float32, device, generator)
             x0_p = x0_p.masked_fill(positions >= end, -torch.inf)
             x0 = torch.where(mask_index, x0, x)
             confidence = torch.where(mask_index, x0_p, torch.full_like(x0_p, -torch.inf))

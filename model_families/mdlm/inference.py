@@ -86,6 +86,27 @@ def extend_attention_mask(prompt_mask: torch.Tensor | None, gen_length: int) -> 
     return torch.cat([prompt_mask, ones], dim=1)
 
 
+def suppressed_token_ids(config: Any) -> tuple[int, ...]:
+    """Ids a response must never contain: the mask id, the image placeholder, padding, BOS and the header
+    ids, each when the config has it. The ids that end a response (``eos_token_id``, ``eot_token_id``; the
+    SFT data pads responses with EOS) stay allowed, also when padding shares the EOS id as in LLaDA.
+
+    The tiny world's image placeholder is an ordinary vocabulary id, so sampling could write it into a
+    response, and the next denoising step would then find two placeholders and raise.
+    """
+    names = (
+        "mask_token_id",
+        "image_token_index",
+        "pad_token_id",
+        "bos_token_id",
+        "start_header_id",
+        "end_header_id",
+    )
+    ends = {config.eos_token_id, config.eot_token_id}
+    ids = {getattr(config, name, None) for name in names}
+    return tuple(sorted(i for i in ids if i is not None and i not in ends))
+
+
 @torch.no_grad()
 def generate_ids(
     model: Any,
@@ -96,7 +117,11 @@ def generate_ids(
     generator: torch.Generator | None = None,
     **model_kwargs: Any,
 ) -> torch.Tensor:
-    """Generated response ids (B, gen_length) for left-padded prompts (B, P) and their images."""
+    """Generated response ids (B, gen_length) for left-padded prompts (B, P) and their images.
+
+    The ids of :func:`suppressed_token_ids` are never generated; ``generator`` seeds the sampling
+    (``temperature > 0``) and ``random`` remasking.
+    """
     mask_id = model.config.mask_token_id
     kwargs = dict(model_kwargs)
     if pixel_values is not None:
@@ -124,6 +149,7 @@ def generate_ids(
         attention_mask=prompt_mask,
         cfg_keep_ids=(model.config.image_token_index,),
         unconditional_kwargs=unconditional,
+        suppress_ids=suppressed_token_ids(model.config),
         **kwargs,
     )
     return out[:, prompt_ids.shape[1] :]
