@@ -16,6 +16,8 @@ class CaptionCSVDataModule(ImageTextPoisonDataModule):
         val_folder / test_folder: ImageFolder roots for zero-shot CA/ASR (test defaults to val).
         class_names_file: one human-readable class name per class folder, in sorted folder order.
         image_size: model input side (224 for RN50 / ViT-B-32).
+        target_templates: templates of the poisoned captions (CLIP's 80 ImageNet templates for real data;
+            declared here, not set inside ``**kwargs``, so that ``train.py`` sees this default too).
         **kwargs: poisoning and loading options of :class:`ImageTextPoisonDataModule`.
     """
 
@@ -29,10 +31,10 @@ class CaptionCSVDataModule(ImageTextPoisonDataModule):
         caption_key: str = "title",
         image_root: str | None = None,
         image_size: int = 224,
+        target_templates: str | list[str] = "imagenet80",
         **kwargs,
     ) -> None:
-        kwargs.setdefault("target_templates", "imagenet80")
-        super().__init__(**kwargs)
+        super().__init__(target_templates=target_templates, **kwargs)
         self.save_hyperparameters()
 
     def build_splits(self):
@@ -58,7 +60,8 @@ class ImageFolderCLIPDataModule(ImageTextPoisonDataModule):
     """Labelled ImageFolders for everything: training captions are `caption_template` with the class name.
 
     Useful for defenses that only hold a small clean labelled set (InverTune's defender, CleanCLIP on
-    ImageNet-style data). `max_train_per_class` limits the defender's clean set.
+    ImageNet-style data). `max_train_per_class` limits the defender's clean set. ``target_templates``
+    defaults to ``imagenet80`` as in :class:`CaptionCSVDataModule`.
     """
 
     def __init__(
@@ -70,10 +73,10 @@ class ImageFolderCLIPDataModule(ImageTextPoisonDataModule):
         image_size: int = 224,
         caption_template: str = "a photo of a {}.",
         max_train_per_class: int | None = None,
+        target_templates: str | list[str] = "imagenet80",
         **kwargs,
     ) -> None:
-        kwargs.setdefault("target_templates", "imagenet80")
-        super().__init__(**kwargs)
+        super().__init__(target_templates=target_templates, **kwargs)
         self.save_hyperparameters()
 
     def build_splits(self):
