@@ -41,6 +41,23 @@ def collate_dicts(items: list[dict]) -> dict:
     return out
 
 
+def check_image_size(model_image_size: int, datamodule, model_name: str) -> None:
+    """The datamodule's ``image_size`` must be the model's input side; else a ``ValueError`` naming the key.
+
+    open_clip's vision towers take exactly their configured side: the ResNets' attention pooling and the
+    ViTs' positional embeddings have a fixed grid, so other sizes either fail deep in torch on the first
+    evaluation batch or (sizes that round to the same grid) run at a resolution the model never saw.
+    A datamodule without an ``image_size`` is not checked."""
+    data_size = getattr(datamodule, "image_size", None)
+    if data_size is None or callable(data_size) or int(data_size) == int(model_image_size):
+        return
+    raise ValueError(
+        f"{type(datamodule).__name__} gives {data_size} px images but the CLIP model {model_name!r} takes "
+        f"{model_image_size} px: set data.init_args.image_size={model_image_size} (or choose a model for "
+        f"{data_size} px, see docs/configs.md 'Image sizes')"
+    )
+
+
 class PoisonedCaptions(Dataset):
     """Wraps an image-caption data set; poisoned samples get the target caption and a `poison_image` flag."""
 

@@ -22,6 +22,7 @@ import open_clip
 import torch
 from torchmetrics.classification import MulticlassAccuracy
 
+from datamodules.image_text import check_image_size
 from metrics import AttackSuccessRate
 from model_families.clip import (
     create_clip,
@@ -100,6 +101,7 @@ class CLIPFineTuning(L.LightningModule):
     # --- wiring ----------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule
+        check_image_size(self.bundle.image_size, dm, self.bundle.model_name)
         self.class_names = list(dm.class_names)
         self.target_index = dm.target_index
         n = len(self.class_names)

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from attacks.io import atomic_write_json
+from datamodules.image_text import check_image_size
 from defenses.frozen import FrozenCopy
 from defenses.invertune import ActivationTuner, ActivationTuningResult, TuningSession, true_target_check
 from defenses.invertune.tuning_augment import TuningAugment
@@ -275,6 +276,7 @@ class InverTuneModule(L.LightningModule):
     # --- wiring -------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule
+        check_image_size(self.bundle.image_size, dm, self.bundle.model_name)
         names = list(getattr(dm, "class_names", []) or [])
         if not names:
             raise ValueError(f"{type(dm).__name__} has no class_names: InverTune needs the class vocabulary")

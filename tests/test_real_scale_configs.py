@@ -32,6 +32,7 @@ def test_real_scale_config_runs_one_step(tmp_path, config):
         f"--data.init_args.train_csv={paths['train_csv']}",
         f"--data.init_args.val_folder={paths['val_folder']}",
         f"--data.init_args.class_names_file={paths['class_names_file']}",
+        f"--data.init_args.class_map_file={paths['class_map_file']}",
         "--data.init_args.batch_size=4",
         "--data.init_args.eval_batch_size=4",
         "--data.init_args.num_workers=0",
