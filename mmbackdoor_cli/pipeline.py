@@ -1,13 +1,16 @@
 """Small building blocks for multi-stage commands (quickstart, attack table): train a config in-process,
-return where its run and export are; evaluate an export under a config."""
+return where its run and export are; evaluate an export under a config; group the stages' W&B runs."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import time
 from pathlib import Path
 
 from mmbackdoor_cli.cli import main as train_main
 from mmbackdoor_cli.evaluate import evaluate_checkpoint
+from mmbackdoor_cli.wandb_mode import GROUP_ENV
 
 
 @dataclasses.dataclass
@@ -16,6 +19,18 @@ class TrainedRun:
     run_dir: Path
     export: Path
     metrics: dict[str, float]
+
+
+def invocation_group(script: str) -> str:
+    """The W&B group of this invocation, `<script>-<YYYYmmdd-HHMMSS>`, set once in `MMBACKDOOR_WANDB_GROUP`.
+
+    A multi-stage script calls this at its start: every stage it then trains (each its own W&B run,
+    named after its run folder) is grouped under it. A group already in the environment (set by the user
+    or by an outer script) is kept; `--trainer.logger.init_args.group` of a stage still wins.
+    """
+    if not os.environ.get(GROUP_ENV):
+        os.environ[GROUP_ENV] = f"{script}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return os.environ[GROUP_ENV]
 
 
 def train(config: str, *overrides: str) -> TrainedRun:
