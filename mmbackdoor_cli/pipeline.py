@@ -4,10 +4,12 @@ return where its run and export are; evaluate an export under a config; group th
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from pathlib import Path
 
+from mmbackdoor_cli.cli import DEFAULT_LOGGER
 from mmbackdoor_cli.cli import main as train_main
 from mmbackdoor_cli.evaluate import evaluate_checkpoint
 from mmbackdoor_cli.wandb_mode import GROUP_ENV
@@ -31,6 +33,21 @@ def invocation_group(script: str) -> str:
     if not os.environ.get(GROUP_ENV):
         os.environ[GROUP_ENV] = f"{script}-{time.strftime('%Y%m%d-%H%M%S')}"
     return os.environ[GROUP_ENV]
+
+
+LOGGERS = ("wandb", "false")
+"""The `--logger` choices of the multi-stage scripts."""
+
+
+def logger_overrides(logger: str) -> list[str]:
+    """The `--trainer.logger` override of a script's `--logger` choice: `wandb` is train.py's default
+    WandbLogger (offline unless W&B is configured), also for configs that turn the logger off; `false`
+    logs nothing."""
+    if logger == "false":
+        return ["--trainer.logger=false"]
+    if logger == "wandb":
+        return [f"--trainer.logger={json.dumps(DEFAULT_LOGGER)}"]
+    raise ValueError(f"--logger must be one of {LOGGERS}, got {logger!r}")
 
 
 def train(config: str, *overrides: str) -> TrainedRun:

@@ -19,7 +19,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 
-from mmbackdoor_cli.pipeline import invocation_group, train
+from mmbackdoor_cli.pipeline import invocation_group, logger_overrides, train
 from mmbackdoor_cli.wandb_mode import GROUP_ENV
 from tests.conftest import tiny_overrides
 
@@ -160,6 +160,21 @@ def test_a_group_override_wins_over_the_invocation_group(tmp_path, offline_wandb
         CLEAN, *wandb_overrides(tmp_path / "clean", epochs=1), "--trainer.logger.init_args.group=mine"
     )
     assert offline_run(run.run_dir)["group"] == "mine"
+
+
+def test_a_scripts_wandb_choice_logs_a_stage_whose_config_turns_the_logger_off(tmp_path, offline_wandb):
+    # what disp_pipeline.py --logger wandb does with the MDLM configs (`trainer.logger: false`)
+    off = [*wandb_overrides(tmp_path / "stage", epochs=1), "--trainer.logger=false"]
+    run = train(CLEAN, *off, *logger_overrides("wandb"))
+    logged = offline_run(run.run_dir)
+    assert (logged["name"], logged["group"], logged["exit_code"]) == (
+        "stage/version_0",
+        "pytest-two-stages",
+        0,
+    )
+    assert logger_overrides("false") == ["--trainer.logger=false"]
+    with pytest.raises(ValueError, match="'tensorboard'"):
+        logger_overrides("tensorboard")
 
 
 def test_invocation_group_is_set_once_and_kept_by_nested_scripts(monkeypatch):
