@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgre
 from lightning.pytorch.cli import LightningCLI
 
 from callbacks import ExportOnFitEnd, PoisonSampleGrid, RunSummary
-from mmbackdoor_cli.wandb_mode import ensure_safe_wandb_mode
+from mmbackdoor_cli.wandb_mode import GROUP_ENV, ensure_safe_wandb_mode, finish_wandb_runs
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -82,6 +82,8 @@ class MMBackdoorCLI(LightningCLI):
                 logger.init_args.save_dir = str(run_dir)
                 if getattr(logger.init_args, "name", None) is None:
                     logger.init_args.name = f"{root.name}/{run_dir.name}"
+                if getattr(logger.init_args, "group", None) is None and os.environ.get(GROUP_ENV):
+                    logger.init_args.group = os.environ[GROUP_ENV]
 
     def instantiate_classes(self) -> None:
         if not self._instantiate:
@@ -89,6 +91,16 @@ class MMBackdoorCLI(LightningCLI):
         super().instantiate_classes()
         config = self.config[self.subcommand] if self.subcommand else self.config
         self.trainer.mmbackdoor_config = _to_dict(config)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run the stage, then finish its W&B run (exit code 1 when the stage raised) so that the next
+        stage in this process starts a run of its own."""
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            finish_wandb_runs(self.trainer.loggers, exit_code=1)
+            raise
+        finish_wandb_runs(self.trainer.loggers, exit_code=0)
 
     def _instantiate_trainer(self, config, callbacks):
         present = list(config.get("callbacks") or []) + list(callbacks)

@@ -1,13 +1,18 @@
 """Small building blocks for multi-stage commands (quickstart, attack table): train a config in-process,
-return where its run and export are; evaluate an export under a config."""
+return where its run and export are; evaluate an export under a config; group the stages' W&B runs."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import time
 from pathlib import Path
 
+from mmbackdoor_cli.cli import DEFAULT_LOGGER
 from mmbackdoor_cli.cli import main as train_main
 from mmbackdoor_cli.evaluate import evaluate_checkpoint
+from mmbackdoor_cli.wandb_mode import GROUP_ENV
 
 
 @dataclasses.dataclass
@@ -16,6 +21,33 @@ class TrainedRun:
     run_dir: Path
     export: Path
     metrics: dict[str, float]
+
+
+def invocation_group(script: str) -> str:
+    """The W&B group of this invocation, `<script>-<YYYYmmdd-HHMMSS>`, set once in `MMBACKDOOR_WANDB_GROUP`.
+
+    A multi-stage script calls this at its start: every stage it then trains (each its own W&B run,
+    named after its run folder) is grouped under it. A group already in the environment (set by the user
+    or by an outer script) is kept; `--trainer.logger.init_args.group` of a stage still wins.
+    """
+    if not os.environ.get(GROUP_ENV):
+        os.environ[GROUP_ENV] = f"{script}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return os.environ[GROUP_ENV]
+
+
+LOGGERS = ("wandb", "false")
+"""The `--logger` choices of the multi-stage scripts."""
+
+
+def logger_overrides(logger: str) -> list[str]:
+    """The `--trainer.logger` override of a script's `--logger` choice: `wandb` is train.py's default
+    WandbLogger (offline unless W&B is configured), also for configs that turn the logger off; `false`
+    logs nothing."""
+    if logger == "false":
+        return ["--trainer.logger=false"]
+    if logger == "wandb":
+        return [f"--trainer.logger={json.dumps(DEFAULT_LOGGER)}"]
+    raise ValueError(f"--logger must be one of {LOGGERS}, got {logger!r}")
 
 
 def train(config: str, *overrides: str) -> TrainedRun:

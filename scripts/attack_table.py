@@ -6,6 +6,7 @@
 
 Trains the clean model first unless --clean names an export. Each attack uses configs/clip_shapes_<attack>.yaml
 with the clean export as `init_from`; every model is evaluated on the test split with its attack's trigger.
+With `--logger wandb` every training is its own W&B run, all in the group `attack_table-<date>-<time>`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attacks import atomic_write_json
-from mmbackdoor_cli.pipeline import evaluate, train
+from mmbackdoor_cli.pipeline import LOGGERS, evaluate, invocation_group, logger_overrides, train
 
 
 def main() -> None:
@@ -28,9 +29,12 @@ def main() -> None:
     parser.add_argument("--attacks", nargs="+", default=["badnet", "blended", "sig", "wanet"])
     parser.add_argument("--clean", default=None, help="export folder of the clean model (default: train it)")
     parser.add_argument("--output", default="runs/attack_table.json")
-    parser.add_argument("--logger", default="false", choices=("wandb", "false"))
+    parser.add_argument(
+        "--logger", default="false", choices=LOGGERS, help="W&B (offline unless configured) or none"
+    )
     args = parser.parse_args()
-    extra = ["--trainer.logger=false"] if args.logger == "false" else []
+    extra = logger_overrides(args.logger)
+    invocation_group("attack_table")
     start = time.perf_counter()
     clean = Path(args.clean) if args.clean else train("configs/clip_shapes_clean.yaml", *extra).export
     rows = []

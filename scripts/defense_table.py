@@ -4,7 +4,7 @@ CleanCLIP, PAR and InverTune, whether target identification found the true targe
 inverted trigger on the poisoned model.
 
     python scripts/defense_table.py [--attacks badnet blended sig wanet] \\
-        [--defenses cleanclip par invertune] [--root runs/defense_table] [--threads 2]
+        [--defenses cleanclip par invertune] [--root runs/defense_table] [--threads 2] [--logger wandb]
 
 For each attack ``A`` the poisoned model is ``runs/clip_shapes_A/latest_export`` (made by
 ``configs/clip_shapes_A.yaml``). Each defense runs through ``train.py``'s CLI in this process with
@@ -14,7 +14,9 @@ by ``evaluate.py``'s :func:`evaluate_checkpoint` with the attack's own config on
 numbers come from the same evaluation code. "InverTune clean→target" is the tuned model's rate of clean
 non-target test images predicted as the target: the floor under its ASR (a model that confuses circles
 with stars shows that confusion on triggered images too). Prints a markdown table and writes JSON
-(``<root>/table.json``) with every metric, the InverTune reports and the wall times.
+(``<root>/table.json``) with every metric, the InverTune reports and the wall times. With ``--logger wandb``
+each defense run is its own W&B run named ``<attack>/<defense>``, all in the group
+``defense_table-<date>-<time>`` (or ``$MMBACKDOOR_WANDB_GROUP``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 from attacks.io import atomic_write_json  # noqa: E402
 from mmbackdoor_cli.cli import main as cli_main  # noqa: E402
 from mmbackdoor_cli.evaluate import evaluate_checkpoint  # noqa: E402
+from mmbackdoor_cli.pipeline import LOGGERS, invocation_group, logger_overrides  # noqa: E402
 
 ATTACKS = ("badnet", "blended", "sig", "wanet")
 DEFENSES = ("cleanclip", "par", "invertune")
@@ -57,17 +60,25 @@ def _cli_value(value) -> str:
 
 
 def run_defense(
-    config: Path, victim: Path, run_root: Path, overrides: list[str]
+    config: Path, victim: Path, run_root: Path, overrides: list[str], logger: str = "false"
 ) -> tuple[Path, object, float]:
-    """Fit one defense through the train.py CLI; returns (export folder, LightningModule, seconds)."""
+    """Fit one defense through the train.py CLI; returns (export folder, LightningModule, seconds).
+
+    With ``logger="wandb"`` the run is a W&B run named ``<run_root's parent>/<run_root>`` (e.g.
+    ``badnet/cleanclip``) in this invocation's group."""
     start = time.perf_counter()
+    if logger == "wandb":
+        name = [f"--trainer.logger.init_args.name={run_root.parent.name}/{run_root.name}"]
+    else:
+        name = []
     cli = cli_main(
         [
             "fit",
             "--config",
             str(config),
             f"--model.init_args.victim={victim}",
-            "--trainer.logger=false",
+            *logger_overrides(logger),
+            *name,
             "--trainer.enable_checkpointing=false",
             "--trainer.enable_progress_bar=false",
             "--trainer.enable_model_summary=false",
@@ -163,6 +174,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output", default=None, help="JSON file (default: <root>/table.json)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument(
+        "--logger", default="false", choices=LOGGERS, help="W&B (offline unless configured) or none"
+    )
+    parser.add_argument(
         "--extra",
         nargs="*",
         default=[],
@@ -196,6 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
                 )
         jobs.append((attack, attack_config, victim.resolve()))
 
+    invocation_group("defense_table")
     started = time.perf_counter()
     results: dict[str, dict] = {}
     for attack, attack_config, victim in jobs:
@@ -208,7 +223,11 @@ def main(argv: list[str] | None = None) -> dict:
         for defense in args.defenses:
             run_root = root / attack / defense
             export, module, seconds = run_defense(
-                configs / f"{defense}_clip_shapes.yaml", victim, run_root, overrides + extra.get(defense, [])
+                configs / f"{defense}_clip_shapes.yaml",
+                victim,
+                run_root,
+                overrides + extra.get(defense, []),
+                args.logger,
             )
             row["seconds"][defense] = seconds
             row["exports"][defense] = str(export)

@@ -13,19 +13,19 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from mmbackdoor_cli.cli import MMBackdoorCLI  # noqa: E402
-from mmbackdoor_cli.pipeline import TrainedRun, train  # noqa: E402
+from mmbackdoor_cli.pipeline import TrainedRun, logger_overrides, train  # noqa: E402
 
 QUIET = [
-    "--trainer.logger=false",
     "--trainer.enable_progress_bar=false",
     "--trainer.enable_model_summary=false",
 ]
 
 
-def run_fit(config: str, root: Path, *overrides: str) -> tuple[TrainedRun, float]:
-    """``python train.py --config config --trainer.default_root_dir=root *overrides`` in this process."""
+def run_fit(config: str, root: Path, *overrides: str, logger: str = "false") -> tuple[TrainedRun, float]:
+    """``python train.py --config config --trainer.default_root_dir=root *overrides`` in this process;
+    ``logger="wandb"`` makes it a W&B run named ``<root's name>/version_N``."""
     start = time.perf_counter()
-    run = train(config, f"--trainer.default_root_dir={root}", *QUIET, *overrides)
+    run = train(config, f"--trainer.default_root_dir={root}", *QUIET, *logger_overrides(logger), *overrides)
     return run, time.perf_counter() - start
 
 
@@ -39,6 +39,7 @@ def measure(
         config,
         f"--model.init_args.init_from={export}",
         f"--trainer.default_root_dir={root}",
+        "--trainer.logger=false",
         *QUIET,
         *overrides,
     ]

@@ -14,7 +14,8 @@ The clean model is cached: a later call reuses ``<out>/clean/latest_export`` unl
 Measurements use the poisoning config's test split: clean QA accuracy (``ca``), ASR on triggered held-out
 inputs (``asr``), on the poisoned training samples (``asr_wt``) and on clean inputs (``asr_clean``); the
 baseline "inference-time masking alone" measures the backdoored model with DiSP's masking (rho = 0.45) and
-no fine-tuning; ``--ft-baseline`` adds plain fine-tuning on the poisoned set.
+no fine-tuning; ``--ft-baseline`` adds plain fine-tuning on the poisoned set. With ``--logger wandb`` every
+training stage is its own W&B run (``<stage>/version_N``), all in the group ``disp_pipeline-<date>-<time>``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from pathlib import Path
 
 import torch
 from disp_common import dump, markdown, measure, run_fit
+
+from mmbackdoor_cli.pipeline import LOGGERS, invocation_group
 
 TARGETS = {
     "content_insertion": ("configs/mdlm_shapes_poison.yaml", "configs/disp_shapes.yaml"),
@@ -120,8 +123,15 @@ def main(argv: list[str] | None = None) -> dict:
         "--threads", type=int, default=1, help="torch intra-op threads (1 is fastest when shared)"
     )
     parser.add_argument("--output", default=None, help="JSON results (default <out>/results-<time>.json)")
+    parser.add_argument(
+        "--logger",
+        default="false",
+        choices=LOGGERS,
+        help="W&B (offline unless configured): one run per training stage, grouped by this invocation",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    invocation_group("disp_pipeline")
     start = time.perf_counter()
     out = Path(args.out)
     timings: dict[str, float] = {}
@@ -135,7 +145,9 @@ def main(argv: list[str] | None = None) -> dict:
         clean_export = cached.resolve()
         print(f"reusing the clean model {clean_export}")
     else:
-        run, timings["train_clean"] = run_fit("configs/mdlm_shapes_clean.yaml", out / "clean")
+        run, timings["train_clean"] = run_fit(
+            "configs/mdlm_shapes_clean.yaml", out / "clean", logger=args.logger
+        )
         clean_export = run.export
     results["clean_export"] = str(clean_export)
     masking = f"--model.init_args.eval_masking={{rho: {args.rho}, selection: saliency, mode: mask}}"
@@ -145,7 +157,10 @@ def main(argv: list[str] | None = None) -> dict:
         rows: dict = {}
         # 2. poisoned fine-tuning of the clean model
         run, timings[f"{target}/poison"] = run_fit(
-            poison_config, out / f"poison_{target}", f"--model.init_args.init_from={clean_export}"
+            poison_config,
+            out / f"poison_{target}",
+            f"--model.init_args.init_from={clean_export}",
+            logger=args.logger,
         )
         poisoned = run.export
         # 3. measure: clean model (control), backdoored model, inference-time masking alone
@@ -164,7 +179,10 @@ def main(argv: list[str] | None = None) -> dict:
             )
         if args.ft_baseline:
             ft, timings[f"{target}/ft_baseline"] = run_fit(
-                poison_config, out / f"ft_baseline_{target}", f"--model.init_args.init_from={poisoned}"
+                poison_config,
+                out / f"ft_baseline_{target}",
+                f"--model.init_args.init_from={poisoned}",
+                logger=args.logger,
             )
             rows["plain_ft"], _ = measure(poison_config, ft.export, out / "eval")
         # 4. DiSP: self-purification + recovery fine-tuning, from the backdoored model and its manifest
@@ -174,6 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"--model.init_args.init_from={poisoned}",
             f"--model.init_args.disp={{rho: {args.rho}, selection: saliency, mode: mask, estimator: vjp, num_probes: 4}}",
             f"--data.init_args.poison_manifest={poisoned}/poison_manifest.json",
+            logger=args.logger,
         )
         # 5. measure the purified model on the same data, trigger and target
         rows["disp"], timings[f"{target}/measure_disp"] = measure(poison_config, disp.export, out / "eval")

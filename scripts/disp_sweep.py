@@ -23,6 +23,7 @@ import torch
 from disp_common import dump, markdown
 
 from mmbackdoor_cli.cli import MMBackdoorCLI
+from mmbackdoor_cli.pipeline import invocation_group
 
 DEFAULT_RHOS = [0.0, 0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8]
 
@@ -69,7 +70,13 @@ def log_wandb(rows: list[dict], png: Path, name: str) -> None:
     import wandb
 
     os.environ.setdefault("WANDB_MODE", "offline")
-    run = wandb.init(project="mmbackdoor", name=name, job_type="disp_sweep", dir=str(png.parent))
+    run = wandb.init(
+        project="mmbackdoor",
+        name=name,
+        job_type="disp_sweep",
+        group=invocation_group("disp_sweep"),
+        dir=str(png.parent),
+    )
     keys = sorted({k for r in rows for k in r if k not in ("selection",)})
     table = wandb.Table(
         columns=["selection", *keys], data=[[r["selection"], *[r.get(k) for k in keys]] for r in rows]

@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from defense_table import ATTACKS, attack_data_overrides, removed, run_defense  # noqa: E402
 
 from attacks.io import atomic_write_json  # noqa: E402
+from mmbackdoor_cli.pipeline import LOGGERS, invocation_group  # noqa: E402
 
 
 def parse_setting(text: str) -> tuple[str, dict, dict]:
@@ -85,6 +86,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--root", default="runs/invertune_sweep")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
+        "--logger",
+        default="false",
+        choices=LOGGERS,
+        help="W&B (offline unless configured; one run per setting and attack, grouped) or none",
+    )
+    parser.add_argument(
         "--val-size",
         type=int,
         default=None,
@@ -95,6 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     base = yaml.safe_load(Path(args.config).read_text())
     root = Path(args.root)
+    invocation_group("invertune_sweep")
     results: dict[str, dict] = {}
     for text in args.setting:
         name, model, callback = parse_setting(text)
@@ -110,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
             start = time.perf_counter()
             victim = (Path(args.models) / f"clip_shapes_{attack}" / "latest_export").resolve()
             overrides = data_overrides(attack, args.val_size)
-            _, module, _ = run_defense(path, victim, root / name / attack, overrides)
+            _, module, _ = run_defense(path, victim, root / name / attack, overrides, args.logger)
             metrics = {k: float(v) for k, v in module.trainer.callback_metrics.items()}
             row = {
                 "asr": metrics["val/asr"],

@@ -4,6 +4,9 @@ evaluate both on clean and triggered test images, and print the table.
 
     python scripts/quickstart.py            (what `make demo` runs)
     python scripts/quickstart.py --logger false   (no W&B files)
+
+With W&B each training is its own run (in its run folder, named after it, e.g. clip_shapes_clean/version_0),
+both in the group `quickstart-<date>-<time>` (or $MMBACKDOOR_WANDB_GROUP when set).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attacks import atomic_write_json
 from mmbackdoor_cli.evaluate import markdown_table
-from mmbackdoor_cli.pipeline import evaluate, train
+from mmbackdoor_cli.pipeline import LOGGERS, evaluate, invocation_group, logger_overrides, train
 
 CLEAN = "configs/clip_shapes_clean.yaml"
 POISON = "configs/clip_shapes_badnet.yaml"
@@ -30,12 +33,13 @@ def main() -> None:
     parser.add_argument(
         "--logger",
         default="wandb",
-        choices=("wandb", "false"),
+        choices=LOGGERS,
         help="W&B (offline unless configured) or none",
     )
     parser.add_argument("--output", default="runs/quickstart.json")
     args = parser.parse_args()
-    extra = ["--trainer.logger=false"] if args.logger == "false" else []
+    extra = logger_overrides(args.logger)
+    group = invocation_group("quickstart")
     start = time.perf_counter()
     clean = train(CLEAN, *extra)
     poisoned = train(POISON, f"--model.init_args.init_from={clean.export}", *extra)
@@ -52,7 +56,8 @@ def main() -> None:
     print(f"poison manifest: {poisoned.run_dir / 'poison_manifest.json'}")
     if args.logger == "wandb":
         print(
-            f"W&B logs:     {clean.run_dir / 'wandb'}, {poisoned.run_dir / 'wandb'} (offline: `wandb sync <dir>` uploads them)"
+            f"W&B logs:     {clean.run_dir / 'wandb'}, {poisoned.run_dir / 'wandb'}, group {group}"
+            " (offline: `wandb sync <dir>` uploads them)"
         )
     print(f"total time:   {elapsed / 60:.1f} min")
     atomic_write_json(
