@@ -13,6 +13,8 @@ from datamodules.mdlm_shapes import ShapesInstructDataModule
 from datamodules.shapes_clip import ShapesCLIPDataModule
 from lightning_modules.clip_finetune import CLIPFineTuning
 from lightning_modules.mdlm_finetune import MDLMFineTuning
+from mmbackdoor_cli.pipeline import train
+from tests.conftest import tiny_overrides
 
 EPOCHS = 3
 BATCHES = 3  # per epoch (limit_train_batches; the data sets hold 4 batches, so a pass stops early)
@@ -40,9 +42,10 @@ class Record(L.Callback):
         self.steps.append((trainer.global_step - 1, float(outputs["loss"]), batch["index"].tolist()))
 
 
-def _clip() -> tuple[L.LightningModule, L.LightningDataModule]:
+def _clip(num_workers: int = 0) -> tuple[L.LightningModule, L.LightningDataModule]:
     module = CLIPFineTuning(warmup_steps=2, augment=AUGMENT)
     data = ShapesCLIPDataModule(
+        num_workers=num_workers,
         train_size=32,
         val_size=8,
         test_size=8,
@@ -137,3 +140,52 @@ def test_resume_from_a_mid_epoch_checkpoint_matches_the_uninterrupted_fit(resume
     first_part = _fit(_clip, tmp_path / "b", checkpoint, resume_step + 1)
     resumed = _fit(_clip, tmp_path / "c", None, None, tmp_path / "b" / f"step={resume_step}.ckpt")
     _assert_same_run(uninterrupted, first_part, resumed, resume_step)
+
+
+def test_resume_with_persistent_workers_matches_the_uninterrupted_fit(tmp_path):
+    """With workers the second epoch reuses them and draws only its order; the resumed run starts new workers,
+    seeded as the first ones were, and must still draw the same order."""
+
+    def build():
+        return _clip(num_workers=1)
+
+    step = BATCHES + 1  # inside the second epoch
+    uninterrupted = _fit(build, tmp_path / "a", None)
+    checkpoint = ModelCheckpoint(tmp_path / "b", every_n_train_steps=step, save_top_k=-1, filename="{step}")
+    first_part = _fit(build, tmp_path / "b", checkpoint, step + 1)
+    resumed = _fit(build, tmp_path / "c", None, None, tmp_path / "b" / f"step={step}.ckpt")
+    _assert_same_run(uninterrupted, first_part, resumed, step)
+
+
+def test_train_py_resumed_with_ckpt_path_exports_the_uninterrupted_model(tmp_path):
+    """Through train.py: a 2-epoch run equals a 1-epoch run resumed to 2 epochs with --ckpt_path (a constant
+    learning rate after warmup, so that the shorter run is the start of the longer one): the same metrics and
+    bit-identical exported weights."""
+    from safetensors.torch import load_file
+
+    def run(name: str, epochs: int, *extra: str):
+        return train(
+            "configs/clip_shapes_clean.yaml",
+            *tiny_overrides(tmp_path / name, train_size=64, val_size=16, test_size=16, epochs=epochs),
+            "--data.init_args.batch_size=16",
+            "--model.init_args.warmup_steps=2",
+            "--model.init_args.min_lr_ratio=1.0",
+            *extra,
+        )
+
+    full = run("full", 2)
+    first = run("first", 1)
+    resumed = run("resumed", 2, f"--ckpt_path={first.run_dir / 'checkpoints' / 'last.ckpt'}")
+    assert resumed.metrics == full.metrics
+    weights = load_file(full.export / "model.safetensors")
+    resumed_weights = load_file(resumed.export / "model.safetensors")
+    assert [k for k in weights if not torch.equal(weights[k], resumed_weights[k])] == []
+
+
+def test_train_py_saves_the_global_random_states_in_its_checkpoints(tmp_path):
+    """Every train.py run carries GlobalRNGState (dropout and MDLM's masking draw from torch's global RNG)."""
+    from mmbackdoor_cli.cli import main
+
+    config = ["--config", "configs/mdlm_shapes_clean.yaml", "--trainer.logger=false"]
+    cli = main([*config, f"--trainer.default_root_dir={tmp_path}"], run=False)
+    assert sum(isinstance(c, GlobalRNGState) for c in cli.trainer.callbacks) == 1
