@@ -157,8 +157,9 @@ class CLIPFineTuning(L.LightningModule):
         if saved is None:
             if self.augment is not None or len(self.random_generators()) > 1:
                 warnings.warn(
-                    "the checkpoint holds no random generator states (written by an older version): a resumed "
-                    "fit restarts the augmentation from its seed and differs from an uninterrupted run",
+                    "the checkpoint holds no random generator states (written by an older version): a resumed fit "
+                    f"restarts the augmentation from model.augment_seed={self.hparams.augment_seed} and differs "
+                    "from an uninterrupted run",
                     stacklevel=2,
                 )
             return

@@ -189,3 +189,9 @@ def test_train_py_saves_the_global_random_states_in_its_checkpoints(tmp_path):
     config = ["--config", "configs/mdlm_shapes_clean.yaml", "--trainer.logger=false"]
     cli = main([*config, f"--trainer.default_root_dir={tmp_path}"], run=False)
     assert sum(isinstance(c, GlobalRNGState) for c in cli.trainer.callbacks) == 1
+
+
+def test_a_checkpoint_without_generator_states_warns_that_the_augmentation_restarts():
+    module = CLIPFineTuning(augment=AUGMENT, augment_seed=3)
+    with pytest.warns(UserWarning, match=r"augment_seed=3"):
+        module.on_load_checkpoint({"state_dict": {}})
