@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from attacks import PoisonManifest, PoisonPlan, build_image_trigger, build_text_trigger
+from datamodules.resumable import LoaderPosition, ResumableDataLoader
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,8 @@ class PoisoningMixin:
     text_trigger = None
     manifest: PoisonManifest | None = None
     manifest_path: Path | None = None
+    _train_position: LoaderPosition | None = None
+    _train_position_to_load: dict | None = None
 
     def build_triggers(self, image_size: int | None) -> None:
         """Image and text triggers from the arguments; their random parts default to ``poison_seed`` and
@@ -133,23 +136,51 @@ class PoisoningMixin:
         self.manifest_path = path
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, collate: Callable) -> DataLoader:
-        """Training loaders shuffle with a ``poison_seed`` generator (and drop a ragged last batch); evaluation
-        loaders keep order and, under DDP, give each rank its unpadded share (exact sum-state metrics)."""
+        """Training loaders shuffle with a ``poison_seed`` generator (and drop a ragged last batch) and keep their
+        position for resuming (:class:`ResumableDataLoader`); evaluation loaders keep order and, under DDP,
+        give each rank its unpadded share (exact sum-state metrics)."""
         sampler = None
         trainer = getattr(self, "trainer", None)
         if not shuffle and trainer is not None and trainer.world_size > 1:
             sampler = UnpaddedDistributedSampler(dataset, trainer.world_size, trainer.global_rank)
-        return DataLoader(
+        common = {
+            "batch_size": batch_size,
+            "num_workers": self.num_workers,
+            "collate_fn": collate,
+            "persistent_workers": self.num_workers > 0,
+        }
+        if not shuffle:
+            return DataLoader(dataset, sampler=sampler, drop_last=False, **common)
+        self._train_position = LoaderPosition(torch.Generator().manual_seed(self.poison_seed))
+        saved, self._train_position_to_load = self._train_position_to_load, None
+        if saved is not None and saved["epoch_finished"]:
+            self._train_position.resume_after(saved["train_loader"])
+        elif saved is not None:  # a mid-epoch checkpoint: the epoch goes on after the batches trained on
+            self._train_position.resume_within(saved["train_loader"])
+        return ResumableDataLoader(
             dataset,
-            batch_size=batch_size,
-            shuffle=shuffle and sampler is None,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            collate_fn=collate,
-            generator=torch.Generator().manual_seed(self.poison_seed) if shuffle else None,
-            persistent_workers=self.num_workers > 0,
-            drop_last=shuffle and len(dataset) > batch_size,
+            shuffle=True,
+            generator=self._train_position.generator,
+            position=self._train_position,
+            drop_last=len(dataset) > batch_size,
+            **common,
         )
+
+    def state_dict(self) -> dict:
+        """Saved by Lightning in every checkpoint: the training loader's shuffling position, and whether the
+        epoch had ended (all of its ``trainer.num_training_batches`` handed out: the resumed fit starts the next)."""
+        if self._train_position is None:
+            return {}
+        trainer = getattr(self, "trainer", None)
+        per_epoch = trainer.num_training_batches if trainer is not None else float("inf")
+        return {
+            "train_loader": self._train_position.state_dict(),
+            "epoch_finished": self._train_position.taken >= per_epoch,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restored by Lightning before the loaders are built: the next training loader continues from it."""
+        self._train_position_to_load = state if state.get("train_loader") is not None else None
 
     def apply_trigger(self, images: torch.Tensor, sample_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The image trigger on a batch already on its device (identity without an image trigger)."""

@@ -15,6 +15,7 @@ loss on the evaluation captions).
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -140,6 +141,36 @@ class CLIPFineTuning(L.LightningModule):
                 "train/poisoned_fraction", batch["poisoned"].float().mean(), batch_size=len(batch["caption"])
             )
         return loss
+
+    def random_generators(self) -> dict[str, torch.Generator]:
+        """The module's own generators: the augmentation's and, for defenses (CleanCLIP, PAR), their objective's."""
+        generators = {"augment": self._augment_generator}
+        objective = getattr(getattr(self, "objective", None), "generator", None)
+        if isinstance(objective, torch.Generator):
+            generators["objective"] = objective
+        return generators
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # a fit resumed from this checkpoint continues these generators' draws where they stopped
+        checkpoint["random_generators"] = {k: g.get_state() for k, g in self.random_generators().items()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("random_generators")
+        if saved is None:
+            if self.augment is not None or len(self.random_generators()) > 1:
+                warnings.warn(
+                    "the checkpoint holds no random generator states (written by an older version): a resumed fit "
+                    f"restarts the augmentation from model.augment_seed={self.hparams.augment_seed} and differs "
+                    "from an uninterrupted run",
+                    stacklevel=2,
+                )
+            return
+        for name, generator in self.random_generators().items():
+            if name not in saved:
+                raise KeyError(
+                    f"the checkpoint has no state of the {name!r} generator (found {sorted(saved)})"
+                )
+            generator.set_state(saved[name])
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         with torch.no_grad():  # open_clip clamps the temperature at 100 (log 100 = 4.6052)
