@@ -58,10 +58,9 @@ def load_torch_file(path: str | os.PathLike, *, key: str | None = None) -> Any:
         lines = str(error).splitlines()
         if not any("Weights only load failed" in line for line in lines):
             raise ValueError(f"{where} is not a valid PyTorch checkpoint: {error}") from None
-        reason = next(
-            (line.strip() for line in lines if "Unsupported global" in line or "WeightsUnpickler" in line),
-            lines[0],
-        )
+        reason = next((line.strip() for line in lines if "WeightsUnpickler" in line), lines[0])
+        # keep what it tried to build ("Unsupported global: GLOBAL os.system"), not torch's advice to allowlist it
+        reason = reason.removeprefix("WeightsUnpickler error: ").split(" was not an allowed global")[0]
         raise UnsafeCheckpointError(
             f"{where}: refusing to load: the file stores Python objects beyond tensors and plain containers "
             f"and would need full unpickling, which can run arbitrary code ({reason}). Only weights-only "

@@ -64,6 +64,7 @@ def save_clip_export(
             "run_config": run_config or {},
         }
         (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
+        set_default_mode(tmp / WEIGHTS)  # safetensors writes 0600
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

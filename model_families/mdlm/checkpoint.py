@@ -37,6 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from attacks.io import set_default_mode
 from model_families.loading import read_json_file
 from model_families.mdlm.config import LladaVConfig
 from model_families.mdlm.modeling import LladaVModel
@@ -234,6 +235,9 @@ def save_snapshot(
             (tmp / PROMPT_FORMAT_NAME).write_text(json.dumps(prompt_formatter.to_dict(), indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        for file in tmp.rglob("*"):  # safetensors writes 0600; a snapshot holds ordinary shared files
+            set_default_mode(file)
+        set_default_mode(tmp)
         if path.exists():
             raise FileExistsError(f"snapshot appeared while writing, refusing to overwrite: {path}")
         os.rename(tmp, path)
