@@ -140,6 +140,7 @@ def test_resume_from_a_pickle_payload_never_runs_it(evil, tmp_path):
 
 def test_mdlm_loader_never_unpickles(evil, tmp_path):
     from lightning_modules.mdlm_finetune import MDLMFineTuning
+    from model_families.mdlm.config import LladaVConfig
 
     path, marker = evil
     with pytest.raises(ValueError, match=r"not a Lightning"):
@@ -147,8 +148,8 @@ def test_mdlm_loader_never_unpickles(evil, tmp_path):
     snapshot = tmp_path / "snapshot"  # a folder holding only a pickled weights file: never read
     snapshot.mkdir()
     (snapshot / "pytorch_model.bin").write_bytes(path.read_bytes())
-    (snapshot / "config.json").write_text("{}")
-    with pytest.raises((FileNotFoundError, ValueError)):
+    (snapshot / "config.json").write_text(json.dumps(LladaVConfig.tiny().to_json_dict()))
+    with pytest.raises(FileNotFoundError, match=r"no model\.safetensors\.index\.json or model\.safetensors"):
         MDLMFineTuning(init_from=str(snapshot))
     assert not marker.exists()
 
