@@ -304,12 +304,22 @@ def test_export_records_where_its_init_weights_came_from_even_after_the_link_mov
     assert meta["inputs"]["model.init_from"]["sha256"] != file_sha256(other / "model.safetensors")
 
 
-def test_defense_exports_record_the_victim(tiny_run, tmp_path):
-    from lightning_modules.cleanclip import CleanCLIPFineTuning
+@pytest.mark.parametrize(
+    "defense",
+    [
+        "lightning_modules.cleanclip:CleanCLIPFineTuning",
+        "lightning_modules.par:PARFineTuning",
+        "lightning_modules.invertune:InverTuneModule",
+    ],
+)
+def test_defense_exports_record_the_victim(tiny_run, tmp_path, defense):
+    import importlib
 
+    module_name, class_name = defense.split(":")
+    defense_class = getattr(importlib.import_module(module_name), class_name)
     _, run = tiny_run
     ckpt = run.run_dir / "checkpoints" / "last.ckpt"
-    module = CleanCLIPFineTuning(victim=str(ckpt))
+    module = defense_class(victim=str(ckpt))
     meta = json.loads((module.export(tmp_path / "export") / "mmbackdoor.json").read_text())
     assert meta["inputs"] == {
         "model.victim": {"path": str(ckpt), "resolved": os.path.realpath(ckpt), "sha256": file_sha256(ckpt)}
