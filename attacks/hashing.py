@@ -1,16 +1,18 @@
-"""Fingerprints of trigger and target configurations for poison manifests."""
+"""Fingerprints of trigger and target configurations for poison manifests, and file digests for the
+provenance of loaded models."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["fingerprint"]
+__all__ = ["file_sha256", "fingerprint"]
 
 
 def fingerprint(config: Mapping[str, Any], tensors: Mapping[str, Tensor] | None = None) -> str:
@@ -29,3 +31,13 @@ def fingerprint(config: Mapping[str, Any], tensors: Mapping[str, Tensor] | None 
         digest.update(f"{name}:{tuple(values.shape)}".encode())
         digest.update(values.numpy().tobytes())
     return "sha256:" + digest.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of the bytes of ``path`` (what ``sha256sum`` prints), read in chunks so large weight
+    files never sit in memory twice."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -2,18 +2,26 @@
 
 A reader never sees a half-written file: the data goes to a temporary file in the destination's
 folder, is flushed and fsync'ed, and then replaces the destination with :func:`os.replace`, which is
-atomic on POSIX and Windows when both paths are on the same file system.
+atomic on POSIX and Windows when both paths are on the same file system. Files get the ordinary
+mode of a new file (``0o666`` less the process umask, e.g. ``0644``), not the ``0600`` of a temp file.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_save_image", "atomic_write_bytes", "atomic_write_json", "atomic_write_text"]
+__all__ = [
+    "atomic_save_image",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "set_default_mode",
+]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -25,6 +33,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        set_default_mode(tmp_name)  # mkstemp creates 0600; artifacts are ordinary shared files
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -60,6 +69,23 @@ def atomic_save_image(image: Any, path: str | os.PathLike) -> Path:
     buffer = io.BytesIO()
     save_image(image, buffer, format="png")
     return atomic_write_bytes(path, buffer.getvalue())
+
+
+@functools.cache
+def process_umask() -> int:
+    """The process umask, read once (``os.umask`` can only be read by setting it, so it is not re-read
+    while other threads may create files)."""
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def set_default_mode(path: str | os.PathLike) -> None:
+    """Give ``path`` the mode a plain ``open`` / ``mkdir`` would: ``0o666`` (files) or ``0o777``
+    (folders) less the umask. For what ``tempfile`` created (``0600`` files, ``0700`` folders) and then
+    renamed into place as an artifact."""
+    base = 0o777 if os.path.isdir(path) else 0o666
+    os.chmod(path, base & ~process_umask())
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -14,12 +14,16 @@ with VQA accuracy) and ``class`` (the true class, for the misclassification targ
 
 Images are read with PIL, converted to RGB, padded to a square with the normalisation mean colour (LLaVA's
 ``pad`` aspect ratio; ``resize`` squashes instead) and resized to the model's image size. Bad input (missing
-file, malformed JSON or conversation, missing images) raises an error naming the file and the record.
+file, malformed JSON or conversation, missing or unreadable images) raises an error naming the file and the
+record. Image paths are relative to the image folder and must stay inside it: an absolute path or a ``..``
+that leaves the folder is an error (a data file must not read arbitrary files), unless absolute paths are
+allowed explicitly (``allow_absolute_paths``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -79,15 +83,44 @@ def _check_record(path: Path, position: int, record) -> None:
         )
 
 
+def record_image_path(image_folder: Path, image: str, where: str, allow_absolute_paths: bool = False) -> Path:
+    """The file of a record's ``image`` under ``image_folder``. An absolute path (unless
+    ``allow_absolute_paths``) or a relative one whose ``..`` leaves the folder raises ``ValueError`` naming
+    ``where`` (the record) and the path. The check is on the written path (symbolic links the user placed
+    inside the folder, e.g. ``coco -> /data/coco``, are followed as usual)."""
+    if os.path.isabs(image):
+        if not allow_absolute_paths:
+            raise ValueError(
+                f"{where}: image path {image!r} is absolute; image paths must be relative to the image folder "
+                f"{image_folder} (set data.allow_absolute_paths=true to allow absolute paths)"
+            )
+        return Path(image)
+    folder = os.path.normpath(os.path.abspath(image_folder))
+    joined = os.path.normpath(os.path.join(folder, image))
+    if os.path.commonpath([folder, joined]) != folder:
+        raise ValueError(
+            f"{where}: image path {image!r} leaves the image folder {image_folder} (resolves to {joined})"
+        )
+    return image_folder / image
+
+
 def load_image(
     path: Path, size: int, mode: str = "pad", background: tuple[float, float, float] = (0.5, 0.5, 0.5)
 ):
     """RGB image as a (3, size, size) float tensor in [0, 1]: padded to a square with ``background`` (LLaVA's
-    ``pad``) or squashed (``resize``), then resized with bicubic filtering."""
-    from PIL import Image
-
+    ``pad``) or squashed (``resize``), then resized with bicubic filtering. A missing file raises
+    ``FileNotFoundError``, an unreadable one (corrupt, truncated, not an image) ``ValueError``, naming it."""
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
+    try:
+        return _decode_image(path, size, mode, background)
+    except (OSError, ValueError, SyntaxError) as error:  # PIL: UnidentifiedImageError, truncated data
+        raise ValueError(f"{path} is not a readable image (corrupt or truncated?): {error}") from None
+
+
+def _decode_image(path: Path, size: int, mode: str, background: tuple[float, float, float]):
+    from PIL import Image
+
     with Image.open(path) as image:
         image = image.convert("RGB")
         if mode == "pad":
@@ -113,6 +146,7 @@ class LlavaJsonSource(InstructSource):
         multi_turn: str = "expand",
         max_samples: int | None = None,
         background: tuple[float, float, float] = (0.5, 0.5, 0.5),
+        allow_absolute_paths: bool = False,
     ) -> None:
         self.path, self.image_folder = Path(path), Path(image_folder)
         self.image_size, self.aspect, self.background = image_size, aspect, background
@@ -127,11 +161,13 @@ class LlavaJsonSource(InstructSource):
         if max_samples is not None:
             self.samples = self.samples[:max_samples]
         used = sorted({r for r, _ in self.samples})
-        missing = [
-            self.records[r]["image"]
+        self.image_files = {
+            r: record_image_path(
+                self.image_folder, self.records[r]["image"], self._where(r), allow_absolute_paths
+            )
             for r in used
-            if not (self.image_folder / self.records[r]["image"]).is_file()
-        ]
+        }
+        missing = [self.records[r]["image"] for r in used if not self.image_files[r].is_file()]
         if missing:
             raise FileNotFoundError(
                 f"{len(missing)} image(s) of {self.path} missing under {self.image_folder}, e.g. {missing[:5]}"
@@ -139,6 +175,10 @@ class LlavaJsonSource(InstructSource):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def _where(self, r: int) -> str:
+        record = self.records[r]
+        return f"{self.path} record {r}" + (f" (id {record['id']!r})" if "id" in record else "")
 
     def meta(self, index: int) -> dict:
         r, e = self.samples[index]
@@ -158,9 +198,11 @@ class LlavaJsonSource(InstructSource):
 
     def __getitem__(self, index: int) -> dict:
         item = self.meta(index)
-        item["image"] = load_image(
-            self.image_folder / item["image_path"], self.image_size, self.aspect, self.background
-        )
+        r = self.samples[index][0]
+        try:
+            item["image"] = load_image(self.image_files[r], self.image_size, self.aspect, self.background)
+        except (FileNotFoundError, ValueError) as error:
+            raise type(error)(f"{self._where(r)}: {error}") from None
         item["index"] = index
         return item
 
@@ -189,6 +231,8 @@ class LlavaJsonDataModule(MDLMInstructDataModule):
         image_aspect_ratio: ``pad`` (LLaVA) or ``resize``.
         multi_turn: ``expand`` (a sample per gpt turn, earlier turns as history) or ``first``.
         max_train_samples / max_eval_samples: caps (smoke tests, quick evaluations).
+        allow_absolute_paths: accept absolute image paths in the records (default: an error; relative
+            paths must stay inside the image folder either way).
         **kwargs: poisoning, evaluation and loading options of :class:`MDLMInstructDataModule`.
     """
 
@@ -208,6 +252,7 @@ class LlavaJsonDataModule(MDLMInstructDataModule):
         split_seed: int = 0,
         response_length: int | None = None,
         truncate_responses: bool = True,
+        allow_absolute_paths: bool = False,
         **kwargs,
     ) -> None:
         super().__init__(response_length=response_length, truncate_responses=truncate_responses, **kwargs)
@@ -225,6 +270,7 @@ class LlavaJsonDataModule(MDLMInstructDataModule):
         self.requested_image_size, self.aspect, self.multi_turn = image_size, image_aspect_ratio, multi_turn
         self.val_fraction, self.split_seed = val_fraction, split_seed
         self.max_train_samples, self.max_eval_samples = max_train_samples, max_eval_samples
+        self.allow_absolute_paths = allow_absolute_paths
         self._image_size: int | None = image_size
 
     def _model_config(self):
@@ -244,7 +290,12 @@ class LlavaJsonDataModule(MDLMInstructDataModule):
                 raise ValueError("data.image_size is needed when no model is attached")
             self._image_size = config.image_size
         background = tuple(config.image_mean) if config is not None else (0.5, 0.5, 0.5)
-        common = {"image_size": self._image_size, "aspect": self.aspect, "background": background}
+        common = {
+            "image_size": self._image_size,
+            "aspect": self.aspect,
+            "background": background,
+            "allow_absolute_paths": self.allow_absolute_paths,
+        }
         train = LlavaJsonSource(
             self.paths["train"],
             self.image_folder,

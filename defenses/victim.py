@@ -1,16 +1,16 @@
 """Load the suspect ("victim") model a defense starts from - never silently another one.
 
 The InverTune release falls back to a clean model when the checkpoint path is wrong; here every
-unusable path is an error that names it.
+unusable path is an error that names it. Nothing is unpickled: exports are safetensors and checkpoints
+are read weights-only (:mod:`model_families.loading`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from model_families.clip import ClipBundle, create_clip, load_clip_export, load_clip_weights
+from model_families.loading import load_torch_file
 
 
 def load_victim(victim: str, model_name: str | None = None, *, key: str = "model.victim") -> ClipBundle:
@@ -29,12 +29,13 @@ def load_victim(victim: str, model_name: str | None = None, *, key: str = "model
         return load_clip_export(path)  # names the missing mmbackdoor.json / model.safetensors
     if path.suffix == ".ckpt":
         if model_name is None:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-            model_name = checkpoint.get("hyper_parameters", {}).get("model_name")
+            checkpoint = load_torch_file(path, key=key)
+            hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
+            model_name = hparams.get("model_name")
             if model_name is None:
                 raise ValueError(f"{victim}: no model_name hyperparameter; set model.model_name")
         bundle = create_clip(model_name)
-        load_clip_weights(bundle.model, path)
+        load_clip_weights(bundle.model, path, key=key)
         return bundle
     if model_name is None:
         raise ValueError(

@@ -28,6 +28,8 @@ class CleanCLIPFineTuning(CLIPFineTuning):
             (real scale: lr 1e-5, batch 64, 10 epochs).
     """
 
+    init_from_key = "model.victim"  # super() loads `victim` as its init_from
+
     def __init__(
         self,
         victim: str,

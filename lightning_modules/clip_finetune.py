@@ -34,6 +34,7 @@ from model_families.clip import (
 )
 from model_families.clip.export import save_clip_export
 from model_families.clip.robust_augment import RobustnessAugment
+from model_families.loading import inputs_provenance
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
@@ -61,6 +62,8 @@ class CLIPFineTuning(L.LightningModule):
             uses it so that it is as indifferent to small perturbations as a pretrained CLIP.
         augment_seed: seed of the augmentation's generator.
     """
+
+    init_from_key = "model.init_from"  # the config key recorded in an export's provenance
 
     def __init__(
         self,
@@ -92,6 +95,8 @@ class CLIPFineTuning(L.LightningModule):
                 load_clip_weights(self.bundle.model, init_from)
         else:
             self.bundle = create_clip(model_name, pretrained=pretrained, checkpoint=checkpoint)
+        # provenance of the starting weights, taken now: `latest_export` links move during training
+        self.inputs = inputs_provenance({self.init_from_key: init_from, "model.checkpoint": checkpoint})
         self.model = self.bundle.model
         self.normalize = self.bundle.normalize
         self.loss_fn = open_clip.ClipLoss()
@@ -240,4 +245,4 @@ class CLIPFineTuning(L.LightningModule):
     # --- export ------------------------------------------------------------------------------------------
     def export(self, path: str | Path, run_config: dict | None = None) -> Path:
         """Write safetensors weights + model config (+ run config) for `init_from` / evaluate.py."""
-        return save_clip_export(self.bundle, path, run_config)
+        return save_clip_export(self.bundle, path, run_config, inputs=self.inputs)

@@ -42,6 +42,7 @@ from defenses.victim import load_victim
 from metrics import AttackSuccessRate
 from model_families.clip import zero_shot_weights
 from model_families.clip.export import save_clip_export
+from model_families.loading import inputs_provenance
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +229,7 @@ class InverTuneModule(L.LightningModule):
                 f"model.target_rows: label, got {target_rows!r}"
             )
         self.bundle = load_victim(victim, model_name)
+        self.inputs = inputs_provenance({"model.victim": victim})  # before `latest_export` can move
         self.model = self.bundle.model
         self.normalize = self.bundle.normalize
         self.frozen = FrozenCopy(self.model)  # theta0: the suspect before tuning
@@ -526,4 +528,4 @@ class InverTuneModule(L.LightningModule):
 
     def export(self, path: str | Path, run_config: dict | None = None) -> Path:
         """The tuned model in the standard export format (loadable by ``init_from`` / evaluate.py)."""
-        return save_clip_export(self.bundle, path, run_config)
+        return save_clip_export(self.bundle, path, run_config, inputs=self.inputs)

@@ -33,6 +33,7 @@ from torch import nn
 
 from defenses.disp.masking import DiSPMasking, masked_generate_ids
 from metrics import CrossTriggerInteraction, GenerativeAttackSuccessRate, TriggerModalityAttribution
+from model_families.loading import inputs_provenance
 from model_families.mdlm.checkpoint import (
     PROMPT_FORMAT_NAME,
     load_prompt_formatter,
@@ -185,6 +186,7 @@ class MDLMFineTuning(L.LightningModule):
         self.model, self.tokenizer, self.prompt_formatter = self._load(
             init_from, tiny_config, tokenizer, load_dtype
         )
+        self.inputs = inputs_provenance({"model.init_from": init_from})  # before `latest_export` can move
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self._lora_applied = False
@@ -281,6 +283,7 @@ class MDLMFineTuning(L.LightningModule):
             "family": "mdlm",
             "module": type(self).__name__,
             "generation": self.generation.to_dict(),
+            "inputs": self.inputs,
             "run_config": run_config or {},
         }
         from attacks import atomic_write_json

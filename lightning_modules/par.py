@@ -33,6 +33,8 @@ class PARFineTuning(CLIPFineTuning):
             (real scale: lr 3e-6, weight decay 1e-4).
     """
 
+    init_from_key = "model.victim"  # super() loads `victim` as its init_from
+
     def __init__(
         self,
         victim: str,

@@ -72,7 +72,7 @@ def test_export_reloads_identically_and_evaluates(runs, tmp_path, capsys):
     root, clean, poisoned = runs
     bundle = load_clip_export(poisoned.export)
     x = torch.rand(4, 3, 32, 32)
-    ckpt = torch.load(poisoned.run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(poisoned.run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     ref = load_clip_export(poisoned.export)
     ref.model.load_state_dict({k[6:]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")})
     assert torch.allclose(

@@ -136,7 +136,7 @@ def test_two_process_ddp_equals_single_process(tmp_path: Path) -> None:
         results = [_worker(0, port, None, data)]
     finally:
         context.join()
-    results.append(torch.load(tmp_path / "rank1.pt"))
+    results.append(torch.load(tmp_path / "rank1.pt", weights_only=True))
 
     expected = _flatten(_run(data, rank=None))
     assert len(expected) == 20

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import pickle
 from pathlib import Path
 
 import open_clip
 import torch
 from torch import nn
+
+from model_families.loading import UnsafeCheckpointError
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 EMBEDDED_MEAN = (0.5, 0.5, 0.5)
@@ -110,7 +113,18 @@ def create_clip(
     root = logging.getLogger()
     root.addFilter(_no_random_init_warning)  # random init is intended here (weights usually load next)
     try:
-        model = open_clip.create_model(model_name, pretrained=weights, load_weights=weights is not None)
+        # weights_only: open_clip's torch.load never unpickles Python objects (its default, made explicit)
+        model = open_clip.create_model(
+            model_name, pretrained=weights, load_weights=weights is not None, weights_only=True
+        )
+    except pickle.UnpicklingError as err:
+        if checkpoint and "Weights only load failed" in str(err):
+            raise UnsafeCheckpointError(
+                f"{checkpoint} (model.checkpoint): refusing to load: the file stores Python objects beyond "
+                "tensors and would need full unpickling, which can run arbitrary code; only weights-only "
+                "checkpoints (or safetensors) are loaded"
+            ) from None
+        raise
     except Exception as err:  # open_clip raises many types when a download is impossible
         if pretrained and not checkpoint:
             raise RuntimeError(

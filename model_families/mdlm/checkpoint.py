@@ -16,6 +16,9 @@ The original LLaDA checkpoint's OLMo-style LM names (``model.transformer.wte``, 
 ``attn_out``, ``ff_proj`` (SwiGLU gate), ``up_proj``, ``ff_out`` (down), ``attn_norm``, ``ff_norm``, ``ln_f``,
 ``model.transformer.ff_out`` (head)) are renamed on load; LLaDA's rotary embedding uses the same half-split
 rotation as transformers' LLaMA, so no q/k permutation is needed.
+
+Only safetensors and JSON are read (never a pickle); a truncated or garbage weight file, an invalid
+index or config, and weights that do not fit the recorded architecture are errors naming the file.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -33,6 +37,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from attacks.io import set_default_mode
+from model_families.loading import read_json_file
 from model_families.mdlm.config import LladaVConfig
 from model_families.mdlm.modeling import LladaVModel
 from model_families.mdlm.prompt import PromptFormatter
@@ -229,6 +235,9 @@ def save_snapshot(
             (tmp / PROMPT_FORMAT_NAME).write_text(json.dumps(prompt_formatter.to_dict(), indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        for file in tmp.rglob("*"):  # safetensors writes 0600; a snapshot holds ordinary shared files
+            set_default_mode(file)
+        set_default_mode(tmp)
         if path.exists():
             raise FileExistsError(f"snapshot appeared while writing, refusing to overwrite: {path}")
         os.rename(tmp, path)
@@ -239,6 +248,19 @@ def save_snapshot(
 
 
 # ---------------------------------------------------------------------------------------------- loading
+@contextmanager
+def _open_weights(file: Path) -> Iterator:
+    """``safe_open(file)``; a truncated or garbage file (at open or while reading) raises ``ValueError``
+    naming it."""
+    from safetensors import SafetensorError
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            yield handle
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{file} is not a valid safetensors file (truncated or corrupt?): {error}") from None
+
+
 def snapshot_weight_files(path: str | Path) -> dict[str, list[str]]:
     """Map of weight file -> tensor names of a snapshot; missing files raise ``FileNotFoundError`` naming them."""
     path = Path(path)
@@ -246,12 +268,14 @@ def snapshot_weight_files(path: str | Path) -> dict[str, list[str]]:
         raise FileNotFoundError(f"snapshot directory not found: {path}")
     index_path = path / INDEX_NAME
     if index_path.is_file():
-        weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
+        weight_map = read_json_file(index_path, ("weight_map",), what="safetensors index")["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index_path}: 'weight_map' must map tensor names to file names")
         files: dict[str, list[str]] = {}
         for name, file_name in weight_map.items():
             files.setdefault(file_name, []).append(name)
     elif (path / SINGLE_WEIGHTS_NAME).is_file():
-        with safe_open(str(path / SINGLE_WEIGHTS_NAME), framework="pt") as handle:
+        with _open_weights(path / SINGLE_WEIGHTS_NAME) as handle:
             files = {SINGLE_WEIGHTS_NAME: list(handle.keys())}
     else:
         raise FileNotFoundError(f"no {INDEX_NAME} or {SINGLE_WEIGHTS_NAME} in {path}")
@@ -266,7 +290,7 @@ def read_snapshot_state_dict(path: str | Path, dtype: torch.dtype | None = None)
     path = Path(path)
     state: dict[str, torch.Tensor] = {}
     for file_name, names in snapshot_weight_files(path).items():
-        with safe_open(str(path / file_name), framework="pt") as handle:
+        with _open_weights(path / file_name) as handle:
             stored = set(handle.keys())
             lacking = sorted(set(names) - stored)
             if lacking:
@@ -309,7 +333,12 @@ def load_snapshot(
     with torch.device("meta"):
         model = LladaVModel(config)
     expected = {name: t.shape for name, t in model.state_dict().items()}
-    mapped = _map_state_dict(state, expected)
+    try:
+        mapped = _map_state_dict(state, expected)
+    except SnapshotError as error:
+        raise SnapshotError(
+            f"{path}: {error} (the architecture is recorded in {path / CONFIG_NAME})"
+        ) from None
     mapped = {name: t.to(device) for name, t in mapped.items()}
     model.load_state_dict(mapped, strict=True, assign=True)
     _materialize_buffers(model, device)

@@ -378,8 +378,12 @@ class LladaVConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> LladaVConfig:
-        """Read a ``config.json``; a missing file raises ``FileNotFoundError`` naming it."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"LLaDA-V config not found: {path}")
-        return cls.from_json_dict(json.loads(path.read_text()))
+        """Read a ``config.json``; a missing file raises ``FileNotFoundError`` naming it, invalid JSON or a
+        missing field ``ValueError`` naming the file (and the field)."""
+        from model_families.loading import read_json_file
+
+        data = read_json_file(path, what="LLaDA-V config")
+        try:
+            return cls.from_json_dict(data)
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{path}: {error.args[0] if error.args else error}") from None
