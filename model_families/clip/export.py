@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model_families.clip.factory import ClipBundle, create_clip
+from model_families.finite import assert_finite_state
 
 WEIGHTS = "model.safetensors"
 META = "mmbackdoor.json"
@@ -27,6 +28,7 @@ def save_clip_export(bundle: ClipBundle, path: str | os.PathLike, run_config: di
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         state = {k: v.detach().contiguous().cpu() for k, v in bundle.model.state_dict().items()}
+        assert_finite_state(state, where=f"export {path}")
         save_file(state, str(tmp / WEIGHTS))
         meta = {
             "family": "clip",
