@@ -15,7 +15,7 @@ from model_families.finite import NonFiniteError, describe_non_finite, non_finit
 
 class DivergenceGuard(L.Callback):
     """Raise :class:`~model_families.finite.NonFiniteError` when a training loss is NaN/inf (checked after
-    every training batch) or when any weight or buffer is NaN/inf at the end of training (before
+    every training batch) or when a weight or persistent buffer is NaN/inf at the end of training (before
     ``on_fit_end``, so :class:`~callbacks.export.ExportOnFitEnd` never runs on a diverged model).
 
     Works for automatic and manual optimisation alike: it reads the loss that ``training_step`` returns
@@ -57,7 +57,8 @@ class DivergenceGuard(L.Callback):
         )
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        tensors = [*pl_module.named_parameters(), *pl_module.named_buffers()]
+        # what an export would hold: parameters and persistent buffers (a causal mask of -inf is legitimate)
+        tensors = pl_module.state_dict()
         bad = non_finite_tensors(tensors)
         if not trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
             return
@@ -86,7 +87,7 @@ def _lr_keys(trainer: L.Trainer, pl_module: L.LightningModule) -> str:
         f"model.{k}={v}" for k, v in hparams.items() if (k == "lr" or k.endswith("_lr")) and v is not None
     ] or ["the model's learning rate (model.lr)"]
     parts = [", ".join(keys)]
-    if trainer.optimizers:
+    if trainer.optimizers and trainer.optimizers[0].param_groups:  # none: a module's own loop (InverTune)
         parts.append(f"optimizer lr now {trainer.optimizers[0].param_groups[0]['lr']:g}")
     if trainer.gradient_clip_val is None and pl_module.automatic_optimization:
         parts.append("no gradient clipping (trainer.gradient_clip_val)")

@@ -34,7 +34,7 @@ MDLM_CONFIG = "configs/mdlm_shapes_clean.yaml"
 def assert_nothing_exported(root: Path) -> None:
     assert not (root / "latest_export").exists() and not (root / "latest_export").is_symlink()
     assert not list(root.rglob("export")), "a diverged run wrote an export"
-    assert not list(root.rglob("*.safetensors"))
+    assert not list(root.rglob("model*.safetensors"))
 
 
 # ---------------------------------------------------------------------------------- training stops
@@ -87,6 +87,40 @@ def test_mdlm_run_with_an_absurd_lr_stops_naming_step_loss_and_lr(tmp_path) -> N
     assert "train loss is nan at global step 1 (epoch 0, batch 1)" in message, message
     assert "model.lr=1000000.0" in message, message
     assert_nothing_exported(root)
+
+
+def test_invertune_tuning_with_an_absurd_lr_stops_and_exports_nothing(tmp_path) -> None:
+    """InverTune tunes in its own loop (manual optimisation, no Lightning optimizer): still caught."""
+    torch.manual_seed(0)
+    victim = save_clip_export(create_clip("tiny-rn-shapes"), tmp_path / "victim")
+    root = tmp_path / "invertune"
+    with pytest.raises(NonFiniteError) as error:
+        cli_main(
+            [
+                "fit",
+                "--config",
+                "configs/invertune_clip_shapes.yaml",
+                f"--model.victim={victim}",
+                f"--trainer.default_root_dir={root}",
+                "--trainer.logger=false",
+                "--trainer.enable_progress_bar=false",
+                "--trainer.enable_model_summary=false",
+                "--data.init_args.clean_size=64",
+                "--data.init_args.val_size=16",
+                "--data.init_args.test_size=16",
+                "--data.init_args.batch_size=32",
+                "--data.init_args.eval_batch_size=16",
+                "--model.tuning_batch_size=32",
+                "--model.iterations=3",
+                "--model.lr=1e30",
+                "--trainer.callbacks.init_args.uap_epochs=1",
+                "--trainer.callbacks.init_args.epochs=1",
+            ]
+        )
+    message = str(error.value)
+    assert "train loss is nan" in message and "model.lr=1e+30" in message, message
+    assert_nothing_exported(root)
+    assert not (root / "version_0" / "invertune_report.json").exists()
 
 
 class _Toy(L.LightningModule):
@@ -144,7 +178,9 @@ def _fit(module: L.LightningModule, root: Path) -> None:
 @pytest.mark.parametrize("manual", [False, True], ids=["automatic", "manual"])
 def test_nan_loss_on_the_first_batch_blames_the_data_not_the_lr(manual: bool, tmp_path) -> None:
     module = _Toy(manual=manual, poison_input=True)
-    with pytest.raises(NonFiniteError, match=r"train loss is nan at global step 0 \(epoch 0, batch 0\)") as error:
+    with pytest.raises(
+        NonFiniteError, match=r"train loss is nan at global step 0 \(epoch 0, batch 0\)"
+    ) as error:
         _fit(module, tmp_path)
     assert "first training batch" in str(error.value) and "learning rate is not at fault" in str(error.value)
     assert not module.exported
@@ -243,7 +279,11 @@ def test_json_writer_writes_null_and_a_reason_for_non_finite_numbers(tmp_path) -
     text = atomic_write_json(tmp_path / "r.json", data).read_text()
     assert "NaN" not in text and "Infinity" not in text
     written = json.loads(text)
-    assert written["rows"][0] == {"test/asr": None, "test/ca": 0.5, "invalid": {"test/asr": "non-finite (nan)"}}
+    assert written["rows"][0] == {
+        "test/asr": None,
+        "test/ca": 0.5,
+        "invalid": {"test/asr": "non-finite (nan)"},
+    }
     assert written["curve"] == [1.0, None] and written["invalid"] == {"curve[1]": "non-finite (-inf)"}
     assert data["rows"][0]["test/asr"] != data["rows"][0]["test/asr"]  # the caller's data is untouched
     with pytest.raises(ValueError, match="top level"):
