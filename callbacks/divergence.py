@@ -41,7 +41,7 @@ class DivergenceGuard(L.Callback):
         bad = loss is not None and not bool(torch.isfinite(loss).all())
         if not trainer.strategy.reduce_boolean_decision(bad, all=False):
             return
-        value = f"{float(loss.float().flatten()[0])}" if bad else "non-finite on another rank"
+        value = f"{float(loss[~torch.isfinite(loss)].flatten()[0])}" if bad else "non-finite on another rank"
         where = f"at global step {self._steps_before} (epoch {trainer.current_epoch}, batch {batch_idx})"
         if first:
             cause = (
