@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -20,6 +21,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "json_safe",
     "set_default_mode",
 ]
 
@@ -54,9 +56,52 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
 
 
 def atomic_write_json(path: str | os.PathLike, data: Any, indent: int | None = 2) -> Path:
-    """Serialise ``data`` as JSON (keys sorted, trailing newline) and write it atomically."""
-    text = json.dumps(data, indent=indent, sort_keys=True, ensure_ascii=False) + "\n"
-    return atomic_write_text(path, text)
+    """Serialise ``data`` as JSON (keys sorted, trailing newline) and write it atomically.
+
+    Non-finite numbers become ``null`` with a reason (:func:`json_safe`): never the bare ``NaN`` /
+    ``Infinity`` that ``json.dumps`` writes by default, which strict JSON readers reject and which would
+    let a diverged metric pass for a number.
+    """
+    text = json.dumps(json_safe(data), indent=indent, sort_keys=True, ensure_ascii=False, allow_nan=False)
+    return atomic_write_text(path, text + "\n")
+
+
+def json_safe(data: Any) -> Any:
+    """A copy of ``data`` in which every NaN/inf float is ``None`` and the object holding it gains an
+    ``invalid`` entry saying why, e.g. ``{"test/asr": nan}`` -> ``{"test/asr": None, "invalid":
+    {"test/asr": "non-finite (nan)"}}`` (list items are named ``key[i]``).
+
+    >>> json_safe({"ca": 0.5, "asr": float("nan"), "curve": [1.0, float("inf")]})
+    {'ca': 0.5, 'asr': None, 'curve': [1.0, None], 'invalid': {'asr': 'non-finite (nan)', 'curve[1]': 'non-finite (inf)'}}
+
+    A non-finite number outside any object (``data`` itself, or a top-level list) has nowhere to record
+    its reason and raises ``ValueError``, as does an existing ``invalid`` entry that is not an object.
+    """
+    return _json_safe(data, None, "")
+
+
+def _json_safe(value: Any, reasons: dict[str, str] | None, key: str) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        if reasons is None:
+            raise ValueError(
+                f"non-finite number {value} at {key or 'the top level'} of a JSON artifact, outside any "
+                "object that could record why it is null"
+            )
+        reasons[key] = f"non-finite ({value})"
+        return None
+    if isinstance(value, dict):
+        out, found = {}, {}
+        for k, v in value.items():
+            out[k] = _json_safe(v, found, str(k))
+        if found:
+            previous = out.get("invalid", {})
+            if not isinstance(previous, dict):
+                raise ValueError(f"cannot record non-finite values {sorted(found)}: 'invalid' is taken")
+            out["invalid"] = {**previous, **found}
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v, reasons, f"{key}[{i}]") for i, v in enumerate(value)]
+    return value
 
 
 def atomic_save_image(image: Any, path: str | os.PathLike) -> Path:

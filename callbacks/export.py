@@ -8,6 +8,8 @@ from pathlib import Path
 
 import lightning as L
 
+from model_families.finite import assert_finite_state
+
 log = logging.getLogger(__name__)
 
 
@@ -26,6 +28,7 @@ class ExportOnFitEnd(L.Callback):
         if trainer.global_rank != 0 or not hasattr(pl_module, "export"):
             return
         self.path = Path(trainer.default_root_dir) / self.dirname
+        assert_finite_state(pl_module.state_dict(), where=f"export {self.path}")  # also when no guard ran
         pl_module.export(self.path, getattr(trainer, "mmbackdoor_config", None))
         trainer.mmbackdoor_export = self.path
         log.info("export written to %s", self.path)

@@ -15,7 +15,7 @@ from pathlib import Path
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
 
-from callbacks import ExportOnFitEnd, GlobalRNGState, PoisonSampleGrid, RunSummary
+from callbacks import DivergenceGuard, ExportOnFitEnd, GlobalRNGState, PoisonSampleGrid, RunSummary
 from mmbackdoor_cli.wandb_mode import GROUP_ENV, ensure_safe_wandb_mode, finish_wandb_runs
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -116,7 +116,7 @@ class MMBackdoorCLI(LightningCLI):
             isinstance(c, ModelCheckpoint) for c in present
         ):
             callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True))
-        for cls in (ExportOnFitEnd, PoisonSampleGrid, RunSummary, GlobalRNGState):
+        for cls in (DivergenceGuard, ExportOnFitEnd, PoisonSampleGrid, RunSummary, GlobalRNGState):
             if not any(isinstance(c, cls) for c in present):
                 callbacks.append(cls())
         return super()._instantiate_trainer(config, callbacks)

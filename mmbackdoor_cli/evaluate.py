@@ -8,6 +8,11 @@
 The config gives the data, the trigger and the target; each checkpoint (an export folder or a Lightning
 .ckpt) is loaded through ``--model.init_args.init_from``. Arguments after ``--`` are passed on to the
 config as dotted overrides. The JSON records the config file, the overrides and every metric.
+
+A checkpoint with non-finite (NaN/inf) weights is refused, naming it and its first bad tensors (a diverged
+model would otherwise score ASR 0.000, like a perfect defense); ``--allow-non-finite`` evaluates it anyway
+and flags it. A non-finite metric is printed as ``nan``/``inf`` (``-`` means not measured) and written to
+the JSON as ``null`` with the reason under the row's ``invalid`` key.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from attacks import atomic_write_json
 from mmbackdoor_cli.cli import MMBackdoorCLI
+from model_families.finite import assert_finite_state, non_finite_tensors
 
 METRIC_COLUMNS = ("ca", "asr", "loss")
 
@@ -37,8 +43,13 @@ def evaluate_checkpoint(
     split: str = "test",
     overrides: list[str] | None = None,
     root: str = "runs/eval",
+    allow_non_finite: bool = False,
 ) -> dict[str, float]:
-    """Metrics of one checkpoint (`{split}/ca`, `{split}/asr`, ...) under `config` (+ `overrides`)."""
+    """Metrics of one checkpoint (`{split}/ca`, `{split}/asr`, ...) under `config` (+ `overrides`).
+
+    Non-finite weights raise :class:`~model_families.finite.NonFiniteError`; with `allow_non_finite` the
+    model is evaluated and the result lists them under ``non_finite_weights``.
+    """
     if not Path(checkpoint).exists():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     if not Path(config).is_file():
@@ -54,12 +65,22 @@ def evaluate_checkpoint(
         *(overrides or []),
     ]
     cli = MMBackdoorCLI(args=args, run=False)
+    state = cli.model.state_dict()
+    bad = non_finite_tensors(state) if allow_non_finite else []
+    if not allow_non_finite:
+        assert_finite_state(
+            state,
+            where=f"checkpoint {checkpoint}",
+            hint="not evaluated; --allow-non-finite evaluates it, flagged",
+        )
     run = cli.trainer.test if split == "test" else cli.trainer.validate
     results = run(cli.model, datamodule=cli.datamodule, verbose=False)
     metrics = {k: float(v) for k, v in results[0].items()}
     module_metrics = getattr(cli.model, "metrics", None)
     if module_metrics is not None and f"{split}_asr" in module_metrics:
         metrics["asr_variant"] = module_metrics[f"{split}_asr"].variant
+    if bad:
+        metrics["non_finite_weights"] = bad
     return metrics
 
 
@@ -71,18 +92,37 @@ def markdown_table(rows: dict[str, dict], split: str) -> str:
     header = ["model", *[k.upper() for k in keys], *extra]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, r in rows.items():
-        cells = [name, *[_fmt(r.get(f"{split}/{k}")) for k in keys], *[_fmt(r.get(k)) for k in extra]]
+        cells = [
+            name,
+            *[format_metric(r.get(f"{split}/{k}")) for k in keys],
+            *[format_metric(r.get(k)) for k in extra],
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     variants = {r.get("asr_variant") for r in rows.values()} - {None}
     if variants:
         lines.append(
             f"\nASR variant: {', '.join(sorted(variants))} (exclude-target: images of the target class are not counted)"
         )
+    if any(isinstance(v, float) and not math.isfinite(v) for r in rows.values() for v in r.values()):
+        lines.append(
+            "\nnan/inf: the metric is non-finite (null in the JSON, reason under `invalid`); -: not measured"
+        )
+    for name, r in rows.items():
+        if r.get("non_finite_weights"):
+            lines.append(
+                f"\nWARNING: {name} has non-finite weights: {', '.join(r['non_finite_weights'][:5])}"
+            )
     return "\n".join(lines)
 
 
-def _fmt(value) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+def format_metric(value: float | None, digits: int = 4) -> str:
+    """A table cell: ``-`` for a metric that was not measured (None), ``nan``/``inf``/``-inf`` for a
+    non-finite one (never hidden as ``-``), else the value with ``digits`` decimals."""
+    if value is None:
+        return "-"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return f"{value:.{digits}f}"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -105,13 +145,20 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--split", choices=("val", "test"), default="test")
     parser.add_argument(
+        "--allow-non-finite",
+        action="store_true",
+        help="evaluate checkpoints with NaN/inf weights (refused by default); the result flags them",
+    )
+    parser.add_argument(
         "--output", default=None, help="JSON file to write (default: runs/eval/<config>-<time>.json)"
     )
     args = parser.parse_args(argv)
     rows = {}
     for spec in args.checkpoint:
         name, path = parse_checkpoint(spec)
-        rows[name] = evaluate_checkpoint(args.config, path, args.split, overrides)
+        rows[name] = evaluate_checkpoint(
+            args.config, path, args.split, overrides, allow_non_finite=args.allow_non_finite
+        )
         rows[name]["checkpoint"] = path
     if rank_zero_only.rank != 0:  # DDP evaluation: every rank has the synced metrics; rank 0 reports
         return rows

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from attacks.io import atomic_write_json  # noqa: E402
 from mmbackdoor_cli.cli import main as cli_main  # noqa: E402
-from mmbackdoor_cli.evaluate import evaluate_checkpoint  # noqa: E402
+from mmbackdoor_cli.evaluate import evaluate_checkpoint, format_metric  # noqa: E402
 from mmbackdoor_cli.pipeline import LOGGERS, invocation_group, logger_overrides  # noqa: E402
 
 ATTACKS = ("badnet", "blended", "sig", "wanet")
@@ -108,7 +107,7 @@ def score(attack_config: Path, checkpoint: Path, eval_root: Path) -> dict[str, f
 
 
 def fmt(value: float | None) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+    return format_metric(value, digits=3)  # nan stays nan: "-" is only for what was not measured
 
 
 def markdown(results: dict, defenses: list[str]) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from mmbackdoor_cli.cli import MMBackdoorCLI  # noqa: E402
+from mmbackdoor_cli.evaluate import format_metric  # noqa: E402
 from mmbackdoor_cli.pipeline import TrainedRun, logger_overrides, train  # noqa: E402
 
 QUIET = [
@@ -53,9 +53,7 @@ def measure(
 
 
 def fmt(value) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:.3f}"
+    return format_metric(value, digits=3)  # nan stays nan: "-" is only for what was not measured
 
 
 def markdown(rows: list[dict], columns: list[tuple[str, str]]) -> str:

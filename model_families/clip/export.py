@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from attacks.io import set_default_mode
 from model_families.clip.factory import ClipBundle, create_clip
+from model_families.finite import assert_finite_state
 from model_families.loading import (
     WeightsMismatchError,
     load_safetensors_file,
@@ -53,6 +54,7 @@ def save_clip_export(
     try:
         set_default_mode(tmp)  # mkdtemp creates 0700; an export is an ordinary shared folder
         state = {k: v.detach().contiguous().cpu() for k, v in bundle.model.state_dict().items()}
+        assert_finite_state(state, where=f"export {path}")
         save_file(state, str(tmp / WEIGHTS))
         meta = {
             "family": "clip",

@@ -38,6 +38,7 @@ from safetensors.torch import save_file
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from attacks.io import set_default_mode
+from model_families.finite import assert_finite_state
 from model_families.loading import read_json_file
 from model_families.mdlm.config import LladaVConfig
 from model_families.mdlm.modeling import LladaVModel
@@ -219,6 +220,7 @@ def save_snapshot(
             name: (t.detach().to(dtype) if dtype is not None else t.detach()).contiguous().cpu()
             for name, t in released_state_dict(model).items()
         }
+        assert_finite_state(tensors, where=f"snapshot {path}")
         shards = _shards(tensors, _parse_size(max_shard_size))
         weight_map: dict[str, str] = {}
         for index, shard in enumerate(shards, start=1):
