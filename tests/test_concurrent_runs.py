@@ -26,7 +26,7 @@ def _in_threads(n: int, work) -> list[BaseException]:
         barrier.wait()
         try:
             work(i)
-        except BaseException as exc:  # noqa: BLE001 - collected and asserted on
+        except BaseException as exc:  # collected and asserted on
             errors.append(exc)
 
     threads = [threading.Thread(target=body, args=(i,)) for i in range(n)]
