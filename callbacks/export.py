@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from pathlib import Path
 
 import lightning as L
@@ -38,9 +39,16 @@ class ExportOnFitEnd(L.Callback):
 
 
 def update_link(link: Path, target: Path) -> None:
-    """Atomically point `link` at `target` (relative symlink), e.g. runs/clip_shapes_clean/latest_export."""
-    tmp = link.with_name(f".{link.name}.tmp")
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
+    """Atomically point `link` at `target` (relative symlink), e.g. runs/clip_shapes_clean/latest_export.
+
+    The new link is made under a name no other process uses (pid + random suffix) and renamed over `link`
+    (`os.replace`, atomic), so runs finishing at the same moment never collide: the last rename wins and
+    `link` is valid at every instant.
+    """
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     tmp.symlink_to(os.path.relpath(target, link.parent))
-    os.replace(tmp, link)
+    try:
+        os.replace(tmp, link)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgre
 from lightning.pytorch.cli import LightningCLI
 
 from callbacks import DivergenceGuard, ExportOnFitEnd, GlobalRNGState, PoisonSampleGrid, RunSummary
+from mmbackdoor_cli.errors import DEBUG_ENV, check_config_files, debug_enabled, format_error, project_error
 from mmbackdoor_cli.wandb_mode import GROUP_ENV, ensure_safe_wandb_mode, finish_wandb_runs
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -37,9 +38,46 @@ def with_default_subcommand(args: list[str]) -> list[str]:
 
 
 def next_run_dir(root: Path) -> Path:
-    """`root/version_N` with N one more than the largest existing one (runs never overwrite each other)."""
+    """`root/version_N` with N one more than the largest existing one (not created: see `allocate_run_dir`)."""
     versions = [int(p.name.split("_")[1]) for p in root.glob("version_*") if p.name.split("_")[1].isdigit()]
     return root / f"version_{max(versions, default=-1) + 1}"
+
+
+def allocate_run_dir(root: Path, attempts: int = 1000) -> Path:
+    """Create and return a new `root/version_N` (the next free N), atomically.
+
+    The folder is claimed by `mkdir(exist_ok=False)`: when another run started at the same moment took N
+    first, this one moves on to N+1, so two runs never share a folder.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    n = -1
+    for _ in range(attempts):
+        n = max(n + 1, int(next_run_dir(root).name.split("_")[1]))
+        candidate = root / f"version_{n}"
+        try:
+            candidate.mkdir(exist_ok=False)
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"{root}: no free version_N folder after {attempts} attempts (last tried {n})")
+
+
+RUN_ARTIFACTS = ("config.yaml", "export", "checkpoints", "poison_manifest.json")
+
+
+def check_fresh_run_dir(run_dir: Path) -> None:
+    """A run with `--run_version_dir=false` must not write into a folder that holds a previous run.
+
+    Checked before anything is built, so the run fails at once instead of overwriting the old
+    `config.yaml` and failing at export time, after the whole training.
+    """
+    found = [name for name in RUN_ARTIFACTS if (run_dir / name).exists()]
+    if found:
+        raise FileExistsError(
+            f"{run_dir} already holds a previous run ({', '.join(found)}) and run_version_dir=false would "
+            "overwrite it: pass another --trainer.default_root_dir, or --run_version_dir=true (the default) "
+            f"to put this run in a new {run_dir}/version_N"
+        )
 
 
 class MMBackdoorCLI(LightningCLI):
@@ -66,13 +104,23 @@ class MMBackdoorCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.trainer
         root = Path(trainer.default_root_dir or "runs/default")
-        run_dir = next_run_dir(root) if config.run_version_dir else root
-        if os.environ.get("LOCAL_RANK", "0") != "0" and RUN_DIR_ENV in os.environ:
-            run_dir = Path(os.environ[RUN_DIR_ENV])  # a DDP child re-running this script: rank 0's folder
+        if os.environ.get("LOCAL_RANK", "0") != "0":
+            # a DDP child re-running this script: rank 0's folder (created and checked by rank 0). Without
+            # RUN_DIR_ENV (a launcher other than Lightning's) as before: the next free folder, not claimed
+            fallback = next_run_dir(root) if config.run_version_dir else root
+            run_dir = Path(os.environ.get(RUN_DIR_ENV) or fallback)
+            if self._instantiate:
+                run_dir.mkdir(parents=True, exist_ok=True)
         else:
+            if config.run_version_dir:
+                run_dir = allocate_run_dir(root) if self._instantiate else next_run_dir(root)
+            else:
+                run_dir = root
+                if self.subcommand == "fit":
+                    check_fresh_run_dir(run_dir)
+                if self._instantiate:
+                    run_dir.mkdir(parents=True, exist_ok=True)
             os.environ[RUN_DIR_ENV] = str(run_dir)  # inherited by the DDP processes Lightning launches
-        if self._instantiate:
-            run_dir.mkdir(parents=True, exist_ok=True)
         trainer.default_root_dir = str(run_dir)
         loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
         for logger in loggers:
@@ -85,10 +133,26 @@ class MMBackdoorCLI(LightningCLI):
                 if getattr(logger.init_args, "group", None) is None and os.environ.get(GROUP_ENV):
                     logger.init_args.group = os.environ[GROUP_ENV]
 
+    def parse_arguments(self, parser, args) -> None:
+        if isinstance(args, (list, tuple)) or args is None:
+            check_config_files(list(sys.argv[1:] if args is None else args))
+        super().parse_arguments(parser, args)
+
     def instantiate_classes(self) -> None:
         if not self._instantiate:
             return
-        super().instantiate_classes()
+        try:
+            super().instantiate_classes()
+        except Exception as exc:
+            error = None if debug_enabled() else project_error(exc)
+            if error is None or error is exc:
+                raise
+        else:
+            error = None
+        if error is not None:
+            # the constructor's own error, without jsonargparse's wrapping (MMBACKDOOR_DEBUG=1 keeps it)
+            error.__cause__, error.__context__, error.__suppress_context__ = None, None, True
+            raise error
         config = self.config[self.subcommand] if self.subcommand else self.config
         self.trainer.mmbackdoor_config = _to_dict(config)
 
@@ -138,8 +202,26 @@ def _to_dict(namespace) -> dict:
 
 
 def main(args: list[str] | None = None, run: bool = True) -> MMBackdoorCLI:
-    """Entry point of train.py; `args` defaults to sys.argv[1:]."""
+    """The Python API of train.py; `args` defaults to sys.argv[1:]. Errors propagate as exceptions
+    (a constructor's own ValueError, not jsonargparse's wrapper); `command_line` prints them instead."""
     args = with_default_subcommand(list(sys.argv[1:] if args is None else args))
     if not run:
         args = args[1:] if args and args[0] in SUBCOMMANDS else args
     return MMBackdoorCLI(args=args, run=run)
+
+
+def command_line(argv: list[str] | None = None) -> None:
+    """`python train.py ...`: `main`, with the project's own errors printed as a short `error:` report and
+    exit status 2 (like a bad argument). `--debug` (anywhere) or MMBACKDOOR_DEBUG=1: the full traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in argv:
+        argv = [a for a in argv if a != "--debug"]
+        os.environ[DEBUG_ENV] = "1"  # also seen by the DDP processes Lightning launches
+    try:
+        main(argv)
+    except Exception as exc:
+        error = None if debug_enabled() else project_error(exc)
+        if error is None:
+            raise
+        print(format_error(error), file=sys.stderr)
+        raise SystemExit(2) from None

@@ -159,16 +159,21 @@ def test_llada_v_configs_validate():
     assert cli.config.model.init_args.disp["rho"] == 0.45
 
 
-@pytest.mark.parametrize("bad", ["--model.init_args.disp={ratio: 0.4}", "--data.init_args.asr_rule=contain"])
-def test_bad_disp_settings_fail_before_training(tmp_path, bad):
+@pytest.mark.parametrize(
+    "bad, key",
+    [("--model.init_args.disp={ratio: 0.4}", "ratio"), ("--data.init_args.asr_rule=contain", "contain")],
+)
+def test_bad_disp_settings_fail_before_training(tmp_path, bad, key):
+    snapshot = _tiny_released_snapshot(tmp_path / "llada_v_tiny")  # so that the bad setting is what fails
     data = _llava_data(tmp_path / "llava")
-    with pytest.raises((ValueError, SystemExit)):
+    with pytest.raises(ValueError, match=key):
         main(
             [
                 "fit",
                 "--config",
                 str(CONFIGS / "disp_llada_v.yaml"),
                 *_cpu_overrides(tmp_path / "x"),
+                f"--model.init_args.init_from={snapshot}",
                 *[f"--data.init_args.{k}={v}" for k, v in data.items()],
                 bad,
             ]
