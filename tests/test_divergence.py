@@ -216,15 +216,26 @@ def test_mdlm_snapshot_writer_refuses_a_nan_state_dict_and_leaves_nothing(tmp_pa
 
 
 # ---------------------------------------------------------------------------------- evaluate.py
-@pytest.fixture
-def nan_export(tmp_path) -> Path:
-    """A tiny CLIP export whose weights were made NaN after writing (bypassing the writer's check)."""
+def _nan_export(root: Path, tensor: str) -> Path:
+    """A tiny CLIP export whose ``tensor`` was made NaN after writing (bypassing the writer's check)."""
     torch.manual_seed(0)
-    path = save_clip_export(create_clip("tiny-rn-shapes"), tmp_path / "nan_export")
+    path = save_clip_export(create_clip("tiny-rn-shapes"), root / "nan_export")
     state = load_file(str(path / "model.safetensors"))
-    state["text_projection"] = torch.full_like(state["text_projection"], float("nan"))
+    state[tensor] = torch.full_like(state[tensor], float("nan"))
     save_file(state, str(path / "model.safetensors"))
     return path
+
+
+@pytest.fixture
+def nan_export(tmp_path) -> Path:
+    """NaN in the text projection: every zero-shot logit is NaN."""
+    return _nan_export(tmp_path, "text_projection")
+
+
+@pytest.fixture
+def nan_temperature_export(tmp_path) -> Path:
+    """NaN only in the temperature: the contrastive loss is NaN, zero-shot logits (cosines) stay finite."""
+    return _nan_export(tmp_path, "logit_scale")
 
 
 def _evaluate(export: Path, root: Path, *flags: str) -> dict:
@@ -260,17 +271,25 @@ def test_evaluate_refuses_an_export_with_nan_weights_naming_it(nan_export, tmp_p
 
 
 def test_evaluate_allow_non_finite_flags_the_model_and_writes_null_with_a_reason(
-    nan_export, tmp_path, capsys
+    nan_temperature_export, tmp_path, capsys
 ) -> None:
-    rows = _evaluate(nan_export, tmp_path, "--allow-non-finite")
+    rows = _evaluate(nan_temperature_export, tmp_path, "--allow-non-finite")
     assert rows["nan"]["non_finite_weights"], "the flag lists the bad tensors"
-    assert math.isnan(rows["nan"]["test/loss"])  # a NaN model's contrastive loss
+    assert math.isnan(rows["nan"]["test/loss"])  # the NaN temperature's contrastive loss
+    assert math.isfinite(rows["nan"]["test/ca"])  # zero-shot cosines do not use the temperature
     text = (tmp_path / "results.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
     row = json.loads(text)["results"]["nan"]
     assert row["test/loss"] is None and row["invalid"]["test/loss"] == "non-finite (nan)"
     out = capsys.readouterr().out
     assert "| nan |" in out and "WARNING: nan has non-finite weights" in out
+
+
+def test_evaluate_allow_non_finite_never_scores_non_finite_logits(nan_export, tmp_path) -> None:
+    """Even when told to evaluate a NaN model, its NaN logits are never counted as an ASR of 0."""
+    with pytest.raises(ValueError, match="not finite"):
+        _evaluate(nan_export, tmp_path, "--allow-non-finite")
+    assert not (tmp_path / "results.json").exists()
 
 
 # ---------------------------------------------------------------------------------- JSON and tables
