@@ -56,3 +56,18 @@ def test_every_config_key_is_documented(path: str) -> None:
     text = (DOCS / page).read_text() if page else "\n".join(p.read_text() for p in sorted(DOCS.glob("*.md")))
     missing = [key for key in config_keys(path) if not named_in(key, text)]
     assert not missing, f"{path}: keys not named in docs/{page or '*.md'}: {missing}"
+
+
+def test_every_test_named_in_the_reliability_page_exists() -> None:
+    """docs/reliability.md names the test that checks each bad input: a renamed or deleted test fails here."""
+    text = (DOCS / "reliability.md").read_text()
+    refs = re.findall(r"tests/(test_\w+\.py)::(\w+)", text)
+    assert len(refs) > 50, "the reliability page names its tests as tests/test_x.py::test_name"
+    tests = Path(__file__).resolve().parent
+    missing = [
+        f"{name}::{test}"
+        for name, test in refs
+        if not (tests / name).is_file()
+        or not re.search(rf"def {re.escape(test)}\b", (tests / name).read_text())
+    ]
+    assert not missing, f"docs/reliability.md names tests that do not exist: {missing}"
