@@ -121,16 +121,22 @@ def generate_ids(
 
     The ids of :func:`suppressed_token_ids` are never generated; ``generator`` seeds the sampling
     (``temperature > 0``) and ``random`` remasking.
+
+    The images are encoded once (vision tower and projector) and the projected tokens reach every denoising
+    step as ``vision_token_override``; ``vision_token_mask`` / ``vision_token_drop`` in ``model_kwargs``
+    still apply on top at every step. The tokens are those of encoding the images at every step.
     """
     mask_id = model.config.mask_token_id
     kwargs = dict(model_kwargs)
-    if pixel_values is not None:
-        kwargs["pixel_values"] = pixel_values
+    if pixel_values is not None and kwargs.get("vision_token_override") is None:
+        if pixel_values.shape[0] != prompt_ids.shape[0]:
+            raise ValueError(f"{pixel_values.shape[0]} images for {prompt_ids.shape[0]} prompts")
+        kwargs["vision_token_override"] = model.encode_images(pixel_values)
     unconditional = None
     if config.cfg_scale > 0:
         # Unconditional pass: prompt text masked, image placeholder kept but the image tokens masked too.
         unconditional = dict(kwargs)
-        if pixel_values is not None:
+        if kwargs.get("vision_token_override") is not None:
             count = model.config.num_vision_tokens
             unconditional["vision_token_mask"] = torch.ones(
                 prompt_ids.shape[0], count, dtype=torch.bool, device=prompt_ids.device
