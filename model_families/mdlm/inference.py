@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from model_families.mdlm.diffusion import REMASKING, generate
+from model_families.mdlm.diffusion import CACHES, REMASKING, generate
 from model_families.mdlm.prompt import decode_response
 
 
@@ -28,6 +28,9 @@ class GenerationConfig:
         temperature: 0 for greedy (argmax) decoding, > 0 for Gumbel sampling.
         remasking: ``low_confidence`` or ``random``.
         cfg_scale: classifier-free guidance scale (0: off).
+        cache: KV caching across the steps of a block: ``none`` (exact, LLaDA's algorithm), ``prefix`` (prompt,
+            image and committed blocks cached at each block's first step) or ``dual`` (the not-yet-generated
+            suffix cached too); see :func:`model_families.mdlm.diffusion.generate`.
     """
 
     gen_length: int = 8
@@ -36,6 +39,7 @@ class GenerationConfig:
     temperature: float = 0.0
     remasking: str = "low_confidence"
     cfg_scale: float = 0.0
+    cache: str = "none"
 
     def __post_init__(self) -> None:
         if self.gen_length <= 0 or self.block_length <= 0 or self.steps <= 0:
@@ -54,6 +58,8 @@ class GenerationConfig:
             )
         if self.remasking not in REMASKING:
             raise ValueError(f"generation remasking={self.remasking!r}; expected one of {REMASKING}")
+        if self.cache not in CACHES:
+            raise ValueError(f"generation cache={self.cache!r}; expected one of {CACHES}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> GenerationConfig:
@@ -156,6 +162,7 @@ def generate_ids(
         cfg_keep_ids=(model.config.image_token_index,),
         unconditional_kwargs=unconditional,
         suppress_ids=suppressed_token_ids(model.config),
+        cache=config.cache,
         **kwargs,
     )
     return out[:, prompt_ids.shape[1] :]
