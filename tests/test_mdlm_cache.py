@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
+from datamodules.mdlm_shapes import ShapesInstructDataModule
+from defenses.disp.masking import DiSPMasking, masked_generate_ids
+from defenses.disp.purify import purify_dataset
 from model_families.mdlm.config import LladaVConfig
 from model_families.mdlm.diffusion import generate
-from model_families.mdlm.inference import GenerationConfig, generate_ids, suppressed_token_ids
+from model_families.mdlm.inference import (
+    GenerationConfig,
+    decode_responses,
+    generate_ids,
+    suppressed_token_ids,
+)
 from model_families.mdlm.modeling import LladaVModel
 from model_families.mdlm.tokenizer import load_embedded_tokenizer
 
@@ -291,3 +301,30 @@ def test_one_step_per_block_every_cache_equals_none(sharp, cache, cfg_scale):
                 generate_ids(sharp, prompts, images, cached, **extra),
                 generate_ids(sharp, prompts, images, none, **extra),
             )
+
+
+def test_purification_generates_with_the_configured_cache(tmp_path, sharp, monkeypatch):
+    dm = ShapesInstructDataModule(train_size=2, val_size=2, test_size=2, response_length=8)
+    dm.setup("fit")
+    generation = GenerationConfig.from_dict({"gen_length": 8, "block_length": 4, "steps": 8, "cache": "dual"})
+    masking = DiSPMasking(rho=0.25, selection="random")
+    calls = []
+    original = sharp.block_logits
+    monkeypatch.setattr(sharp, "block_logits", lambda *a, **k: calls.append(a[3]) or original(*a, **k))
+    path = purify_dataset(
+        sharp, dm.purification_dataset(), dm.collator, tmp_path / "purified", load_embedded_tokenizer(),
+        masking, generation, batch_size=4, chunk_size=4,
+    )  # fmt: skip
+    assert calls and set(calls) == {"dual"}, "purification must generate through the dual cache"
+    manifest = json.loads((path.parent / "manifest.json").read_text())
+    assert manifest["settings"]["generation"]["cache"] == "dual"
+    # the same responses as the masked generation with the cache, batch by batch (one batch here)
+    batch = dm.collator([dm.purification_dataset()[i] for i in range(4)])
+    ids, _ = masked_generate_ids(
+        sharp, batch["prompt_ids"], batch["pixel_values"], generation, masking, batch["prompt_mask"],
+        torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    tokenizer = load_embedded_tokenizer()
+    stops = [sharp.config.eot_token_id, sharp.config.eos_token_id]
+    expected = decode_responses(tokenizer, ids, stops)
+    assert [r["conversations"][-1]["value"] for r in json.loads(path.read_text())] == expected
