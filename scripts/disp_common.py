@@ -52,6 +52,17 @@ def measure(
     return metrics, time.perf_counter() - start
 
 
+def generation_override(config: str, key: str = "generation", **settings) -> str:
+    """``--model.init_args.<key>={...}``: the config's own ``model.init_args.generation`` (the sampler every
+    stage uses) with ``settings`` (e.g. ``cache="prefix"``) on top, so a script changes one setting without
+    repeating the others."""
+    import yaml
+
+    base = yaml.safe_load(Path(config).read_text())["model"]["init_args"].get("generation") or {}
+    merged = {**base, **settings}
+    return f"--model.init_args.{key}={{" + ", ".join(f"{k}: {v}" for k, v in merged.items()) + "}"
+
+
 def fmt(value) -> str:
     return format_metric(value, digits=3)  # nan stays nan: "-" is only for what was not measured
 

@@ -7,6 +7,7 @@
     python scripts/disp_pipeline.py                       # both targets: content insertion and refusal
     python scripts/disp_pipeline.py --targets content_insertion --out runs/disp_pipeline
     python scripts/disp_pipeline.py --clean-export runs/mdlm_shapes_clean/latest_export   # reuse a clean model
+    python scripts/disp_pipeline.py --cache prefix        # measure and purify with the prefix KV cache
 
 Every stage is a shipped config run through train.py's CLI in this process (``configs/mdlm_shapes_clean.yaml``,
 ``configs/mdlm_shapes_poison*.yaml``, ``configs/disp_shapes*.yaml``); runs go to ``<out>/<stage>/version_N``.
@@ -26,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from disp_common import dump, markdown, measure, run_fit
+from disp_common import dump, generation_override, markdown, measure, run_fit
 
 from mmbackdoor_cli.pipeline import LOGGERS, invocation_group
 
@@ -122,6 +123,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch intra-op threads (1 is fastest when shared)"
     )
+    parser.add_argument(
+        "--cache",
+        default=None,
+        choices=("none", "prefix", "dual"),
+        help="generation cache for every measurement and for DiSP's purification (default: the configs')",
+    )
     parser.add_argument("--output", default=None, help="JSON results (default <out>/results-<time>.json)")
     parser.add_argument(
         "--logger",
@@ -135,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     out = Path(args.out)
     timings: dict[str, float] = {}
-    results: dict = {"targets": {}, "rho": args.rho}
+    results: dict = {"targets": {}, "rho": args.rho, "cache": args.cache or "as configured"}
 
     # 1. the clean model (cached across calls)
     cached = out / "clean" / "latest_export"
@@ -155,6 +162,11 @@ def main(argv: list[str] | None = None) -> dict:
     for target in args.targets:
         poison_config, disp_config = TARGETS[target]
         rows: dict = {}
+        # the sampler of measurements and of purification; None keeps the configs' own
+        gen = [generation_override(poison_config, cache=args.cache)] if args.cache else []
+        purify_gen = (
+            [generation_override(disp_config, "purify_generation", cache=args.cache)] if args.cache else []
+        )
         # 2. poisoned fine-tuning of the clean model
         run, timings[f"{target}/poison"] = run_fit(
             poison_config,
@@ -166,16 +178,16 @@ def main(argv: list[str] | None = None) -> dict:
         # 3. measure: clean model (control), backdoored model, inference-time masking alone
         if "clean_model" not in results:
             results["clean_model"], timings["measure/clean"] = measure(
-                poison_config, clean_export, out / "eval"
+                poison_config, clean_export, out / "eval", *gen
             )
             results["clean_model"]["model"] = "clean"
         rows["clean"] = dict(results["clean_model"])
         rows["poisoned"], timings[f"{target}/measure_poisoned"] = measure(
-            poison_config, poisoned, out / "eval"
+            poison_config, poisoned, out / "eval", *gen
         )
         if not args.no_masking_baseline:
             rows["masking_only"], timings[f"{target}/measure_masking"] = measure(
-                poison_config, poisoned, out / "eval", masking
+                poison_config, poisoned, out / "eval", *gen, masking
             )
         if args.ft_baseline:
             ft, timings[f"{target}/ft_baseline"] = run_fit(
@@ -184,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"--model.init_args.init_from={poisoned}",
                 logger=args.logger,
             )
-            rows["plain_ft"], _ = measure(poison_config, ft.export, out / "eval")
+            rows["plain_ft"], _ = measure(poison_config, ft.export, out / "eval", *gen)
         # 4. DiSP: self-purification + recovery fine-tuning, from the backdoored model and its manifest
         disp, timings[f"{target}/disp"] = run_fit(
             disp_config,
@@ -192,10 +204,13 @@ def main(argv: list[str] | None = None) -> dict:
             f"--model.init_args.init_from={poisoned}",
             f"--model.init_args.disp={{rho: {args.rho}, selection: saliency, mode: mask, estimator: vjp, num_probes: 4}}",
             f"--data.init_args.poison_manifest={poisoned}/poison_manifest.json",
+            *purify_gen,
             logger=args.logger,
         )
         # 5. measure the purified model on the same data, trigger and target
-        rows["disp"], timings[f"{target}/measure_disp"] = measure(poison_config, disp.export, out / "eval")
+        rows["disp"], timings[f"{target}/measure_disp"] = measure(
+            poison_config, disp.export, out / "eval", *gen
+        )
         rows["exports"] = {
             "poisoned": str(poisoned),
             "disp": str(disp.export),
