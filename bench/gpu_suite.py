@@ -243,7 +243,8 @@ class Row:
     achieved_unit: str = ""
     ratio: float | None = None
     ratio_of: str = ""
-    flops_per_item: int | None = None  # FLOPs per sample (CLIP) or per sequence position (LLaDA SFT)
+    flops_per_step: int | None = None  # counted FLOPs of one training step
+    flops_per_item: int | None = None  # the same per sample (CLIP) or per sequence position (LLaDA SFT)
     note: str = ""
 
 
@@ -271,6 +272,7 @@ class Suite:
 
     def mfu(self, row: Row, flops_per_call: int, seconds: float) -> None:
         """Fill achieved TFLOP/s and the MFU (or a note that says why there is none)."""
+        row.flops_per_step = flops_per_call
         row.achieved, row.achieved_unit = flops_per_call / seconds / 1e12, "TFLOP/s"
         if self.peak is None:
             row.note = (
