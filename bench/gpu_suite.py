@@ -24,9 +24,8 @@ Rows (each measured in this run; ratios are against a baseline of the same run):
 * ``metric/tma``, ``metric/cti``, ``metric/asr``: updates/s of the torchmetrics on device tensors.
 
 A row that fails is reported as ``error`` with its message, a row not started because ``--budget-s`` was spent
-as ``skipped``; either makes the exit status 1. A cache setting this version of ``GenerationConfig`` does not
-have is reported as ``unsupported`` (exit status 0: nothing was measured wrongly). The table goes to stdout and,
-with the device, date and peak rate, to ``--out`` as JSON.
+as ``skipped``; either makes the exit status 1. The table goes to stdout and, with the device, date and peak
+rate, to ``--out`` as JSON.
 """
 
 from __future__ import annotations
@@ -51,7 +50,7 @@ from attacks.registry import IMAGE_TRIGGERS
 from metrics import AttackSuccessRate, CrossTriggerInteraction, TriggerModalityAttribution
 from model_families.clip.factory import create_clip
 from model_families.mdlm.config import SIGLIP_SO400M_384, LladaVConfig
-from model_families.mdlm.diffusion import masked_diffusion_loss
+from model_families.mdlm.diffusion import CACHES, masked_diffusion_loss
 from model_families.mdlm.inference import GenerationConfig, generate_ids
 from model_families.mdlm.modeling import LladaVModel
 
@@ -68,7 +67,6 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
     ("L4", 121.0),
 )
 TRIGGERS = ("badnet", "blended", "sig", "wanet", "low_frequency")
-CACHES = ("none", "prefix", "dual")
 PATCH_FRACTION = 16 / 224  # the published 16 px BadNet patch at 224 px
 POISON_RATE = 0.1
 # A 1B-scale LLaMA-architecture LM (blocks of TinyLlama-1.1B's width, 16 layers) with LLaDA's vocabulary.
@@ -236,7 +234,7 @@ class Row:
 
     id: str
     case: str
-    status: str = "ok"  # ok | unsupported | skipped | error
+    status: str = "ok"  # ok | skipped | error
     rate: float | None = None
     unit: str = ""
     achieved: float | None = None  # GB/s for copies and triggers, TFLOP/s for model steps
@@ -374,20 +372,6 @@ def _prompt_ids(config: LladaVConfig, batch: int, text: int, device: torch.devic
     return ids
 
 
-def cache_support() -> tuple[str, ...]:
-    """Cache settings this version of ``GenerationConfig`` accepts."""
-    if "cache" not in GenerationConfig.__dataclass_fields__:
-        return ("none",)
-    supported = []
-    for cache in CACHES:
-        try:
-            GenerationConfig(cache=cache)
-        except (TypeError, ValueError):
-            continue
-        supported.append(cache)
-    return tuple(supported)
-
-
 def llada_rows(suite: Suite) -> None:
     sizes, device = suite.sizes, suite.device
     state: dict[str, Any] = {}
@@ -403,7 +387,6 @@ def llada_rows(suite: Suite) -> None:
             state["lm_params"] = sum(p.numel() for p in model.language_model.parameters())
         return state["model"]
 
-    supported = cache_support()
     shape = (
         f"batch {sizes.gen_batch}, gen {sizes.gen_length}, block {sizes.block_length}, steps {sizes.steps}"
     )
@@ -411,24 +394,12 @@ def llada_rows(suite: Suite) -> None:
     for cache in CACHES:
 
         def measure(row: Row, cache: str = cache) -> None:
-            if cache not in supported:
-                row.status = "unsupported"
-                row.note = (
-                    f"GenerationConfig has no cache={cache!r} in this version (settings: {', '.join(supported)}); "
-                    "merge the cache implementation to measure it"
-                )
-                return
             model = build().eval()
-            extra = (
-                {}
-                if cache == "none" and "cache" not in GenerationConfig.__dataclass_fields__
-                else {"cache": cache}
-            )
             config = GenerationConfig(
-                gen_length=sizes.gen_length, block_length=sizes.block_length, steps=sizes.steps, **extra
+                gen_length=sizes.gen_length, block_length=sizes.block_length, steps=sizes.steps, cache=cache
             )
             warm = GenerationConfig(
-                gen_length=sizes.block_length, block_length=sizes.block_length, steps=2, **extra
+                gen_length=sizes.block_length, block_length=sizes.block_length, steps=2, cache=cache
             )
             prompts = _prompt_ids(model.config, sizes.gen_batch, sizes.prompt_tokens, device)
             images = torch.rand(

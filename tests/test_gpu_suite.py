@@ -13,6 +13,23 @@ import torch
 from torch import nn
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_suite.py"
+ROWS = [
+    "copy",
+    "trigger/badnet",
+    "trigger/blended",
+    "trigger/sig",
+    "trigger/wanet",
+    "trigger/low_frequency",
+    "clip/rn50",
+    "clip/vit_b_32",
+    "llada/generate_none",
+    "llada/generate_prefix",
+    "llada/generate_dual",
+    "llada/sft",
+    "metric/tma",
+    "metric/cti",
+    "metric/asr",
+]
 
 
 def _load():
@@ -43,20 +60,15 @@ def _rows(report) -> dict[str, dict]:
     return {row["id"]: row for row in report["rows"]}
 
 
-def test_tiny_suite_on_cpu_reports_every_row_in_the_table_and_the_json(tiny_report, capsys) -> None:
+def test_tiny_suite_on_cpu_reports_every_row_in_the_table_and_the_json(tiny_report) -> None:
     report, out = tiny_report
-    assert [row["id"] for row in report["rows"]] == list(suite.ROW_IDS)
+    assert [row["id"] for row in report["rows"]] == ROWS == list(suite.ROW_IDS)
     assert json.loads(out.read_text())["rows"] == report["rows"]  # the file holds what was measured
-    for row_id in suite.ROW_IDS:
+    for row_id in ROWS:
         assert f"| {row_id} |" in report["table"]
-    supported = suite.cache_support()
     for row in report["rows"]:
-        cache = row["id"].removeprefix("llada/generate_")
-        if row["id"].startswith("llada/generate_") and cache not in supported:
-            assert row["status"] == "unsupported" and "cache" in row["note"] and row["rate"] is None
-        else:
-            assert row["status"] == "ok", row
-            assert row["rate"] > 0
+        assert row["status"] == "ok", row
+        assert row["rate"] > 0
     assert report["exit_code"] == 0
 
 
@@ -191,13 +203,17 @@ def test_a_failing_row_is_reported_with_its_error_and_fails_the_run(monkeypatch,
     assert _rows(report)["metric/asr"]["status"] == "ok"  # the rows after it still ran
 
 
-def test_rows_past_the_budget_are_skipped_and_fail_the_run(tmp_path) -> None:
+def test_rows_past_the_budget_are_skipped_and_fail_the_run(tmp_path, capsys) -> None:
     report = suite.main(
         ["--device", "cpu", "--sizes", "tiny", "--budget-s", "0", "--out", str(tmp_path / "r.json")]
     )
     assert {row["status"] for row in report["rows"]} == {"skipped"}
     assert "--budget-s 0 spent" in report["rows"][0]["note"]
     assert report["exit_code"] == 1
+    printed = capsys.readouterr().out
+    for row_id in ROWS:  # the table on stdout names every row, measured or not
+        assert f"| {row_id} |" in printed and f"| {row_id} |" in report["table"]
+    assert "not measured: copy, trigger/badnet" in printed
 
 
 @pytest.mark.gpu
@@ -214,5 +230,4 @@ def test_real_sizes_on_cuda_measure_every_row_within_eight_minutes(tmp_path) -> 
     for row_id in ("clip/rn50", "clip/vit_b_32", "llada/sft"):
         if report["peak_bf16_tflops"] is not None:
             assert 0 < rows[row_id]["ratio"] < 1, rows[row_id]  # MFU
-    for cache in suite.cache_support():
-        assert rows[f"llada/generate_{cache}"]["rate"] > 0
+    assert rows["llada/generate_prefix"]["ratio"] > 1  # cached generation is faster than none
