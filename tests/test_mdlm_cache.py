@@ -328,3 +328,50 @@ def test_purification_generates_with_the_configured_cache(tmp_path, sharp, monke
     stops = [sharp.config.eot_token_id, sharp.config.eos_token_id]
     expected = decode_responses(tokenizer, ids, stops)
     assert [r["conversations"][-1]["value"] for r in json.loads(path.read_text())] == expected
+
+
+# ------------------------------------------------------------------------------------- threshold decoding
+class _FixedConfidence:
+    """Predicts token 100 + position with logit score[position] (others 0); counts its calls."""
+
+    def __init__(self, scores, vocab=200):
+        self.scores, self.vocab, self.calls = scores, vocab, []
+
+    def __call__(self, x, **kwargs):
+        self.calls.append(x.clone())
+        logits = torch.zeros(*x.shape, self.vocab)
+        logits[:, torch.arange(x.shape[1]), 100 + torch.arange(x.shape[1])] = self.scores[: x.shape[1]]
+        return logits
+
+
+def test_threshold_commits_every_confident_token_at_once_and_ends_the_block_early():
+    # softmax of logit 12 among 200 ids: 0.9989 > 0.9; logit 1: 0.013. Positions 3..10 form two blocks of 4.
+    scores = torch.tensor([0.0, 0, 0, 12, 1, 12, 12, 1, 2, 3, 4])
+    model = _FixedConfidence(scores)
+    out = generate(
+        model, torch.tensor([[1, 2, 3]]), mask_id=7, gen_length=8, block_length=4, steps=8, threshold=0.9
+    )
+    assert out[0, 3:].tolist() == list(range(103, 111))
+    newly = [
+        ((a == 7) & (b != 7))[0].nonzero().flatten().tolist()
+        for a, b in zip(model.calls, [*model.calls[1:], out])
+    ]
+    # block 1: the three confident tokens together, then the last one; block 2: one at a time (best first)
+    assert newly == [[3, 5, 6], [4], [10], [9], [8], [7]]
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
+def test_threshold_one_commits_one_token_per_step_like_steps_equal_gen_length(sharp, cache):
+    prompts, images = _batch(sharp)
+    threshold = GenerationConfig(gen_length=16, block_length=8, steps=2, cache=cache, threshold=1.0)
+    one_per_step = GenerationConfig(gen_length=16, block_length=8, steps=16, cache=cache)
+    assert torch.equal(
+        generate_ids(sharp, prompts, images, threshold), generate_ids(sharp, prompts, images, one_per_step)
+    )
+
+
+def test_threshold_settings_are_checked():
+    with pytest.raises(ValueError, match=r"threshold=1\.5"):
+        GenerationConfig(threshold=1.5)
+    with pytest.raises(ValueError, match="threshold needs remasking='low_confidence'"):
+        GenerationConfig(threshold=0.9, remasking="random")

@@ -12,6 +12,7 @@ tokens, splits them into blocks and, within a block, commits the most confident 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -156,6 +157,23 @@ def _check_generate_args(
     return num_blocks
 
 
+def _check_threshold(threshold: float | None, remasking: str) -> None:
+    if threshold is None:
+        return
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1] (or None), got {threshold}")
+    if remasking != "low_confidence":
+        raise ValueError(f"threshold needs remasking='low_confidence' (confidences), got {remasking!r}")
+
+
+def _above_threshold(confidence: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Commit mask (B, W): confidences above ``threshold``, and each row's best one (rows with a candidate)."""
+    transfer = confidence > threshold
+    best = confidence.argmax(dim=1, keepdim=True)
+    has_candidate = torch.isfinite(confidence).any(dim=1, keepdim=True)
+    return transfer | (torch.zeros_like(transfer).scatter(1, best, True) & has_candidate)
+
+
 class _Denoiser:
     """One pass (conditional or unconditional) of the sampler: the logits of the window of token positions
     the sampler updates at one step, and the window's first position.
@@ -197,6 +215,7 @@ def generate(
     unconditional_kwargs: dict[str, Any] | None = None,
     suppress_ids: tuple[int, ...] = (),
     cache: str = "none",
+    threshold: float | None = None,
     **model_kwargs: Any,
 ) -> torch.Tensor:
     """Semi-autoregressive masked diffusion sampling with low-confidence (or random) remasking (LLaDA).
@@ -236,9 +255,15 @@ def generate(
     current block, so the Gumbel draw is (B, block_length, V) and the ``random`` draw (B, block_length): a
     sampled run's stream differs from ``"none"``'s, a greedy one matches it whenever the logits do.
 
+    Confidence-threshold parallel decoding (``threshold``, Fast-dLLM; ``low_confidence`` only): at each step
+    every masked token of the current block whose confidence exceeds ``threshold`` is committed, and at least
+    the most confident one; the per-step counts (and ``steps``) no longer apply, a block ends as soon as it is
+    filled (at most ``block_length`` steps). ``threshold=1`` commits one token per step.
+
     Returns the (B, P + gen_length) token ids.
     """
     num_blocks = _check_generate_args(gen_length, block_length, steps, temperature, remasking, cache)
+    _check_threshold(threshold, remasking)
     if prompt_ids.dim() != 2:
         raise ValueError(f"prompt_ids must be (B, P), got shape {tuple(prompt_ids.shape)}")
     steps_per_block = steps // num_blocks
@@ -269,7 +294,11 @@ def generate(
         start = prompt_len + block * block_length
         end = start + block_length
         transfer_counts = num_transfer_tokens(x[:, start:end] == mask_id, steps_per_block)
-        for step in range(steps_per_block):
+        for step in itertools.count():
+            if threshold is None and step == steps_per_block:
+                break
+            if threshold is not None and not bool((x[:, start:end] == mask_id).any()):
+                break
             # The logits cover the window [lo, hi): all of x without a cache, the current block with one.
             logits, lo = conditional(x, start, end, step == 0)
             if unconditional is not None:
@@ -293,10 +322,13 @@ def generate(
             x0_p = x0_p.masked_fill(window_positions >= end, -torch.inf)
             x0 = torch.where(mask_index, x0, window)
             confidence = torch.where(mask_index, x0_p, torch.full_like(x0_p, -torch.inf))
-            transfer = torch.zeros_like(mask_index)
-            for row in range(batch):
-                k = int(transfer_counts[row, step])
-                if k:
-                    transfer[row, confidence[row].topk(k).indices] = True
+            if threshold is None:
+                transfer = torch.zeros_like(mask_index)
+                for row in range(batch):
+                    k = int(transfer_counts[row, step])
+                    if k:
+                        transfer[row, confidence[row].topk(k).indices] = True
+            else:
+                transfer = _above_threshold(confidence, threshold)
             x = torch.cat([x[:, :lo], torch.where(transfer, x0, window), x[:, hi:]], dim=1)
     return x

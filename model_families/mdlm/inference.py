@@ -31,6 +31,8 @@ class GenerationConfig:
         cache: KV caching across the steps of a block: ``none`` (exact, LLaDA's algorithm), ``prefix`` (prompt,
             image and committed blocks cached at each block's first step) or ``dual`` (the not-yet-generated
             suffix cached too); see :func:`model_families.mdlm.diffusion.generate`.
+        threshold: confidence-threshold parallel decoding (None: off): each step commits every masked token
+            of the block with confidence above it (at least one); ``steps`` then no longer applies.
     """
 
     gen_length: int = 8
@@ -40,6 +42,7 @@ class GenerationConfig:
     remasking: str = "low_confidence"
     cfg_scale: float = 0.0
     cache: str = "none"
+    threshold: float | None = None
 
     def __post_init__(self) -> None:
         if self.gen_length <= 0 or self.block_length <= 0 or self.steps <= 0:
@@ -60,6 +63,13 @@ class GenerationConfig:
             raise ValueError(f"generation remasking={self.remasking!r}; expected one of {REMASKING}")
         if self.cache not in CACHES:
             raise ValueError(f"generation cache={self.cache!r}; expected one of {CACHES}")
+        if self.threshold is not None:
+            if not 0.0 <= self.threshold <= 1.0:
+                raise ValueError(f"generation threshold={self.threshold} must be in [0, 1] (or null: off)")
+            if self.remasking != "low_confidence":
+                raise ValueError(
+                    f"generation threshold needs remasking='low_confidence', got {self.remasking!r}"
+                )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> GenerationConfig:
@@ -163,6 +173,7 @@ def generate_ids(
         unconditional_kwargs=unconditional,
         suppress_ids=suppressed_token_ids(model.config),
         cache=config.cache,
+        threshold=config.threshold,
         **kwargs,
     )
     return out[:, prompt_ids.shape[1] :]
