@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all lint attack-table defense-table bench clean
+.PHONY: install demo test test-all lint attack-table defense-table bench gpu-suite clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ defense-table: $(STAMP)  # needs the poisoned models of attack-table
 
 bench: $(STAMP)
 	$(PY) bench/bench_triggers.py && $(PY) bench/bench_training_step.py
+
+gpu-suite: $(STAMP)  # one large GPU, under 8 minutes (README: GPU suite)
+	$(PY) bench/gpu_suite.py
 
 clean:
 	rm -rf runs wandb lightning_logs .pytest_cache
