@@ -62,9 +62,7 @@ def gather_full_state_dict(trainer: L.Trainer, pl_module: L.LightningModule) -> 
     wrapped = trainer.model
     if not isinstance(wrapped, FSDP):
         return None
-    if (
-        "state_dict" not in inspect.signature(pl_module.export).parameters
-    ):  # raised on every rank: no deadlock
+    if "state_dict" not in inspect.signature(pl_module.export).parameters:  # raised on every rank: no hang
         raise TypeError(
             f"{type(pl_module).__name__}.export takes no state_dict: it cannot export from a sharded (FSDP) run"
         )
