@@ -36,6 +36,7 @@ from metrics import CrossTriggerInteraction, GenerativeAttackSuccessRate, Trigge
 from model_families.loading import inputs_provenance
 from model_families.mdlm.checkpoint import (
     PROMPT_FORMAT_NAME,
+    _materialize_buffers,
     load_prompt_formatter,
     load_snapshot,
     save_snapshot,
@@ -102,6 +103,19 @@ def build_tiny_model(tokenizer: Any, overrides: dict | None = None) -> LladaVMod
             f"model.tiny_config has unknown keys {sorted(unknown)}; expected some of {sorted(fields)}"
         )
     return LladaVModel(LladaVConfig(**_merge(fields, overrides or {})))
+
+
+def sharded_root(module: L.LightningModule) -> nn.Module | None:
+    """The FSDP wrapper around ``module`` when its trainer shards it (``FSDPStrategy``), else None."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    wrapped = module._trainer.model if module._trainer is not None else None
+    return wrapped if isinstance(wrapped, FullyShardedDataParallel) else None
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter name without the FSDP / activation-checkpointing wrapper segments."""
+    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
 
 
 class MDLMFineTuning(L.LightningModule):
@@ -266,6 +280,7 @@ class MDLMFineTuning(L.LightningModule):
             model.language_model = get_peft_model(model.language_model, config)
             model.mm_projector.requires_grad_(True)
             self._lora_applied = True
+            self._lora_config = config
 
     def merge_lora(self) -> None:
         """Fold LoRA adapters into the LM weights (in place); a no-op without LoRA."""
@@ -273,12 +288,40 @@ class MDLMFineTuning(L.LightningModule):
             self.model.language_model = self.model.language_model.merge_and_unload()
             self._lora_applied = False
 
-    def export(self, path: str | Path, run_config: dict | None = None) -> Path:
-        """Write a snapshot in the released LLaDA-V layout (+ tokenizer, prompt format and run config)."""
-        self.merge_lora()
-        path = save_snapshot(
-            self.model, path, tokenizer=self.tokenizer, prompt_formatter=self.prompt_formatter
-        )
+    def unsharded_model(self, state_dict: dict[str, torch.Tensor]) -> LladaVModel:
+        """A plain :class:`LladaVModel` holding ``state_dict``, the module's full state gathered from a sharded
+        (FSDP) run (``model.*`` keys; the auxiliary heads are dropped), with LoRA folded in. Built on the meta
+        device and assigned, so no second random initialisation runs."""
+        weights = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
+        with torch.device("meta"):
+            model = LladaVModel(self.model.config)
+            if self._lora_applied:
+                from peft import get_peft_model
+
+                model.language_model = get_peft_model(model.language_model, self._lora_config)
+        model.load_state_dict(weights, strict=True, assign=True)
+        if self._lora_applied:
+            model.language_model = model.language_model.merge_and_unload()
+        _materialize_buffers(model, "cpu")
+        return model
+
+    def export(
+        self,
+        path: str | Path,
+        run_config: dict | None = None,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> Path:
+        """Write a snapshot in the released LLaDA-V layout (+ tokenizer, prompt format and run config).
+
+        ``state_dict``: the full module state gathered from a sharded run (see :class:`~callbacks.export.
+        ExportOnFitEnd`); the snapshot is then written from it instead of from the (sharded) ``self.model``.
+        """
+        if state_dict is None:
+            self.merge_lora()
+            model = self.model
+        else:
+            model = self.unsharded_model(state_dict)
+        path = save_snapshot(model, path, tokenizer=self.tokenizer, prompt_formatter=self.prompt_formatter)
         meta = {
             "family": "mdlm",
             "module": type(self).__name__,
@@ -353,17 +396,28 @@ class MDLMFineTuning(L.LightningModule):
             loss = loss + self.hparams.vision_aux_weight * aux
         return loss
 
+    def configure_model(self) -> None:
+        """Record every parameter's rank before a strategy wraps the model: under FSDP (``use_orig_params``) the
+        parameters become flat 1-D shard views, and :meth:`configure_optimizers` still has to tell matrices
+        (weight decay) from vectors."""
+        named = list(self.model.named_parameters())
+        if self.vision_aux_heads is not None:
+            named += [(f"vision_aux_heads.{n}", p) for n, p in self.vision_aux_heads.named_parameters()]
+        self._param_ndim = {unwrapped_name(n): p.dim() for n, p in named}
+
     def configure_optimizers(self):
         vision, decay, no_decay = [], [], []
         named = list(self.model.named_parameters())
         if self.vision_aux_heads is not None:
             named += [(f"vision_aux_heads.{n}", p) for n, p in self.vision_aux_heads.named_parameters()]
+        ndim = getattr(self, "_param_ndim", None)  # recorded by configure_model, before any sharding
         for name, param in named:
             if not param.requires_grad:
                 continue
+            name = unwrapped_name(name)
             if name.startswith("vision_tower."):
                 vision.append(param)
-            elif param.dim() >= 2:
+            elif (ndim[name] if ndim is not None else param.dim()) >= 2:
                 decay.append(param)
             else:
                 no_decay.append(param)
@@ -387,6 +441,15 @@ class MDLMFineTuning(L.LightningModule):
             schedule = lambda step: warmup_cosine(step, warmup, total, floor)  # noqa: E731
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Norm clipping under FSDP goes through the root wrapper's ``clip_grad_norm_`` (the norm over all shards;
+        Lightning's FSDP precision refuses ``trainer.gradient_clip_val`` otherwise); any other strategy clips as
+        Lightning does."""
+        sharded = sharded_root(self)
+        if sharded is None or not gradient_clip_val or gradient_clip_algorithm not in (None, "norm"):
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        sharded.clip_grad_norm_(gradient_clip_val)
 
     # ----------------------------------------------------------------------------------- evaluation
     def setup(self, stage: str) -> None:
