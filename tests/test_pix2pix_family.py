@@ -252,3 +252,27 @@ def test_non_finite_weights_are_refused_and_nothing_is_written(tmp_path) -> None
     with pytest.raises(NonFiniteError, match=r"unet.*conv_in.weight \(1 nan"):
         save_snapshot(model, tmp_path / "snap")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_text_encoder_with_released_text_model_names_loads(tiny, tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    path = save_snapshot(tiny, tmp_path / "snap")
+    legacy = {"text_model." + k: v.contiguous() for k, v in tiny.text_encoder.state_dict().items()}
+    save_file(legacy, str(path / "text_encoder" / "model.safetensors"), metadata={"format": "pt"})
+    loaded = load_snapshot(path)
+    assert torch.equal(loaded.text_encoder.final_layer_norm.weight, tiny.text_encoder.final_layer_norm.weight)
+
+
+def test_text_encoder_missing_a_weight_is_refused_not_randomly_initialised(tiny, tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    path = save_snapshot(tiny, tmp_path / "snap")
+    state = {
+        k: v.contiguous() for k, v in tiny.text_encoder.state_dict().items() if "final_layer_norm" not in k
+    }
+    save_file(state, str(path / "text_encoder" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(
+        SnapshotError, match=r"text_encoder: text encoder weights do not match.*final_layer_norm"
+    ):
+        load_snapshot(path)

@@ -30,7 +30,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from attacks.io import set_default_mode
 from model_families.finite import assert_finite_state
-from model_families.loading import read_json_file
+from model_families.loading import input_provenance, read_json_file
 from model_families.pix2pix.codec import PixelUnshuffleCodec, VaeCodec
 from model_families.pix2pix.config import Pix2PixConfig
 from model_families.pix2pix.modeling import Pix2PixModel
@@ -124,6 +124,22 @@ def _component(path: Path, name: str) -> Path:
     return folder
 
 
+def _load_text_encoder(folder: Path) -> CLIPTextModel:
+    """``CLIPTextModel.from_pretrained`` that refuses a partial load (transformers only logs missing weights
+    and initialises them at random); released ``text_model.*`` names load through transformers' own mapping."""
+    model, info = CLIPTextModel.from_pretrained(
+        folder, local_files_only=True, use_safetensors=True, output_loading_info=True
+    )
+    problems = {k: list(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    problems = {k: v for k, v in problems.items() if v}
+    if problems:
+        listed = "; ".join(
+            f"{k}: {', '.join(map(str, v[:5]))}" + (" ..." if len(v) > 5 else "") for k, v in problems.items()
+        )
+        raise SnapshotError(f"{folder}: text encoder weights do not match its config.json ({listed})")
+    return model
+
+
 def _checked_tokenizer(folder: Path, max_length: int) -> CLIPTokenizer:
     tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
     ids = tokenizer(_PROBE).input_ids[1:-1]
@@ -161,7 +177,7 @@ def load_snapshot(path: str | os.PathLike, device: str = "cpu") -> Pix2PixModel:
     folders = {name: _component(path, name) for name in names}
     load = {"local_files_only": True, "use_safetensors": True}
     unet = UNet2DConditionModel.from_pretrained(folders["unet"], **load)
-    text_encoder = CLIPTextModel.from_pretrained(folders["text_encoder"], **load)
+    text_encoder = _load_text_encoder(folders["text_encoder"])
     scheduler = DDPMScheduler.from_pretrained(folders["scheduler"], local_files_only=True)
     vae = AutoencoderKL.from_pretrained(folders["vae"], **load) if codec_kind == "vae" else None
     try:
@@ -200,3 +216,15 @@ def _released_config(unet, text_encoder, scheduler, vae) -> Pix2PixConfig:
         },
         max_text_length=min(77, int(text_config["max_position_embeddings"])),
     )
+
+
+def snapshot_provenance(path: str | os.PathLike) -> dict:
+    """Where a snapshot came from: path as written, resolved path and the sha256 of each component's weights
+    (:func:`model_families.loading.input_provenance` per component folder)."""
+    resolved = Path(os.path.realpath(path))
+    components = {
+        name: input_provenance(resolved / name)["sha256"]
+        for name in ("unet", "text_encoder", "vae")
+        if (resolved / name).is_dir()
+    }
+    return {"path": str(path), "resolved": str(resolved), "components": components}
