@@ -30,6 +30,9 @@ DOCUMENTED = {
     "callbacks.mdlm_samples:MDLMSampleGenerations": None,
     "callbacks.sample_grid:PoisonSampleGrid": None,
     "callbacks.export:ExportOnFitEnd": None,
+    "lightning_modules.pix2pix_finetune:Pix2PixFineTuning": "pix2pix.md",
+    "model_families.pix2pix.sampler:GuidanceConfig": "pix2pix.md",
+    "model_families.pix2pix.config:Pix2PixConfig": "pix2pix.md",
 }
 
 
