@@ -4,12 +4,14 @@ Sequencing inside one ``train.py`` run (``python train.py --config configs/disp_
 
 1. the module is built from the **compromised** model (``init_from``) and the datamodule serves the
    poisoned training set exactly as it was used for poisoning (same config, or ``poison_manifest``);
-2. ``on_fit_start`` (after the strategy has moved the model to its device and started the process group,
-   before any dataloader is iterated): the compromised model purifies the training set with inference-time
-   masking (:func:`defenses.disp.purify.purify_dataset`): each DDP rank takes its chunks, finished chunks
-   survive an interruption, rank 0 writes ``<run>/purified/purified.json`` + ``manifest.json``; then
-   every rank swaps the purified responses into the training set in place
-   (:meth:`MDLMInstructDataModule.use_purified`);
+2. ``setup("fit")`` (the process group exists and the datamodule is set up, but the strategy has not wrapped
+   the model yet, so the same code runs under DDP and FSDP, whose wrapper turns the parameters into flat
+   shards): the full compromised model, on the strategy's root device in the precision plugin's dtype,
+   purifies the training set with inference-time masking (:func:`defenses.disp.purify.purify_dataset`): each
+   rank takes its chunks, finished chunks survive an interruption, rank 0 writes
+   ``<run>/purified/purified.json`` + ``manifest.json``; then every rank swaps the purified responses into the
+   training set in place (:meth:`MDLMInstructDataModule.use_purified`) and the model goes back to the device
+   it was on, for the strategy to move or shard;
 3. ``fit`` fine-tunes the compromised model on the purified set with the same SFT loss (recovery);
 4. validation/test measure ASR and clean metrics of the recovered model; the export is the purified model.
 
@@ -104,10 +106,23 @@ class DiSPPurification(MDLMFineTuning):
             source=source,
         )
 
-    def on_fit_start(self) -> None:
+    def setup(self, stage: str) -> None:
+        """Purify before the strategy wraps the model (see the module docstring); once per datamodule: a set
+        given as ``data.purified`` (or one this run already purified) is trained on as it is."""
+        super().setup(stage)
+        if stage != "fit":
+            return
         datamodule = self.trainer.datamodule
         if getattr(datamodule, "purified_path", None):
             log.info("DiSP: training on the given purified set %s", datamodule.purified_path)
             return
-        self.purified_path = self.purify()
+        strategy = self.trainer.strategy
+        # what the strategy would do first anyway (bf16-true casts the module): the dtype DiSP always ran in
+        strategy.precision_plugin.convert_module(self)
+        home = next(self.model.parameters()).device
+        self.model.to(strategy.root_device)
+        try:
+            self.purified_path = self.purify()
+        finally:
+            self.model.to(home)  # the strategy moves (DDP) or shards (FSDP) it from where it was
         datamodule.use_purified(self.purified_path)

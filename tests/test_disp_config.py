@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from lightning_modules.mdlm_disp import DiSPPurification
 from mmbackdoor_cli.cli import MMBackdoorCLI, main
 from model_families.mdlm.checkpoint import (
     INDEX_NAME,
@@ -150,12 +151,17 @@ def test_llada_v_configs_run_one_step_end_to_end(tmp_path):
 
 
 def test_llada_v_configs_validate():
+    strategies = []
     for name in ("disp_llada_v.yaml", "mdlm_llada_v_poison.yaml"):
         cli = MMBackdoorCLI(args=["--config", str(CONFIGS / name)], run=False, instantiate=False)
-        # the poisoning config shards (FSDP) with fp32 master weights; DiSP still runs DDP (docs/disp.md)
-        assert cli.config.trainer.precision == {"disp_llada_v.yaml": "bf16-true"}.get(name, "bf16-mixed")
+        # both shard (FSDP) with fp32 master weights (docs/disp.md, "Sharded training")
+        assert cli.config.trainer.precision == "bf16-mixed"
+        assert cli.config.model.init_args.load_dtype == "float32"
+        assert cli.config.trainer.strategy.class_path == "lightning.pytorch.strategies.FSDPStrategy"
+        strategies.append(cli.config.trainer.strategy.init_args)
         assert cli.config.model.init_args.lr == 1e-5 and cli.config.model.init_args.vision_lr == 2e-6
         assert cli.config.model.init_args.warmup_ratio == 0.03 and cli.config.trainer.max_epochs == 1
+    assert strategies[0] == strategies[1]  # DiSP's recovery fine-tuning shards exactly as the poisoning did
     cli = MMBackdoorCLI(args=["--config", str(CONFIGS / "disp_llada_v.yaml")], run=False, instantiate=False)
     assert cli.config.model.init_args.disp["rho"] == 0.45
 
@@ -226,3 +232,35 @@ def test_embedded_stages_chain_through_train_py(tmp_path):
     )
     assert (Path(disp.trainer.default_root_dir) / "purified" / "purified.json").is_file()
     assert "val/asr_wt" in disp.trainer.callback_metrics
+
+
+def test_disp_given_a_purified_set_trains_on_it_without_purifying_again(tmp_path, monkeypatch):
+    snapshot = _tiny_released_snapshot(tmp_path / "llada_v_tiny")
+    data = [f"--data.init_args.{k}={v}" for k, v in _llava_data(tmp_path / "llava").items()]
+    args = [
+        "fit",
+        "--config",
+        str(CONFIGS / "disp_llada_v.yaml"),
+        f"--model.init_args.init_from={snapshot}",
+        *data,
+        "--data.init_args.poison_manifest=null",
+        "--model.init_args.purify_generation={gen_length: 8, block_length: 8, steps: 2}",
+        "--model.init_args.generation={gen_length: 8, block_length: 8, steps: 2}",
+    ]
+    first = main([*args, *_cpu_overrides(tmp_path / "first")])
+    purified = Path(first.trainer.default_root_dir) / "purified" / "purified.json"
+    assert purified.is_file()
+
+    def no_purification(self):
+        raise AssertionError("purified although a purified set was given")
+
+    monkeypatch.setattr(DiSPPurification, "purify", no_purification)
+    second = main([*args, *_cpu_overrides(tmp_path / "second"), f"--data.init_args.purified={purified}"])
+    assert second.trainer.global_step == 1
+    assert not (Path(second.trainer.default_root_dir) / "purified").exists()
+    assert json.loads((Path(second.trainer.mmbackdoor_export) / "purified_from.json").read_text()) == {
+        "purified": str(purified)
+    }
+    # Lightning may run setup again (another fit on the same module): the set is not purified twice
+    first.model.setup("fit")
+    assert first.datamodule.purified_path == str(purified)
