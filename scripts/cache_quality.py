@@ -2,7 +2,7 @@
 """What the generation caches cost in quality: one export measured with each ``cache`` setting.
 
     python scripts/cache_quality.py --checkpoint runs/disp_pipeline/clean/latest_export
-    python scripts/cache_quality.py --checkpoint <export> --config configs/mdlm_shapes_clean.yaml \
+    python scripts/cache_quality.py --checkpoint <export> --config configs/mdlm_shapes_poison.yaml \
         --shapes 8/8/4 16/8/8 --caches none prefix dual
 
 Each shape is ``gen_length/block_length/steps``. The first is the shipped embedded sampler (one block: the
@@ -30,7 +30,11 @@ def main(argv: list[str] | None = None) -> dict:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--checkpoint", required=True, help="an MDLM export (snapshot folder)")
-    parser.add_argument("--config", default="configs/mdlm_shapes_clean.yaml")
+    parser.add_argument(
+        "--config",
+        default="configs/mdlm_shapes_poison.yaml",
+        help="data, trigger and sampler (a config that loads init_from; the clean config trains from scratch)",
+    )
     parser.add_argument("--shapes", nargs="+", default=["8/8/4", "16/8/8"], help="gen/block/steps")
     parser.add_argument("--caches", nargs="+", default=["none", "prefix", "dual"])
     parser.add_argument("--split", choices=("val", "test"), default="test")
