@@ -319,12 +319,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
-        "--quick", action="store_true", help="tiny sizes (batch 4, gen_length 16, block 8; tests)"
+        "--quick",
+        action="store_true",
+        help="tiny defaults (batch 4, gen_length 16, block 8, 4 purified samples; tests)",
     )
+    if parser.parse_known_args(argv)[0].quick:  # smaller defaults; explicit options still win
+        parser.set_defaults(batch=4, gen_lengths=[16], block_length=8, purify_samples=4, purify_gen_length=16)
     args = parser.parse_args(argv)
-    if args.quick:
-        args.batch, args.gen_lengths, args.block_length = 4, [16], 8
-        args.purify_samples, args.purify_gen_length = 4, 16
     if args.caches[0] != "none":
         parser.error("--caches must start with none (the purification baseline)")
     return args
