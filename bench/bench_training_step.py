@@ -11,17 +11,21 @@
   the module's learning rate and betas. Both loops draw the masks from the global RNG seeded alike and load
   the same seeded batches, so their losses agree step for step (the test checks it).
 
-Both paths run the same number of optimisation steps (forward, loss, backward, AdamW). Prints steps/s of
-each and the ratio (Lightning time / plain time) measured in this run.
+Both paths run the same number of optimisation steps (forward, loss, backward, AdamW), after a full plain
+warm-up pass, in ``--repeat`` rounds whose order alternates (plain first, then Lightning first, ...). Prints
+the best steps/s of each and the ratios Lightning / plain of the best total times and of the median step
+times (the median is robust to bursts of other jobs on a shared CPU), all measured in this run.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -104,42 +108,41 @@ def _setup(family: Family, steps: int, batch_size: int) -> tuple[L.LightningModu
     return family.module(), dm
 
 
-def plain_loop(family: Family, steps: int, batch_size: int) -> tuple[float, list[float]]:
-    """Seconds of ``steps`` plain forward/loss/backward/AdamW steps, and the losses."""
+def plain_loop(family: Family, steps: int, batch_size: int) -> tuple[list[float], list[float]]:
+    """The end time of each of ``steps`` plain forward/loss/backward/AdamW steps (first entry: the start),
+    and the losses."""
     module, dm = _setup(family, steps, batch_size)
     module.train()
     opt = family.optimizer(module)
     loader = dm.train_dataloader()
-    losses = []
-    start = time.perf_counter()
+    losses, times = [], [time.perf_counter()]
     for batch in loader:
         loss = family.loss(module, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         losses.append(loss.detach())
-    elapsed = time.perf_counter() - start
-    return elapsed, [float(v) for v in losses]
+        times.append(time.perf_counter())
+    return times, [float(v) for v in losses]
 
 
 class _Timer(L.Callback):
-    """Times the training epoch and keeps each step's loss."""
+    """The epoch's start time and each step's end time, and each step's loss."""
 
     def __init__(self) -> None:
         self.losses: list[torch.Tensor] = []
+        self.times: list[float] = []
 
     def on_train_epoch_start(self, trainer, pl_module):
-        self.start = time.perf_counter()
+        self.times = [time.perf_counter()]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.losses.append(outputs["loss"].detach())
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        self.elapsed = time.perf_counter() - self.start
+        self.times.append(time.perf_counter())
 
 
-def lightning_loop(family: Family, steps: int, batch_size: int) -> tuple[float, list[float]]:
-    """Seconds of ``steps`` steps of ``Trainer.fit`` on the module, and the losses."""
+def lightning_loop(family: Family, steps: int, batch_size: int) -> tuple[list[float], list[float]]:
+    """Like :func:`plain_loop` for ``steps`` steps of ``Trainer.fit`` on the module."""
     module, dm = _setup(family, steps, batch_size)
     timer = _Timer()
     trainer = L.Trainer(
@@ -153,23 +156,34 @@ def lightning_loop(family: Family, steps: int, batch_size: int) -> tuple[float, 
         callbacks=[timer],
     )
     trainer.fit(module, datamodule=dm)
-    return timer.elapsed, [float(v) for v in timer.losses]
+    return timer.times, [float(v) for v in timer.losses]
 
 
-def measure(family: Family, steps: int, batch_size: int) -> dict:
-    """Plain and Lightning seconds, losses and the time ratio, after a short plain warm-up."""
-    plain_loop(family, 2, batch_size)  # warm-up (allocator, kernels)
-    plain, plain_losses = plain_loop(family, steps, batch_size)
-    light, light_losses = lightning_loop(family, steps, batch_size)
+def measure(family: Family, steps: int, batch_size: int, repeat: int = 1) -> dict:
+    """Best total seconds of each path over ``repeat`` rounds (the order alternates: plain first in even
+    rounds), the median step of all rounds, the ratios (Lightning / plain) and the last round's losses.
+    A full plain pass over the same data warms up first (allocator, kernels, first touch of the data)."""
+    plain_loop(family, steps, batch_size)
+    paths = {"plain": plain_loop, "lightning": lightning_loop}
+    totals = {name: float("inf") for name in paths}
+    step_times: dict[str, list[float]] = {name: [] for name in paths}
+    losses: dict[str, list[float]] = {}
+    for round_ in range(repeat):
+        for name in paths if round_ % 2 == 0 else reversed(paths):
+            times, losses[name] = paths[name](family, steps, batch_size)
+            totals[name] = min(totals[name], times[-1] - times[0])
+            step_times[name] += [b - a for a, b in pairwise(times)]
+    median = {name: statistics.median(values) for name, values in step_times.items()}
     return {
         "family": family.name,
         "steps": steps,
         "batch_size": batch_size,
-        "plain_seconds": plain,
-        "lightning_seconds": light,
-        "ratio": light / plain,
-        "plain_losses": plain_losses,
-        "lightning_losses": light_losses,
+        "plain_seconds": totals["plain"],
+        "lightning_seconds": totals["lightning"],
+        "ratio": totals["lightning"] / totals["plain"],
+        "median_step_ratio": median["lightning"] / median["plain"],
+        "plain_losses": losses["plain"],
+        "lightning_losses": losses["lightning"],
     }
 
 
@@ -181,13 +195,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=None, help="default: 128 for clip, 64 for mdlm")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeat", type=int, default=2, help="rounds of both paths, order alternating")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = [
-        measure(FAMILIES[name], args.steps, args.batch_size or FAMILIES[name].default_batch)
+        measure(FAMILIES[name], args.steps, args.batch_size or FAMILIES[name].default_batch, args.repeat)
         for name in args.family
     ]
-    print(f"Training step, {args.threads} thread(s)")
+    print(f"Training step, {args.threads} thread(s), best of {args.repeat} round(s) per path")
     print("| family | path | steps | batch | seconds | steps/s |\n|---|---|---|---|---|---|")
     for row in rows:
         for path, key in (
@@ -200,7 +215,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             )
     print()
     for row in rows:
-        print(f"{row['family']}: Lightning / plain time ratio: {row['ratio']:.3f}  (1.0 = no overhead)")
+        print(
+            f"{row['family']}: Lightning / plain time ratio: {row['ratio']:.3f}, median step ratio "
+            f"{row['median_step_ratio']:.3f}  (1.0 = no overhead)"
+        )
     return rows
 
 
