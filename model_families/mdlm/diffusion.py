@@ -12,6 +12,7 @@ tokens, splits them into blocks and, within a block, commits the most confident 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 REMASKING = ("low_confidence", "random")
+CACHES = ("none", "prefix", "dual")
 
 
 @dataclass
@@ -135,7 +137,7 @@ def num_transfer_tokens(mask_index: torch.Tensor, steps: int) -> torch.Tensor:
 
 
 def _check_generate_args(
-    gen_length: int, block_length: int, steps: int, temperature: float, remasking: str
+    gen_length: int, block_length: int, steps: int, temperature: float, remasking: str, cache: str = "none"
 ) -> int:
     if gen_length <= 0 or block_length <= 0 or steps <= 0:
         raise ValueError(
@@ -150,7 +152,50 @@ def _check_generate_args(
         raise ValueError(f"remasking={remasking!r}; expected one of {REMASKING}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if cache not in CACHES:
+        raise ValueError(f"cache={cache!r}; expected one of {CACHES}")
     return num_blocks
+
+
+def _check_threshold(threshold: float | None, remasking: str) -> None:
+    if threshold is None:
+        return
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1] (or None), got {threshold}")
+    if remasking != "low_confidence":
+        raise ValueError(f"threshold needs remasking='low_confidence' (confidences), got {remasking!r}")
+
+
+def _above_threshold(confidence: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Commit mask (B, W): confidences above ``threshold``, and each row's best one (rows with a candidate)."""
+    transfer = confidence > threshold
+    best = confidence.argmax(dim=1, keepdim=True)
+    has_candidate = torch.isfinite(confidence).any(dim=1, keepdim=True)
+    return transfer | (torch.zeros_like(transfer).scatter(1, best, True) & has_candidate)
+
+
+class _Denoiser:
+    """One pass (conditional or unconditional) of the sampler: the logits of the window of token positions
+    the sampler updates at one step, and the window's first position.
+
+    ``cache="none"``: ``model_fn(x, **kwargs)`` over the whole sequence at every step (window = all of x).
+    ``"prefix"`` / ``"dual"``: ``model_fn.block_logits(x, start, end, cache, state, **kwargs)`` gives the
+    current block's logits; ``state`` (the model's KV cache) is rebuilt at the block's first step and reused
+    at its later steps.
+    """
+
+    def __init__(self, model_fn: Callable[..., Any], cache: str, kwargs: dict[str, Any]) -> None:
+        if cache != "none" and not callable(getattr(model_fn, "block_logits", None)):
+            raise ValueError(f"cache={cache!r} needs a model with a block_logits method; use cache='none'")
+        self.model_fn, self.cache, self.kwargs, self.state = model_fn, cache, kwargs, None
+
+    def __call__(self, x: torch.Tensor, start: int, end: int, first_step: bool) -> tuple[torch.Tensor, int]:
+        if self.cache == "none":
+            return _as_logits(self.model_fn(x, **self.kwargs)), 0
+        if first_step:
+            self.state = None
+        logits, self.state = self.model_fn.block_logits(x, start, end, self.cache, self.state, **self.kwargs)
+        return logits, start
 
 
 @torch.no_grad()
@@ -169,6 +214,8 @@ def generate(
     cfg_keep_ids: tuple[int, ...] = (),
     unconditional_kwargs: dict[str, Any] | None = None,
     suppress_ids: tuple[int, ...] = (),
+    cache: str = "none",
+    threshold: float | None = None,
     **model_kwargs: Any,
 ) -> torch.Tensor:
     """Semi-autoregressive masked diffusion sampling with low-confidence (or random) remasking (LLaDA).
@@ -199,9 +246,24 @@ def generate(
     ``attention_mask`` (the model must then ignore padded keys and positions). Extra ``model_kwargs`` (e.g.
     ``pixel_values`` or vision-token overrides) are passed through unchanged at every step.
 
+    KV caching (``cache``, Fast-dLLM's approximations; ``model_fn`` must then have ``block_logits``, as
+    :class:`~model_families.mdlm.modeling.LladaVModel`): ``"none"`` is the algorithm above, exactly.
+    ``"prefix"``: at a block's first step the whole sequence is run and the K/V of the prefix (prompt, image,
+    committed blocks) kept; later steps of the block run only the block and the suffix after it. ``"dual"``:
+    the suffix's K/V are kept too, later steps run only the block. A block's first step is exact; its later
+    steps see the cached positions as they were at its first step. With a cache the sampler only scores the
+    current block, so the Gumbel draw is (B, block_length, V) and the ``random`` draw (B, block_length): a
+    sampled run's stream differs from ``"none"``'s, a greedy one matches it whenever the logits do.
+
+    Confidence-threshold parallel decoding (``threshold``, Fast-dLLM; ``low_confidence`` only): at each step
+    every masked token of the current block whose confidence exceeds ``threshold`` is committed, and at least
+    the most confident one; the per-step counts (and ``steps``) no longer apply, a block ends as soon as it is
+    filled (at most ``block_length`` steps). ``threshold=1`` commits one token per step.
+
     Returns the (B, P + gen_length) token ids.
     """
-    num_blocks = _check_generate_args(gen_length, block_length, steps, temperature, remasking)
+    num_blocks = _check_generate_args(gen_length, block_length, steps, temperature, remasking, cache)
+    _check_threshold(threshold, remasking)
     if prompt_ids.dim() != 2:
         raise ValueError(f"prompt_ids must be (B, P), got shape {tuple(prompt_ids.shape)}")
     steps_per_block = steps // num_blocks
@@ -225,18 +287,27 @@ def generate(
         prompt_index &= ~torch.isin(x, torch.tensor(cfg_keep_ids, device=device))
     positions = torch.arange(x.shape[1], device=device)
     forbidden = torch.tensor(sorted({mask_id, *suppress_ids}), dtype=torch.long, device=device)
+    conditional = _Denoiser(model_fn, cache, model_kwargs)
+    unconditional = _Denoiser(model_fn, cache, uncond_kwargs) if cfg_scale > 0 else None
 
     for block in range(num_blocks):
         start = prompt_len + block * block_length
         end = start + block_length
         transfer_counts = num_transfer_tokens(x[:, start:end] == mask_id, steps_per_block)
-        for step in range(steps_per_block):
-            mask_index = (x == mask_id) & (positions >= prompt_len)
-            logits = _as_logits(model_fn(x, **model_kwargs))
-            if cfg_scale > 0:
+        for step in itertools.count():
+            if threshold is None and step == steps_per_block:
+                break
+            if threshold is not None and not bool((x[:, start:end] == mask_id).any()):
+                break
+            # The logits cover the window [lo, hi): all of x without a cache, the current block with one.
+            logits, lo = conditional(x, start, end, step == 0)
+            if unconditional is not None:
                 un_x = torch.where(prompt_index, torch.full_like(x, mask_id), x)
-                un_logits = _as_logits(model_fn(un_x, **uncond_kwargs))
+                un_logits, _ = unconditional(un_x, start, end, step == 0)
                 logits = un_logits + (cfg_scale + 1) * (logits - un_logits)
+            hi = lo + logits.shape[1]
+            window, window_positions = x[:, lo:hi], positions[lo:hi]
+            mask_index = (window == mask_id) & (window_positions >= prompt_len)
             scores = add_gumbel_noise(logits, temperature, generator)
             # Ids outside the vocabulary (LLaVA's image placeholder -200) cannot be generated anyway.
             in_vocab = forbidden[(forbidden >= 0) & (forbidden < scores.shape[-1])]
@@ -248,13 +319,16 @@ def generate(
             else:
                 # float32, as LLaDA's torch.rand((B, L)): the same seed gives the same stream.
                 x0_p = _uniform(tuple(x0.shape), torch.float32, device, generator)
-            x0_p = x0_p.masked_fill(positions >= end, -torch.inf)
-            x0 = torch.where(mask_index, x0, x)
+            x0_p = x0_p.masked_fill(window_positions >= end, -torch.inf)
+            x0 = torch.where(mask_index, x0, window)
             confidence = torch.where(mask_index, x0_p, torch.full_like(x0_p, -torch.inf))
-            transfer = torch.zeros_like(mask_index)
-            for row in range(batch):
-                k = int(transfer_counts[row, step])
-                if k:
-                    transfer[row, confidence[row].topk(k).indices] = True
-            x = torch.where(transfer, x0, x)
+            if threshold is None:
+                transfer = torch.zeros_like(mask_index)
+                for row in range(batch):
+                    k = int(transfer_counts[row, step])
+                    if k:
+                        transfer[row, confidence[row].topk(k).indices] = True
+            else:
+                transfer = _above_threshold(confidence, threshold)
+            x = torch.cat([x[:, :lo], torch.where(transfer, x0, window), x[:, hi:]], dim=1)
     return x

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from model_families.mdlm.diffusion import REMASKING, generate
+from model_families.mdlm.diffusion import CACHES, REMASKING, generate
 from model_families.mdlm.prompt import decode_response
 
 
@@ -28,6 +28,11 @@ class GenerationConfig:
         temperature: 0 for greedy (argmax) decoding, > 0 for Gumbel sampling.
         remasking: ``low_confidence`` or ``random``.
         cfg_scale: classifier-free guidance scale (0: off).
+        cache: KV caching across the steps of a block: ``none`` (exact, LLaDA's algorithm), ``prefix`` (prompt,
+            image and committed blocks cached at each block's first step) or ``dual`` (the not-yet-generated
+            suffix cached too); see :func:`model_families.mdlm.diffusion.generate`.
+        threshold: confidence-threshold parallel decoding (None: off): each step commits every masked token
+            of the block with confidence above it (at least one); ``steps`` then no longer applies.
     """
 
     gen_length: int = 8
@@ -36,6 +41,8 @@ class GenerationConfig:
     temperature: float = 0.0
     remasking: str = "low_confidence"
     cfg_scale: float = 0.0
+    cache: str = "none"
+    threshold: float | None = None
 
     def __post_init__(self) -> None:
         if self.gen_length <= 0 or self.block_length <= 0 or self.steps <= 0:
@@ -54,6 +61,15 @@ class GenerationConfig:
             )
         if self.remasking not in REMASKING:
             raise ValueError(f"generation remasking={self.remasking!r}; expected one of {REMASKING}")
+        if self.cache not in CACHES:
+            raise ValueError(f"generation cache={self.cache!r}; expected one of {CACHES}")
+        if self.threshold is not None:
+            if not 0.0 <= self.threshold <= 1.0:
+                raise ValueError(f"generation threshold={self.threshold} must be in [0, 1] (or null: off)")
+            if self.remasking != "low_confidence":
+                raise ValueError(
+                    f"generation threshold needs remasking='low_confidence', got {self.remasking!r}"
+                )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> GenerationConfig:
@@ -121,16 +137,22 @@ def generate_ids(
 
     The ids of :func:`suppressed_token_ids` are never generated; ``generator`` seeds the sampling
     (``temperature > 0``) and ``random`` remasking.
+
+    The images are encoded once (vision tower and projector) and the projected tokens reach every denoising
+    step as ``vision_token_override``; ``vision_token_mask`` / ``vision_token_drop`` in ``model_kwargs``
+    still apply on top at every step. The tokens are those of encoding the images at every step.
     """
     mask_id = model.config.mask_token_id
     kwargs = dict(model_kwargs)
-    if pixel_values is not None:
-        kwargs["pixel_values"] = pixel_values
+    if pixel_values is not None and kwargs.get("vision_token_override") is None:
+        if pixel_values.shape[0] != prompt_ids.shape[0]:
+            raise ValueError(f"{pixel_values.shape[0]} images for {prompt_ids.shape[0]} prompts")
+        kwargs["vision_token_override"] = model.encode_images(pixel_values)
     unconditional = None
     if config.cfg_scale > 0:
         # Unconditional pass: prompt text masked, image placeholder kept but the image tokens masked too.
         unconditional = dict(kwargs)
-        if pixel_values is not None:
+        if kwargs.get("vision_token_override") is not None:
             count = model.config.num_vision_tokens
             unconditional["vision_token_mask"] = torch.ones(
                 prompt_ids.shape[0], count, dtype=torch.bool, device=prompt_ids.device
@@ -150,6 +172,8 @@ def generate_ids(
         cfg_keep_ids=(model.config.image_token_index,),
         unconditional_kwargs=unconditional,
         suppress_ids=suppressed_token_ids(model.config),
+        cache=config.cache,
+        threshold=config.threshold,
         **kwargs,
     )
     return out[:, prompt_ids.shape[1] :]

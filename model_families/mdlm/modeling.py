@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import LlamaModel, SiglipVisionConfig, SiglipVisionModel
+from transformers import DynamicCache, LlamaModel, SiglipVisionConfig, SiglipVisionModel
 
 from model_families.mdlm.config import LladaVConfig
 
@@ -82,6 +82,49 @@ class LladaVOutput:
     token_positions: torch.Tensor
     vision_positions: torch.Tensor | None
     vision_embeds: torch.Tensor | None
+
+
+@dataclass
+class PositionCache:
+    """Keys / values of some sequence positions at every LM layer (RoPE applied), for reuse by later forwards.
+
+    ``kv`` holds (B, H, C, D_h) per layer; ``key_mask`` (B, C) is 1 where a cached key is attended (0 on
+    padding and dropped vision tokens, so they stay masked for every later query). Under bidirectional
+    attention the order of the cached positions does not matter: each carries its own rotary position.
+    """
+
+    kv: DynamicCache
+    key_mask: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.key_mask.shape[1]
+
+    def without(self, start: int, end: int) -> PositionCache:
+        """A new cache of the positions outside ``[start, end)`` (in their order); this one is unchanged."""
+        data = [
+            (
+                torch.cat([layer.keys[..., :start, :], layer.keys[..., end:, :]], dim=-2),
+                torch.cat([layer.values[..., :start, :], layer.values[..., end:, :]], dim=-2),
+            )
+            for layer in self.kv.layers
+        ]
+        key_mask = torch.cat([self.key_mask[:, :start], self.key_mask[:, end:]], dim=1)
+        return PositionCache(DynamicCache(ddp_cache_data=data), key_mask)
+
+
+@dataclass
+class BlockCacheState:
+    """What :meth:`LladaVModel.block_logits` keeps between the steps of one block: the cached positions' K/V,
+    the full sequence's attention mask and position ids (B, T) and ``offset`` = T - L (image tokens - 1)."""
+
+    cache: PositionCache
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    offset: int
+
+
+BLOCK_CACHES = ("prefix", "dual")
 
 
 class LladaVModel(nn.Module):
@@ -276,6 +319,101 @@ class LladaVModel(nn.Module):
         )
         return out[0]
 
+    def hidden_states_and_cache(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, PositionCache]:
+        """:meth:`hidden_states` of a whole spliced sequence (B, T, D), and the K/V of all its T positions."""
+        mask_4d = bidirectional_attention_mask(attention_mask, inputs_embeds.dtype)
+        kv = DynamicCache()
+        out = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=mask_4d,
+            position_ids=position_ids,
+            cache=kv,
+            use_cache=True,
+        )
+        return out[0], PositionCache(kv, attention_mask.long())
+
+    def cached_hidden_states(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: PositionCache,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Hidden states (B, W, D) of W new positions that attend to the cached positions plus themselves.
+
+        ``position_ids`` (B, W) are the new positions' rotary positions in the full sequence; ``attention_mask``
+        (B, W) (default all ones) marks which of them are attended. Their K/V are appended to the cache for
+        this forward and cropped off afterwards, so ``cache`` is left as it was.
+        """
+        batch, width, _ = inputs_embeds.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, width, dtype=torch.long, device=inputs_embeds.device)
+        keys = torch.cat([cache.key_mask, attention_mask.long()], dim=1)
+        mask_4d = bidirectional_attention_mask(keys, inputs_embeds.dtype, query_length=width)
+        try:
+            out = self.language_model(
+                inputs_embeds=inputs_embeds,
+                attention_mask=mask_4d,
+                position_ids=position_ids,
+                cache=cache.kv,
+                use_cache=True,
+            )
+        finally:
+            cache.kv.crop(-width)
+        return out[0]
+
+    def block_logits(
+        self,
+        input_ids: torch.Tensor,
+        start: int,
+        end: int,
+        cache: str,
+        state: BlockCacheState | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **embed_kwargs: torch.Tensor,
+    ) -> tuple[torch.Tensor, BlockCacheState]:
+        """Logits (B, end - start, V) of the token positions ``[start, end)`` (the sampler's current block,
+        after the image placeholder) with a block-wise KV cache (Fast-dLLM's approximation).
+
+        ``state`` None (the block's first step): the whole sequence is run (exactly as :meth:`forward`) and the
+        K/V of the positions before ``start`` (``cache="prefix"``) or outside ``[start, end)`` (``"dual"``)
+        are kept in the returned state. With a state (later steps of the block): only the token positions
+        ``[start, L)`` (prefix: block and suffix) or ``[start, end)`` (dual: block) are run, attending to the
+        cached K/V plus themselves; image interventions (``embed_kwargs``) live in the cached prefix.
+        """
+        if cache not in BLOCK_CACHES:
+            raise ValueError(f"cache={cache!r}; expected one of {BLOCK_CACHES}")
+        length = input_ids.shape[1]
+        if not 0 < start < end <= length:
+            raise ValueError(f"block [{start}, {end}) must lie inside the {length} token positions, after 0")
+        if state is None:
+            embedded = self.embed_inputs(input_ids, attention_mask=attention_mask, **embed_kwargs)
+            offset = embedded.inputs_embeds.shape[1] - length
+            if not bool((embedded.token_positions[:, start] == start + offset).all()):
+                raise ValueError(f"the block starting at token {start} must come after the image placeholder")
+            hidden, full = self.hidden_states_and_cache(
+                embedded.inputs_embeds, embedded.attention_mask, embedded.position_ids
+            )
+            cut_end = embedded.inputs_embeds.shape[1] if cache == "prefix" else end + offset
+            state = BlockCacheState(
+                full.without(start + offset, cut_end), embedded.attention_mask, embedded.position_ids, offset
+            )
+            return self.lm_head(hidden[:, start + offset : end + offset]), state
+        stop = length if cache == "prefix" else end
+        window = input_ids[:, start:stop]
+        if bool((window == self.config.image_token_index).any()):
+            raise ValueError(f"the image placeholder may not appear after token position {start}")
+        lo, hi = start + state.offset, stop + state.offset
+        hidden = self.cached_hidden_states(
+            self.embed_tokens(window),
+            state.position_ids[:, lo:hi],
+            state.cache,
+            state.attention_mask[:, lo:hi],
+        )
+        return self.lm_head(hidden[:, : end - start]), state
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -326,14 +464,17 @@ def _check_token_selection(name: str, selection: torch.Tensor, batch: int, num_t
         raise ValueError(f"{name} must be (B, N) = {(batch, num_tokens)}, got {tuple(selection.shape)}")
 
 
-def bidirectional_attention_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive 4D mask (B, 1, T, T): 0 where the key is kept, the dtype's minimum on padded keys; no causal
-    term, so every token attends to every kept token."""
+def bidirectional_attention_mask(
+    attention_mask: torch.Tensor, dtype: torch.dtype, query_length: int | None = None
+) -> torch.Tensor:
+    """Additive 4D mask (B, 1, Q, T) over T keys (``attention_mask`` (B, T)): 0 where the key is kept, the
+    dtype's minimum on padded keys; no causal term, so every query attends to every kept key. Q defaults to T
+    (a whole sequence); a cached forward has fewer queries than keys."""
     keep = attention_mask.bool()[:, None, None, :]
     mask = torch.zeros(keep.shape, dtype=dtype, device=attention_mask.device)
     mask = mask.masked_fill(~keep, torch.finfo(dtype).min)
     seq = attention_mask.shape[1]
-    return mask.expand(-1, 1, seq, seq)
+    return mask.expand(-1, 1, seq if query_length is None else query_length, seq)
 
 
 def make_bidirectional(language_model: nn.Module) -> None:
