@@ -153,11 +153,8 @@ def _best_of(fn: Callable[[], torch.Tensor], repeat: int) -> tuple[float, torch.
 
 
 def project_config(gen_length: int, block_length: int, cache: str) -> GenerationConfig:
-    """Greedy, one token per step; ``cache`` is left to its default when it is ``none``."""
-    settings = {"gen_length": gen_length, "block_length": block_length, "steps": gen_length}
-    if cache != "none":
-        settings["cache"] = cache
-    return GenerationConfig.from_dict(settings)
+    """Greedy, one token per step, the given ``cache`` setting."""
+    return GenerationConfig(gen_length=gen_length, block_length=block_length, steps=gen_length, cache=cache)
 
 
 def official_ids(
