@@ -20,7 +20,9 @@ def _load():
 
 def test_mdlm_plain_loop_and_lightning_take_the_same_steps_and_the_ratio_is_printed(capsys) -> None:
     bench = _load()
-    rows = bench.main(["--family", "mdlm", "clip", "--steps", "3", "--batch-size", "4", "--threads", "1", "--repeat", "2"])
+    rows = bench.main(
+        ["--family", "mdlm", "clip", "--steps", "3", "--batch-size", "4", "--threads", "1", "--repeat", "2"]
+    )
     out = capsys.readouterr().out
     by_family = {row["family"]: row for row in rows}
     assert set(by_family) == {"mdlm", "clip"}
