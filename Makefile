@@ -35,7 +35,7 @@ defense-table: $(STAMP)  # needs the poisoned models of attack-table
 	$(PY) scripts/defense_table.py --threads 1
 
 bench: $(STAMP)
-	$(PY) bench/bench_triggers.py && $(PY) bench/bench_training_step.py
+	$(PY) bench/bench_triggers.py && $(PY) bench/bench_training_step.py && $(PY) bench/bench_generation.py --threads 1
 
 gpu-suite: $(STAMP)  # one large GPU, under 8 minutes (README: GPU suite)
 	$(PY) bench/gpu_suite.py

@@ -19,37 +19,20 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datamodules.mdlm_shapes import ShapesInstructDataModule
-from defenses.disp.masking import DiSPMasking
-from defenses.disp.purify import purify_dataset
+from bench.mdlm_common import collated_batch, load_module, purification_seconds, shapes_data, timed
 from defenses.disp.saliency import vision_token_saliency
-from lightning_modules.mdlm_finetune import MDLMFineTuning
 from model_families.mdlm.inference import (
     GenerationConfig,
     extend_attention_mask,
     first_step_input,
     generate_ids,
 )
-
-TINY = {"vision": {"patch_size": 8, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3}}
-BADNET = {"patch_size": 6, "pattern": "checkerboard", "location": "br", "margin": 1}
-
-
-def timed(fn, repeat: int = 1) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -64,26 +47,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    module = (
-        MDLMFineTuning(init_from=args.checkpoint) if args.checkpoint else MDLMFineTuning(tiny_config=TINY)
-    )
-    model = module.model.to(args.device).eval()
+    module = load_module(args.checkpoint, args.device)
+    model = module.model
     generation = GenerationConfig(gen_length=8, block_length=8, steps=4)
-    dm = ShapesInstructDataModule(
-        train_size=args.samples // 2,
-        val_size=2,
-        test_size=2,
-        attack="badnet",
-        attack_kwargs=BADNET,
-        poison_rate=0.1,
-        target="content_insertion",
-    )
-    dm.setup("fit")
-    items = [dm.purification_dataset()[i] for i in range(args.samples)]
-    batch = {
-        k: v.to(args.device) if isinstance(v, torch.Tensor) else v for k, v in dm.collator(items).items()
-    }
+    dm = shapes_data(args.samples)
+    batch = collated_batch(dm, args.samples, args.device)
     prompts, masks, images = batch["prompt_ids"], batch["prompt_mask"], batch["pixel_values"]
     n = prompts.shape[0]
 
@@ -131,21 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows["saliency_vjp_s_per_sample"] = saliency("vjp", n)
     jvp_count = min(n, 16)
     rows["saliency_jvp_s_per_sample"] = saliency("jvp", jvp_count)
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        purify_dataset(
-            model,
-            dm.purification_dataset(),
-            dm.collator,
-            Path(tmp) / "p",
-            module.tokenizer,
-            DiSPMasking(rho=0.45, num_probes=args.probes),
-            generation,
-            batch_size=args.batch,
-            chunk_size=max(args.batch, 256),
-            source={"fingerprint": dm.source_fingerprint()},
-        )
-        rows["purification_samples_per_s"] = len(dm.purification_dataset()) / (time.perf_counter() - start)
+    seconds = purification_seconds(module, dm, generation, args.batch, args.probes)
+    rows["purification_samples_per_s"] = len(dm.purification_dataset()) / seconds
 
     print(
         f"MDLM / DiSP costs ({args.device}, {args.threads} thread(s), {n} samples, batch {args.batch}, "
