@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from disp_common import dump, generation_override, markdown, measure
+from disp_common import dump, environment, generation_override, markdown, measure
 
 METRICS = ("ca", "bleu4", "rougeL", "cider", "asr")
 
@@ -44,10 +44,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    rows, results = (
-        [],
-        {"checkpoint": args.checkpoint, "config": args.config, "split": args.split, "runs": []},
-    )
+    rows: list[dict] = []
+    results = {"checkpoint": args.checkpoint, "config": args.config, "split": args.split, "runs": []}
+    results["environment"] = environment()
     for shape in args.shapes:
         try:
             gen_length, block_length, steps = (int(v) for v in shape.split("/"))

@@ -63,6 +63,20 @@ def generation_override(config: str, key: str = "generation", **settings) -> str
     return f"--model.init_args.{key}={{" + ", ".join(f"{k}: {v}" for k, v in merged.items()) + "}"
 
 
+def environment() -> dict[str, str]:
+    """The versions a result depends on (Python, platform and the numerical packages), for results JSON."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in ("torch", "transformers", "lightning", "numpy", "peft", "safetensors"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
 def fmt(value) -> str:
     return format_metric(value, digits=3)  # nan stays nan: "-" is only for what was not measured
 

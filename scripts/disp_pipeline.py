@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from disp_common import dump, generation_override, markdown, measure, run_fit
+from disp_common import dump, environment, generation_override, markdown, measure, run_fit
 
 from mmbackdoor_cli.pipeline import LOGGERS, invocation_group
 
@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     timings: dict[str, float] = {}
     results: dict = {"targets": {}, "rho": args.rho, "cache": args.cache or "as configured"}
+    results["environment"] = environment()
 
     # 1. the clean model (cached across calls)
     cached = out / "clean" / "latest_export"

@@ -175,11 +175,14 @@ def load_snapshot(path: str | os.PathLike, device: str = "cpu") -> Pix2PixModel:
         )
     names = (*COMPONENTS, *(("vae",) if codec_kind == "vae" else ()))
     folders = {name: _component(path, name) for name in names}
-    load = {"local_files_only": True, "use_safetensors": True}
-    unet = UNet2DConditionModel.from_pretrained(folders["unet"], **load)
+    unet = UNet2DConditionModel.from_pretrained(folders["unet"], local_files_only=True, use_safetensors=True)
     text_encoder = _load_text_encoder(folders["text_encoder"])
     scheduler = DDPMScheduler.from_pretrained(folders["scheduler"], local_files_only=True)
-    vae = AutoencoderKL.from_pretrained(folders["vae"], **load) if codec_kind == "vae" else None
+    vae = (
+        AutoencoderKL.from_pretrained(folders["vae"], local_files_only=True, use_safetensors=True)
+        if codec_kind == "vae"
+        else None
+    )
     try:
         if recorded is not None:
             config = Pix2PixConfig.from_json_dict(recorded)
