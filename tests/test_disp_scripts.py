@@ -18,7 +18,8 @@ def test_generation_override_keeps_the_configs_sampler_and_sets_the_cache(tmp_pa
     config = tmp_path / "c.yaml"
     config.write_text(
         yaml.safe_dump(
-            {"model": {"init_args": {"generation": {"gen_length": 8, "block_length": 4, "steps": 2}}}}
+            {"model": {"init_args": {"generation": {"gen_length": 8, "block_length": 4, "steps": 2}}}},
+            sort_keys=False,
         )
     )
     assert generation_override(str(config), cache="prefix") == (
