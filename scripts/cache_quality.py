@@ -15,12 +15,11 @@ markdown table and a JSON file; deltas are against ``cache: none`` of the same s
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import time
 from pathlib import Path
 
 import torch
-from disp_common import dump, environment, generation_override, markdown, measure
+from disp_common import environment, generation_override, markdown, measure, write_results
 
 METRICS = ("ca", "bleu4", "rougeL", "cider", "asr")
 
@@ -76,10 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     table = markdown(rows, columns)
     results["table"] = table
     print(f"\n## Generation caches: quality ({args.split} split)\n\n{table}")
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    output = Path(args.output or out / f"results-{stamp}.json")
-    dump(output, results)
-    print(f"results written to {output}")
+    write_results(results, out, args.output)
     return results
 
 

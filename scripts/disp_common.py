@@ -90,6 +90,17 @@ def markdown(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def write_results(results: dict, out: Path, output: str | None) -> Path:
+    """Write ``results`` to ``output`` (default ``<out>/results-<time>.json``) and say where."""
+    import datetime as dt
+
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = Path(output or out / f"results-{stamp}.json")
+    dump(path, results)
+    print(f"results written to {path}")
+    return path
+
+
 def dump(path: Path, data) -> None:
     from attacks import atomic_write_json
 

@@ -22,12 +22,11 @@ training stage is its own W&B run (``<stage>/version_N``), all in the group ``di
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import time
 from pathlib import Path
 
 import torch
-from disp_common import dump, environment, generation_override, markdown, measure, run_fit
+from disp_common import environment, generation_override, markdown, measure, run_fit, write_results
 
 from mmbackdoor_cli.pipeline import LOGGERS, invocation_group
 
@@ -243,10 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
     for criterion in results["acceptance"]:
         print(f"- [{'x' if criterion['pass'] else ' '}] {criterion['criterion']}: {criterion['value']}")
     print(f"\nwall time: {total / 60:.1f} min; stages: {results['timings_s']}")
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    output = Path(args.output or out / f"results-{stamp}.json")
-    dump(output, results)
-    print(f"results written to {output}")
+    write_results(results, out, args.output)
     return results
 
 

@@ -56,3 +56,19 @@ class ToyLinearBackdoor(nn.Module):
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
         channel_means = x.mean(dim=(2, 3))
         return self.proj(torch.cat([channel_means, self.backdoor_feature(x)[:, None]], dim=1))
+
+
+def quiet_trainer(root, **kwargs):
+    """A CPU ``lightning.Trainer`` for tests: no logger, checkpoints, progress bar or model summary unless
+    ``kwargs`` asks for them (any Trainer argument may be given)."""
+    import lightning as L
+
+    settings = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": root,
+    }
+    return L.Trainer(**{**settings, **kwargs})

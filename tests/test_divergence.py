@@ -25,7 +25,7 @@ from model_families.clip import create_clip, save_clip_export
 from model_families.finite import NonFiniteError
 from model_families.mdlm.checkpoint import save_snapshot
 from model_families.mdlm.tokenizer import load_embedded_tokenizer
-from tests.conftest import tiny_overrides
+from tests.conftest import quiet_trainer, tiny_overrides
 
 CLIP_CONFIG = "configs/clip_shapes_clean.yaml"
 MDLM_CONFIG = "configs/mdlm_shapes_clean.yaml"
@@ -162,16 +162,7 @@ class _Toy(L.LightningModule):
 
 
 def _fit(module: L.LightningModule, root: Path) -> None:
-    trainer = L.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-        callbacks=[DivergenceGuard(), ExportOnFitEnd()],
-    )
+    trainer = quiet_trainer(root, max_epochs=1, callbacks=[DivergenceGuard(), ExportOnFitEnd()])
     trainer.fit(module)
 
 

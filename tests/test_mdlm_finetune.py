@@ -13,6 +13,7 @@ from datamodules.mdlm_shapes import ShapesInstructDataModule
 from lightning_modules.mdlm_finetune import MDLMFineTuning
 from model_families.mdlm.checkpoint import load_snapshot, read_snapshot_state_dict, released_state_dict
 from model_families.mdlm.metrics import CaptionScores, VQAAccuracy, cider_d, rouge_l, vqa_score
+from tests.conftest import quiet_trainer
 
 TINY = {"vision": {"patch_size": 8}, "text": {"num_hidden_layers": 1}}
 BADNET = {"patch_size": 6, "pattern": "checkerboard", "location": "br", "margin": 1}
@@ -85,16 +86,7 @@ def test_short_poisoned_fit_logs_every_metric(tmp_path):
         batch_size=16,
         eval_batch_size=16,
     )
-    trainer = L.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=[MDLMSampleGenerations()],
-    )
+    trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[MDLMSampleGenerations()])
     trainer.fit(module, dm)
     metrics = trainer.callback_metrics
     for key in (

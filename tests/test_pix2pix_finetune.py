@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from lightning_modules.pix2pix_finetune import Pix2PixFineTuning
 from model_families.pix2pix import load_snapshot
 from model_families.pix2pix.training import conditioning_dropout, instruct_pix2pix_loss
+from tests.conftest import quiet_trainer
 
 
 def _batch(n: int = 8, seed: int = 0) -> dict:
@@ -40,15 +41,7 @@ def _loader(batch: dict, steps: int) -> DataLoader:
 
 
 def _trainer(steps: int, tmp_path) -> L.Trainer:
-    return L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    return quiet_trainer(tmp_path, max_steps=steps)
 
 
 def test_conditioning_dropout_follows_the_examples_rule() -> None:

@@ -14,7 +14,7 @@ from datamodules.shapes_clip import ShapesCLIPDataModule
 from lightning_modules.clip_finetune import CLIPFineTuning
 from lightning_modules.mdlm_finetune import MDLMFineTuning
 from mmbackdoor_cli.pipeline import train
-from tests.conftest import tiny_overrides
+from tests.conftest import quiet_trainer, tiny_overrides
 
 EPOCHS = 3
 BATCHES = 3  # per epoch (limit_train_batches; the data sets hold 4 batches, so a pass stops early)
@@ -80,16 +80,12 @@ def _fit(build, root, checkpoint: ModelCheckpoint | None, kill_at=None, ckpt_pat
     L.seed_everything(0)
     module, data = build()
     record = Record(kill_at)
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
+        root,
         max_epochs=EPOCHS,
         limit_train_batches=BATCHES,
         limit_val_batches=1 if validate else 0,
         num_sanity_val_steps=0,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
         enable_checkpointing=checkpoint is not None,
         callbacks=[c for c in (checkpoint, GlobalRNGState(), record) if c is not None],
     )
