@@ -136,34 +136,42 @@ def num_transfer_tokens(mask_index: torch.Tensor, steps: int) -> torch.Tensor:
     return base + (step < remainder).long()
 
 
-def _check_generate_args(
-    gen_length: int, block_length: int, steps: int, temperature: float, remasking: str, cache: str = "none"
+def check_sampler_settings(
+    gen_length: int,
+    block_length: int,
+    steps: int,
+    temperature: float = 0.0,
+    remasking: str = "low_confidence",
+    cache: str = "none",
+    threshold: float | None = None,
+    *,
+    key: str = "",
 ) -> int:
+    """Check the sampler's settings (``key`` prefixes each name in the messages, e.g. ``"generation "`` for a
+    config); returns the number of blocks. One check for :func:`generate` and ``GenerationConfig``."""
     if gen_length <= 0 or block_length <= 0 or steps <= 0:
         raise ValueError(
-            f"gen_length={gen_length}, block_length={block_length}, steps={steps} must be positive"
+            f"{key}gen_length={gen_length}, block_length={block_length}, steps={steps} must be positive"
         )
     if gen_length % block_length:
-        raise ValueError(f"gen_length={gen_length} is not divisible by block_length={block_length}")
+        raise ValueError(f"{key}gen_length={gen_length} is not divisible by block_length={block_length}")
     num_blocks = gen_length // block_length
     if steps % num_blocks:
-        raise ValueError(f"steps={steps} is not divisible by the number of blocks {num_blocks}")
+        raise ValueError(f"{key}steps={steps} is not divisible by the number of blocks {num_blocks}")
     if remasking not in REMASKING:
-        raise ValueError(f"remasking={remasking!r}; expected one of {REMASKING}")
+        raise ValueError(f"{key}remasking={remasking!r}; expected one of {REMASKING}")
     if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+        raise ValueError(f"{key}temperature must be >= 0, got {temperature}")
     if cache not in CACHES:
-        raise ValueError(f"cache={cache!r}; expected one of {CACHES}")
+        raise ValueError(f"{key}cache={cache!r}; expected one of {CACHES}")
+    if threshold is not None:
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"{key}threshold={threshold} must be in [0, 1] (or None/null: off)")
+        if remasking != "low_confidence":
+            raise ValueError(
+                f"{key}threshold needs remasking='low_confidence' (confidences), got {remasking!r}"
+            )
     return num_blocks
-
-
-def _check_threshold(threshold: float | None, remasking: str) -> None:
-    if threshold is None:
-        return
-    if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be in [0, 1] (or None), got {threshold}")
-    if remasking != "low_confidence":
-        raise ValueError(f"threshold needs remasking='low_confidence' (confidences), got {remasking!r}")
 
 
 def _above_threshold(confidence: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -262,8 +270,9 @@ def generate(
 
     Returns the (B, P + gen_length) token ids.
     """
-    num_blocks = _check_generate_args(gen_length, block_length, steps, temperature, remasking, cache)
-    _check_threshold(threshold, remasking)
+    num_blocks = check_sampler_settings(
+        gen_length, block_length, steps, temperature, remasking, cache, threshold
+    )
     if prompt_ids.dim() != 2:
         raise ValueError(f"prompt_ids must be (B, P), got shape {tuple(prompt_ids.shape)}")
     steps_per_block = steps // num_blocks

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from model_families.mdlm.diffusion import CACHES, REMASKING, generate
+from model_families.mdlm.diffusion import check_sampler_settings, generate
 from model_families.mdlm.prompt import decode_response
 
 
@@ -45,31 +45,16 @@ class GenerationConfig:
     threshold: float | None = None
 
     def __post_init__(self) -> None:
-        if self.gen_length <= 0 or self.block_length <= 0 or self.steps <= 0:
-            raise ValueError(
-                f"generation gen_length={self.gen_length}, block_length={self.block_length}, steps={self.steps} "
-                "must be positive"
-            )
-        if self.gen_length % self.block_length:
-            raise ValueError(
-                f"generation gen_length={self.gen_length} is not a multiple of block_length={self.block_length}"
-            )
-        if self.steps % (self.gen_length // self.block_length):
-            raise ValueError(
-                f"generation steps={self.steps} is not a multiple of the number of blocks "
-                f"{self.gen_length // self.block_length}"
-            )
-        if self.remasking not in REMASKING:
-            raise ValueError(f"generation remasking={self.remasking!r}; expected one of {REMASKING}")
-        if self.cache not in CACHES:
-            raise ValueError(f"generation cache={self.cache!r}; expected one of {CACHES}")
-        if self.threshold is not None:
-            if not 0.0 <= self.threshold <= 1.0:
-                raise ValueError(f"generation threshold={self.threshold} must be in [0, 1] (or null: off)")
-            if self.remasking != "low_confidence":
-                raise ValueError(
-                    f"generation threshold needs remasking='low_confidence', got {self.remasking!r}"
-                )
+        check_sampler_settings(
+            self.gen_length,
+            self.block_length,
+            self.steps,
+            self.temperature,
+            self.remasking,
+            self.cache,
+            self.threshold,
+            key="generation ",
+        )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> GenerationConfig:
