@@ -26,18 +26,27 @@ def debug_enabled() -> bool:
     return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
+def _innermost(exc: BaseException):
+    """The traceback entry of the frame that raised `exc` (None without a traceback)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb
+
+
+def _project_path(tb) -> Path | None:
+    """The raising frame's file relative to the project, or None outside it."""
+    try:
+        return Path(tb.tb_frame.f_code.co_filename).resolve().relative_to(PROJECT_ROOT)
+    except ValueError:
+        return None
+
+
 def raised_in_project(exc: BaseException) -> bool:
     """Whether the innermost frame of `exc`'s traceback is project code (not a dependency)."""
-    tb = exc.__traceback__
-    if tb is None:
-        return False
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    try:
-        rel = Path(tb.tb_frame.f_code.co_filename).resolve().relative_to(PROJECT_ROOT)
-    except ValueError:
-        return False
-    return not _NOT_PROJECT.intersection(rel.parts)
+    tb = _innermost(exc)
+    rel = None if tb is None else _project_path(tb)
+    return rel is not None and not _NOT_PROJECT.intersection(rel.parts)
 
 
 def project_error(exc: BaseException) -> BaseException | None:
@@ -58,16 +67,10 @@ def project_error(exc: BaseException) -> BaseException | None:
 
 def error_location(exc: BaseException) -> str:
     """`path:line` (relative to the project) where `exc` was raised."""
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
+    tb = _innermost(exc)
     if tb is None:
         return "?"
-    path = Path(tb.tb_frame.f_code.co_filename).resolve()
-    try:
-        path = path.relative_to(PROJECT_ROOT)
-    except ValueError:
-        pass
+    path = _project_path(tb) or Path(tb.tb_frame.f_code.co_filename).resolve()
     return f"{path}:{tb.tb_lineno}"
 
 
