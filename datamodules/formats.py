@@ -8,7 +8,6 @@ name, never by position alone) and class folders without images."""
 from __future__ import annotations
 
 import csv
-import json
 import re
 from pathlib import Path
 
@@ -16,6 +15,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms import v2 as T
+
+from model_families.loading import read_json_file
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
@@ -144,11 +145,8 @@ def read_class_map(path: str | Path) -> dict[str, str]:
         raise FileNotFoundError(f"class map file not found: {path}")
     suffix = path.suffix.lower()
     if suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from err
-        if not isinstance(data, dict) or not all(isinstance(v, str) and v.strip() for v in data.values()):
+        data = read_json_file(path, what="class map")
+        if not all(isinstance(v, str) and v.strip() for v in data.values()):
             raise ValueError(f"{path}: expected a JSON object of class folder -> non-empty class name")
         return {str(k): v.strip() for k, v in data.items()}
     pairs: list[tuple[int, list[str]]] = []
