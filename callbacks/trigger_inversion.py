@@ -518,14 +518,7 @@ class TriggerInversion(L.Callback):
         if saved is None:
             return None
         try:
-            return TargetConfidence(
-                target=str(saved["target"]),
-                runner_up=str(saved["runner_up"]),
-                target_increase=float(saved["target_increase"]),
-                runner_up_increase=float(saved["runner_up_increase"]),
-                margin=float(saved["margin"]),
-                threshold=self.min_margin,
-            )
+            return TargetConfidence.from_dict(saved, self.min_margin)
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(
                 f"{report_path}: target_confidence {saved!r} is not the form TriggerInversion writes "

@@ -55,6 +55,19 @@ class TargetConfidence:
             "runner_up_increase": self.runner_up_increase,
         }
 
+    @classmethod
+    def from_dict(cls, saved: dict, threshold: float) -> TargetConfidence:
+        """The inverse of :meth:`as_dict`, judged against ``threshold`` (the reading run's ``min_margin``);
+        a missing or malformed entry raises ``KeyError`` / ``TypeError`` / ``ValueError``."""
+        return cls(
+            target=str(saved["target"]),
+            runner_up=str(saved["runner_up"]),
+            target_increase=float(saved["target_increase"]),
+            runner_up_increase=float(saved["runner_up_increase"]),
+            margin=float(saved["margin"]),
+            threshold=threshold,
+        )
+
     def describe(self) -> str:
         """The margin and the top two classes with their rises, in words."""
         return (
