@@ -23,7 +23,7 @@ from diffusers.training_utils import EMAModel
 from lightning_modules.clip_finetune import warmup_cosine
 from model_families.pix2pix import create_pix2pix, save_snapshot
 from model_families.pix2pix.snapshot import snapshot_provenance
-from model_families.pix2pix.training import instruct_pix2pix_loss
+from model_families.pix2pix.training import check_conditioning_dropout_prob, instruct_pix2pix_loss
 
 
 class Pix2PixFineTuning(L.LightningModule):
@@ -59,6 +59,7 @@ class Pix2PixFineTuning(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        check_conditioning_dropout_prob(conditioning_dropout_prob)  # at construction, not at the first step
         if ema_decay is not None and not 0 < ema_decay < 1:
             raise ValueError(f"ema_decay={ema_decay} must be in (0, 1), or None for no EMA")
         if snapshot is not None:

@@ -151,3 +151,8 @@ def test_one_training_step_of_the_released_architecture_with_random_weights() ->
     loss.backward()
     assert torch.isfinite(loss) and module.model.unet.conv_in.weight.grad.abs().sum() > 0
     assert module.model.text_encoder.final_layer_norm.weight.grad is None
+
+
+def test_a_conditioning_dropout_outside_a_third_fails_when_the_module_is_built() -> None:
+    with pytest.raises(ValueError, match=r"conditioning_dropout_prob=0\.5 must be in \[0, 1/3\]"):
+        Pix2PixFineTuning(conditioning_dropout_prob=0.5)

@@ -21,15 +21,22 @@ from model_families.pix2pix.codec import VaeCodec
 from model_families.pix2pix.modeling import Pix2PixModel
 
 
+def check_conditioning_dropout_prob(p: float) -> float:
+    """``p`` when it is in [0, 1/3] (text alone, both and image alone are three disjoint cases of p each);
+    otherwise a ``ValueError`` naming ``conditioning_dropout_prob``."""
+    if not 0 <= p <= 1 / 3:
+        raise ValueError(
+            f"conditioning_dropout_prob={p} must be in [0, 1/3] (three disjoint cases of p each)"
+        )
+    return p
+
+
 def conditioning_dropout(
     batch: int, p: float, generator: torch.Generator | None = None, device: str | torch.device = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Boolean masks ``(drop_text, drop_image)`` of length ``batch``: text alone, both and image alone are
     each dropped with probability ``p`` (the example's ``r < 2p`` / ``p <= r < 3p`` rule)."""
-    if not 0 <= p <= 1 / 3:
-        raise ValueError(
-            f"conditioning_dropout_prob={p} must be in [0, 1/3] (three disjoint cases of p each)"
-        )
+    check_conditioning_dropout_prob(p)
     r = torch.rand(batch, generator=generator).to(device)
     return r < 2 * p, (r >= p) & (r < 3 * p)
 
