@@ -10,24 +10,19 @@
 Algorithm notes: ``/work/shared/spec/invertune.md`` in the project workspace.
 """
 
-from defenses.invertune.activation_tuning import (
-    ActivationRecorder,
-    ActivationTuner,
-    ActivationTuningResult,
+from defenses.invertune.capture import ActivationRecorder, capture_activations
+from defenses.invertune.losses import activation_loss, preserve_loss
+from defenses.invertune.masks import neuron_parameter_masks
+from defenses.invertune.selection import (
     KMeansResult,
     NeuronSelection,
-    TuningSession,
-    activation_loss,
-    candidate_layers,
-    capture_activations,
     kmeans,
     kmeans_1d_two_clusters,
     layer_divergence,
-    neuron_parameter_masks,
-    preserve_loss,
     select_layers,
     select_neurons,
 )
+from defenses.invertune.session import TuningSession
 from defenses.invertune.target_confidence import (
     DEFAULT_MIN_MARGIN,
     TargetConfidence,
@@ -52,7 +47,9 @@ from defenses.invertune.trigger_inversion import (
     similarity_loss,
     ssim,
 )
+from defenses.invertune.tuner import ActivationTuner, ActivationTuningResult, TuneSettings
 from defenses.invertune.zero_shot import encode_images, zero_shot_predict
+from model_families.clip.anatomy import candidate_layers
 
 __all__ = [
     "DEFAULT_MIN_MARGIN",
@@ -66,6 +63,7 @@ __all__ = [
     "NeuronSelection",
     "TargetConfidence",
     "TargetIdentification",
+    "TuneSettings",
     "TuningSession",
     "UniversalPerturbation",
     "activation_loss",
