@@ -30,6 +30,7 @@ from model_families.clip import (
     load_clip_export,
     load_clip_weights,
     read_export_meta,
+    zero_shot_logits,
     zero_shot_weights,
 )
 from model_families.clip.export import save_clip_export
@@ -126,9 +127,6 @@ class CLIPFineTuning(L.LightningModule):
     def tokenize(self, captions: list[str]) -> torch.Tensor:
         return self.bundle.tokenizer(captions).to(self.device)
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(self.normalize(images), normalize=True)
-
     def model_step(self, batch: dict) -> torch.Tensor:
         image_features, text_features, logit_scale = self.model(
             self.normalize(batch["image"]), self.tokenize(batch["caption"])
@@ -195,7 +193,7 @@ class CLIPFineTuning(L.LightningModule):
 
     def classify(self, images: torch.Tensor) -> torch.Tensor:
         """Zero-shot logits B x C (cosine similarities to the class embeddings)."""
-        return self.encode_images(images) @ self.class_weights.T
+        return zero_shot_logits(self.model.encode_image(self.normalize(images)), self.class_weights)
 
     def eval_step(self, batch: dict, split: str) -> None:
         n = len(batch["label"])

@@ -6,7 +6,8 @@ The :class:`callbacks.trigger_inversion.TriggerInversion` callback (steps 1 and 
 identifies the target class and inverts its trigger on the datamodule's clean images and hands the
 result to :meth:`InverTuneModule.receive_inversion`. At ``on_train_start`` the module draws one batch
 of ``tuning_batch_size`` clean images (64) and begins an activation-tuning session
-(:class:`defenses.invertune.ActivationTuner`); every training step runs one tuning iteration on that
+(:func:`defenses.invertune.pipeline.begin_tuning`, with the :class:`~defenses.invertune.pipeline.TuneConfig`
+built from the ``model`` keys); every training step runs one tuning iteration on that
 same batch (the incoming batch only paces Lightning's loop). After ``iterations`` steps the lowest-loss
 state is loaded and the module asks the trainer to stop, which runs a final validation.
 
@@ -23,7 +24,6 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -35,101 +35,17 @@ from torchmetrics.classification import MulticlassAccuracy
 from attacks.io import atomic_write_json
 from datamodules.image_text import check_image_size
 from defenses.frozen import FrozenCopy
-from defenses.invertune import ActivationTuner, ActivationTuningResult, TuningSession, true_target_check
-from defenses.invertune.tuning_augment import TuningAugment
-from defenses.invertune.zero_shot import _batch_images, eval_mode, zero_shot_predict
+from defenses.invertune import ActivationTuningResult, TuningSession, true_target_check
+from defenses.invertune.pipeline import TuneConfig, begin_tuning, draw_tuning_batch
 from defenses.victim import load_victim
 from metrics import AttackSuccessRate
-from model_families.clip import zero_shot_weights
+from model_families.clip import zero_shot_logits, zero_shot_weights
 from model_families.clip.export import save_clip_export
 from model_families.loading import inputs_provenance
 
 log = logging.getLogger(__name__)
 
 warnings.filterwarnings("ignore", message=r".*configure_optimizers` returned `None`.*")
-
-
-TUNER_KEYS = (
-    "num_layers",
-    "granularity",
-    "update_scope",
-    "update_writers",
-    "iterations",
-    "lr",
-    "weight_decay",
-    "grad_clip",
-    "min_lr",
-    "warmup_iterations",
-    "activation_weight",
-    "preserve_weight",
-    "freeze_bn_stats",
-    "pairing",
-    "act_denominator",
-    "invariance_weight",
-    "target_preserve_weight",
-    "label_weight",
-    "label_temperature",
-    "spare_target_ratio",
-    "seed",
-)
-"""The ``model`` keys of an InverTune config that are :class:`ActivationTuner` arguments of the same name."""
-
-
-def build_tuner(model: nn.Module, normalize: nn.Module, config: Mapping) -> ActivationTuner:
-    """The :class:`ActivationTuner` of an InverTune ``model`` config block (absent keys: the tuner's
-    defaults; ``augment`` becomes a :class:`TuningAugment`); the module and the benchmark share it."""
-    return ActivationTuner(
-        model,
-        normalize,
-        augment=TuningAugment.from_dict(config.get("augment")),
-        **{key: config[key] for key in TUNER_KEYS if key in config},
-    )
-
-
-def uses_target_rows(config: Mapping) -> bool:
-    """Whether an InverTune ``model`` config needs the tuning images of the target (``target_rows``):
-    for ``target_preserve_weight`` or ``spare_target_ratio``."""
-    return bool(config.get("target_preserve_weight")) or config.get("spare_target_ratio") is not None
-
-
-def tuning_target_rows(
-    config: Mapping, target: int, labels: Tensor | None, predict: Callable[[], Tensor]
-) -> Tensor | None:
-    """The tuning images that ``target_preserve_weight`` holds and ``spare_target_ratio`` compares
-    (``None`` when both are off): those whose ``labels`` are ``target`` (``target_rows: label``) or those
-    the suspect predicts as it (``predicted``; ``predict()`` gives the suspect's zero-shot classes of the
-    batch). The module and the benchmark share it."""
-    if not uses_target_rows(config):
-        return None
-    if config.get("target_rows", "predicted") == "label":
-        return labels == target
-    return predict() == target
-
-
-def extra_trigger_estimates(
-    config: Mapping, uap: nn.Module | None, warp: nn.Module | None
-) -> list[nn.Module]:
-    """The further trigger estimates that an InverTune ``model`` config tunes against besides the inverted
-    trigger: the identification UAP (``tune_with_uap``) and the warp estimate (``tune_with_warp``); a
-    requested one that is missing is an error. The module and the benchmark share it."""
-    extra = []
-    if config.get("tune_with_uap"):
-        if uap is None:
-            raise ValueError(
-                "model.tune_with_uap needs the identification UAP, but the target was given "
-                "(TriggerInversion.target) or loaded from a run without uap.safetensors; "
-                "set --model.tune_with_uap=false to tune against the inverted trigger only"
-            )
-        extra.append(uap)
-    if config.get("tune_with_warp"):
-        if warp is None:
-            raise ValueError(
-                "model.tune_with_warp needs a warp trigger estimate: set "
-                "--trainer.callbacks.init_args.warp_epochs to a positive number of epochs "
-                "(or --model.tune_with_warp=false)"
-            )
-        extra.append(warp)
-    return extra
 
 
 class InverTuneModule(L.LightningModule):
@@ -149,7 +65,7 @@ class InverTuneModule(L.LightningModule):
             (``last``) or of every block adding into the same residual channels (``all``: the stage's
             earlier bottlenecks, the earlier ViT blocks); the same on a one-block-per-stage model.
         warmup_iterations: linear learning-rate warm-up steps before the cosine decay (0: none, the
-            paper); :func:`defenses.invertune.activation_tuning.tuning_schedule`.
+            paper); :func:`defenses.invertune.session.tuning_schedule`.
         pairing: ``L_act`` on batch means (``batch_mean``, the paper) or per image pair (``per_sample``).
         act_denominator: ``tuned`` (the paper and the code: gradients also flow through the denominator of
             ``L_act``, so the ratio can fall by inflating the selected neurons' clean activations) or
@@ -168,7 +84,7 @@ class InverTuneModule(L.LightningModule):
             temperature (CLIP's 0.07).
         spare_target_ratio: drop from the neuron selection the neurons that the clean images *labelled*
             with the identified target drive at least this many times as strongly as the trigger moves them
-            (:func:`defenses.invertune.activation_tuning.spare_target_selective`; ``None``: off, the paper);
+            (:func:`defenses.invertune.selection.spare_target_selective`; ``None``: off, the paper);
             needs ``target_rows: label``.
         augment: optional views of the tuning batch, a :class:`defenses.invertune.tuning_augment.TuningAugment`
             block (``flip_p``, ``vflip_p``, ``max_shift``, ``noise_std``, ``trigger_first``); ``null``: the
@@ -219,27 +135,19 @@ class InverTuneModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if tuning_batch_size < 1:
-            raise ValueError(f"model.tuning_batch_size must be >= 1, got {tuning_batch_size}")
-        if target_rows not in ("predicted", "label"):
-            raise ValueError(f"model.target_rows must be 'predicted' or 'label', got {target_rows!r}")
-        if spare_target_ratio is not None and target_rows != "label":
-            raise ValueError(
-                "model.spare_target_ratio compares the tuning images labelled with the target: it needs "
-                f"model.target_rows: label, got {target_rows!r}"
-            )
+        self.tune_config = TuneConfig.from_config(self.hparams)
         self.bundle = load_victim(victim, model_name)
         self.inputs = inputs_provenance({"model.victim": victim})  # before `latest_export` can move
         self.model = self.bundle.model
         self.normalize = self.bundle.normalize
         self.frozen = FrozenCopy(self.model)  # theta0: the suspect before tuning
         self.automatic_optimization = False
-        self.tuner = build_tuner(self.model, self.normalize, self.hparams)
+        self.tuner = self.tune_config.build_tuner(self.model, self.normalize)
         self.class_names: list[str] = []
         self.report_target: int | None = None  # the true target, for ASR reporting only
         # why report_target is None (the reports say it when they cannot compare with the true target)
         self.true_target_unknown = "the module was never set up with a datamodule"
-        self.inversion = None  # callbacks.trigger_inversion.InversionOutcome
+        self.inversion = None  # defenses.invertune.artifacts.InversionOutcome
         self.session: TuningSession | None = None
         self.tuning_result: ActivationTuningResult | None = None
         self.timings: dict[str, float] = {}
@@ -323,33 +231,17 @@ class InverTuneModule(L.LightningModule):
     def tuning_batch(self, with_labels: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """``tuning_batch_size`` clean images from the datamodule's clean loader, in a seeded order
         (and their labels with ``with_labels``: the clean batches must then carry a ``label`` key)."""
-        images, labels, count = [], [], 0
-        generator = torch.Generator().manual_seed(self.hparams.seed)
-        for batch in self.trainer.datamodule.train_dataloader():
-            x = _batch_images(batch, "clean images")
-            if with_labels:
-                if not isinstance(batch, dict) or "label" not in batch:
-                    raise ValueError(
-                        "model.target_rows='label' and model.label_weight need clean batches with a "
-                        f"'label' key; {type(self.trainer.datamodule).__name__} gave none"
-                    )
-                labels.append(torch.as_tensor(batch["label"]))
-            images.append(x)
-            count += x.shape[0]
-            if count >= self.hparams.tuning_batch_size:
-                break
-        if count == 0:
-            raise ValueError("the defender's clean image set is empty: activation tuning needs clean images")
-        if count < self.hparams.tuning_batch_size:
-            raise ValueError(
-                f"the defender's clean set holds {count} images, fewer than "
-                f"model.tuning_batch_size={self.hparams.tuning_batch_size}"
-            )
-        pool = torch.cat(images)
-        keep = torch.randperm(pool.shape[0], generator=generator)[: self.hparams.tuning_batch_size]
+        dm = self.trainer.datamodule
+        images, labels = draw_tuning_batch(
+            dm.train_dataloader(),
+            self.hparams.tuning_batch_size,
+            self.hparams.seed,
+            with_labels=with_labels,
+            source=type(dm).__name__,
+        )
         if with_labels:
-            return pool[keep].to(self.device), torch.cat(labels)[keep].to(self.device)
-        return pool[keep].to(self.device)
+            return images.to(self.device), labels.to(self.device)
+        return images.to(self.device)
 
     def on_train_start(self) -> None:
         if self.inversion is None:
@@ -358,44 +250,25 @@ class InverTuneModule(L.LightningModule):
                 "(it runs target identification and trigger inversion before tuning)"
             )
         start = time.perf_counter()
-        extra = [
-            estimate.to(self.device)
-            for estimate in extra_trigger_estimates(self.hparams, self.inversion.uap, self.inversion.warp)
-        ]
-        by_label = self.hparams.target_rows == "label" and uses_target_rows(self.hparams)
-        with_labels = by_label or bool(self.hparams.label_weight)
-        batch = self.tuning_batch(with_labels=with_labels)
-        labels = None
-        if with_labels:
-            batch, labels = batch
-
-        def predict() -> Tensor:
-            with eval_mode(self.model):  # the suspect, before any tuning step
-                return zero_shot_predict(self.model, batch, self.class_text_embeds(), self.normalize)
-
-        target_rows = tuning_target_rows(self.hparams, self.inversion.target, labels, predict)
-        if target_rows is not None:
-            log.info(
-                "activation tuning: %d of %d tuning images %s as the target",
-                int(target_rows.sum()),
-                len(batch),
-                "labelled" if by_label else "predicted",
-            )
-        trigger = self.inversion.tuning_trigger  # the real trigger: TriggerInversion.oracle_trigger
+        config, inversion = self.tune_config, self.inversion
+        config.extra_trigger_estimates(inversion.uap, inversion.warp)  # a missing one fails before the batch
+        batch, labels = (
+            self.tuning_batch(with_labels=True) if config.needs_labels else (self.tuning_batch(), None)
+        )
+        trigger = inversion.tuning_trigger  # the real trigger: TriggerInversion.oracle_trigger
         if trigger is None:
-            trigger = self.inversion.trigger
-        self.session = self.tuner.begin(
+            trigger = inversion.trigger
+        self.session = begin_tuning(
+            self.tuner,
+            config,
             batch,
             trigger,
-            extra,
-            target_rows,
-            labels if self.hparams.label_weight else None,
-            self.class_text_embeds() if self.hparams.label_weight else None,
+            inversion.target,
+            self.class_text_embeds(),
+            labels=labels,
+            uap=inversion.uap,
+            warp=inversion.warp,
         )
-        selection = {
-            name: int(self.session.result.neurons[name].channel_mask.sum()) for name in self.session.layers
-        }
-        log.info("activation tuning: layers %s, selected neurons %s", list(self.session.layers), selection)
         self._tuning_start = start
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -428,8 +301,7 @@ class InverTuneModule(L.LightningModule):
 
     # --- evaluation ---------------------------------------------------------------------------------
     def classify(self, model: nn.Module, images: Tensor) -> Tensor:
-        features = model.encode_image(self.normalize(images), normalize=True)
-        return features @ self.class_text_embeds().T
+        return zero_shot_logits(model.encode_image(self.normalize(images)), self.class_text_embeds())
 
     def eval_step(self, batch: dict, split: str) -> None:
         n = len(batch["label"])

@@ -22,10 +22,10 @@ from torch import nn
 from callbacks import RunSummary
 from callbacks.trigger_inversion import InversionOutcome, TriggerInversion, warn_if_unsure
 from datamodules.defender_shapes import DefenderShapesDataModule
-from defenses.invertune import InvertedTrigger, TargetConfidence
+from defenses.invertune import InvertedTrigger, TargetConfidence, TuneConfig
 from defenses.victim import load_victim
 from lightning_modules.cleanclip import CleanCLIPFineTuning
-from lightning_modules.invertune import InverTuneModule, extra_trigger_estimates
+from lightning_modules.invertune import InverTuneModule
 from lightning_modules.par import PARFineTuning
 from mmbackdoor_cli.cli import main as cli_main
 from model_families.clip import create_clip, save_clip_export
@@ -581,13 +581,15 @@ def test_warp_estimate_is_fitted_saved_reloaded_and_tuned_against(victim, tmp_pa
 
 def test_extra_trigger_estimates_follow_the_config_and_name_a_missing_one() -> None:
     uap, warp = nn.Identity(), nn.Identity()
-    assert extra_trigger_estimates({}, uap, warp) == []
-    assert extra_trigger_estimates({"tune_with_uap": True, "tune_with_warp": True}, uap, warp) == [uap, warp]
-    assert extra_trigger_estimates({"tune_with_warp": True}, None, warp) == [warp]
+    assert TuneConfig.from_config({}).extra_trigger_estimates(uap, warp) == []
+    assert TuneConfig.from_config({"tune_with_uap": True, "tune_with_warp": True}).extra_trigger_estimates(
+        uap, warp
+    ) == [uap, warp]
+    assert TuneConfig.from_config({"tune_with_warp": True}).extra_trigger_estimates(None, warp) == [warp]
     with pytest.raises(ValueError, match="tune_with_uap needs the identification UAP"):
-        extra_trigger_estimates({"tune_with_uap": True}, None, warp)
+        TuneConfig.from_config({"tune_with_uap": True}).extra_trigger_estimates(None, warp)
     with pytest.raises(ValueError, match="tune_with_warp needs a warp trigger estimate"):
-        extra_trigger_estimates({"tune_with_warp": True}, uap, None)
+        TuneConfig.from_config({"tune_with_warp": True}).extra_trigger_estimates(uap, None)
 
 
 def test_oracle_trigger_tunes_against_the_real_trigger_and_says_so(victim, tmp_path) -> None:

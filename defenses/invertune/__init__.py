@@ -1,11 +1,16 @@
 """InverTune (arXiv 2506.12411, NDSS 2026): backdoor removal for CLIP-style models in three steps.
 
+The three steps as plain functions with argument dataclasses: :func:`identify` (:class:`IdentifyConfig`),
+:func:`invert` (:class:`InvertConfig`) and :func:`tune` (:class:`TuneConfig`), in
+:mod:`~defenses.invertune.pipeline`; the callback, the LightningModule and the benchmark call them.
+
 1. :mod:`~defenses.invertune.target_identification`: a universal adversarial perturbation reveals the
    target class (``identify_target``); :mod:`~defenses.invertune.target_confidence` says how sure that is.
 2. :mod:`~defenses.invertune.trigger_inversion`: a mask/pattern trigger is inverted for that class
    (``invert_trigger``).
-3. :mod:`~defenses.invertune.activation_tuning`: the neurons the inverted trigger excites are tuned
-   back to their clean activations (``ActivationTuner``).
+3. :mod:`~defenses.invertune.activation_tuning` (capture, selection, losses, masks, tuner,
+   session): the neurons the inverted trigger excites are tuned back to their clean activations
+   (``ActivationTuner``); the tower's layers and writers come from :mod:`model_families.clip.anatomy`.
 
 Algorithm notes: ``/work/shared/spec/invertune.md`` in the project workspace.
 """
@@ -13,6 +18,17 @@ Algorithm notes: ``/work/shared/spec/invertune.md`` in the project workspace.
 from defenses.invertune.capture import ActivationRecorder, capture_activations
 from defenses.invertune.losses import activation_loss, preserve_loss
 from defenses.invertune.masks import neuron_parameter_masks
+from defenses.invertune.pipeline import (
+    Identified,
+    IdentifyConfig,
+    InvertConfig,
+    Inverted,
+    TuneConfig,
+    begin_tuning,
+    identify,
+    invert,
+    tune,
+)
 from defenses.invertune.selection import (
     KMeansResult,
     NeuronSelection,
@@ -57,22 +73,30 @@ __all__ = [
     "ActivationTuner",
     "ActivationTuningResult",
     "CornerPatchUAP",
+    "Identified",
+    "IdentifyConfig",
+    "InvertConfig",
+    "Inverted",
     "InvertedTrigger",
     "KMeansResult",
     "LinfUAP",
     "NeuronSelection",
     "TargetConfidence",
     "TargetIdentification",
+    "TuneConfig",
     "TuneSettings",
     "TuningSession",
     "UniversalPerturbation",
     "activation_loss",
     "align_loss",
+    "begin_tuning",
     "candidate_layers",
     "capture_activations",
     "embedding_loss",
     "encode_images",
+    "identify",
     "identify_target",
+    "invert",
     "invert_trigger",
     "inverted_trigger_asr",
     "kmeans",
@@ -87,6 +111,7 @@ __all__ = [
     "ssim",
     "target_confidence",
     "true_target_check",
+    "tune",
     "uap_objective",
     "zero_shot_predict",
 ]

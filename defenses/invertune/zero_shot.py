@@ -1,16 +1,32 @@
-"""Zero-shot helpers shared by the InverTune steps: batching, encoding, prediction, validation."""
+"""Helpers shared by the InverTune steps: image batches, validation, modes. The zero-shot classifier
+itself (``encode_images``, ``zero_shot_logits``, ``zero_shot_predict``) is the CLIP family's
+(:mod:`model_families.clip.zero_shot`), imported here for the steps."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-Normalize = Callable[[Tensor], Tensor]
-"""Maps [0, 1] images to the model's input space (mean/std of the model's preprocess config)."""
+from model_families.clip.zero_shot import Normalize, encode_images, zero_shot_logits, zero_shot_predict
+
+__all__ = [
+    "ImageData",
+    "Normalize",
+    "batch_images",
+    "check_class_text_embeds",
+    "check_target",
+    "encode_images",
+    "eval_mode",
+    "frozen_parameters",
+    "iter_image_batches",
+    "model_device",
+    "zero_shot_logits",
+    "zero_shot_predict",
+]
+
 
 ImageData = Tensor | Iterable[Tensor | Sequence[Tensor] | Mapping[str, Tensor]]
 """A ``N x 3 x H x W`` tensor, or an iterable (e.g. a DataLoader) of image batches. A batch may be a
@@ -25,7 +41,9 @@ def model_device(model: nn.Module, fallback: Tensor | None = None) -> torch.devi
     return fallback.device if fallback is not None else torch.device("cpu")
 
 
-def _batch_images(batch: Tensor | Sequence[Tensor] | Mapping[str, Tensor], name: str) -> Tensor:
+def batch_images(batch: Tensor | Sequence[Tensor] | Mapping[str, Tensor], name: str) -> Tensor:
+    """The images of one batch: the tensor itself, the first element of a tuple, or ``batch["image"]``;
+    anything else is a ``ValueError`` naming ``name``."""
     if isinstance(batch, Tensor):
         return batch
     if isinstance(batch, Mapping):
@@ -63,7 +81,7 @@ def iter_image_batches(
         return
     seen = 0
     for batch in data:
-        images = _batch_images(batch, name)
+        images = batch_images(batch, name)
         if images.ndim != 4:
             raise ValueError(f"{name}: expected B x C x H x W batches, got shape {tuple(images.shape)}")
         if images.shape[0] == 0:
@@ -91,24 +109,6 @@ def check_target(target: int, num_classes: int) -> int:
             f"(expected 0 <= target < {num_classes})"
         )
     return int(target)
-
-
-def encode_images(model: nn.Module, images: Tensor, normalize: Normalize) -> Tensor:
-    """L2-normalised image embeddings ``f(x) / ||f(x)||`` of [0, 1] images (gradients flow)."""
-    return F.normalize(model.encode_image(normalize(images)), dim=-1)
-
-
-def zero_shot_logits(image_features: Tensor, class_text_embeds: Tensor) -> Tensor:
-    """Cosine similarities ``B x C`` between (normalised) image features and class text embeddings."""
-    return F.normalize(image_features, dim=-1) @ F.normalize(class_text_embeds, dim=-1).T.to(image_features)
-
-
-@torch.no_grad()
-def zero_shot_predict(
-    model: nn.Module, images: Tensor, class_text_embeds: Tensor, normalize: Normalize
-) -> Tensor:
-    """Top-1 zero-shot class: ``argmax_c cos(f(x), t_c)`` for each image."""
-    return zero_shot_logits(encode_images(model, images, normalize), class_text_embeds).argmax(dim=-1)
 
 
 @contextmanager

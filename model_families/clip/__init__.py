@@ -8,13 +8,21 @@ from model_families.clip.factory import (
     model_config,
     register_embedded_configs,
 )
-from model_families.clip.zero_shot import TEMPLATE_SETS, resolve_templates, zero_shot_weights
+from model_families.clip.zero_shot import (
+    TEMPLATE_SETS,
+    encode_images,
+    resolve_templates,
+    zero_shot_logits,
+    zero_shot_predict,
+    zero_shot_weights,
+)
 
 __all__ = [
     "TEMPLATE_SETS",
     "ClipBundle",
     "Normalize",
     "create_clip",
+    "encode_images",
     "load_clip_export",
     "load_clip_weights",
     "model_config",
@@ -22,5 +30,7 @@ __all__ = [
     "register_embedded_configs",
     "resolve_templates",
     "save_clip_export",
+    "zero_shot_logits",
+    "zero_shot_predict",
     "zero_shot_weights",
 ]

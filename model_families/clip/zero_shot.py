@@ -1,12 +1,19 @@
-"""Zero-shot classifiers: class-name prompts -> mean of normalised text embeddings, renormalised."""
+"""The zero-shot classifier of the CLIP family, the one every module and defense uses.
+
+Class weights: class-name prompts -> mean of normalised text embeddings, renormalised
+(:func:`zero_shot_weights`); logits: cosine similarities of the normalised image embeddings to them
+(:func:`zero_shot_logits`); the class: their argmax (:func:`zero_shot_predict`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import open_clip
 import torch
+import torch.nn.functional as F
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+from torch import Tensor, nn
 
 from embedded_world.text import ZERO_SHOT_TEMPLATES
 
@@ -16,6 +23,10 @@ TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
     "simple": ("a photo of a {}.",),
 }
 """Named prompt-template sets: ``embedded`` for the shapes world, ``imagenet80`` = CLIP's 80 ImageNet ones."""
+
+
+Normalize = Callable[[Tensor], Tensor]
+"""Maps [0, 1] images to the model's input space (mean/std of the model's preprocess config)."""
 
 
 def resolve_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
@@ -48,3 +59,21 @@ def zero_shot_weights(model, tokenizer, class_names: Sequence[str], templates, d
     )
     model.train(was_training)
     return weights.T.contiguous()
+
+
+def encode_images(model: nn.Module, images: Tensor, normalize: Normalize) -> Tensor:
+    """L2-normalised image embeddings ``f(x) / ||f(x)||`` of [0, 1] images (gradients flow)."""
+    return F.normalize(model.encode_image(normalize(images)), dim=-1)
+
+
+def zero_shot_logits(image_features: Tensor, class_text_embeds: Tensor) -> Tensor:
+    """Cosine similarities ``B x C`` between (normalised) image features and class text embeddings."""
+    return F.normalize(image_features, dim=-1) @ F.normalize(class_text_embeds, dim=-1).T.to(image_features)
+
+
+@torch.no_grad()
+def zero_shot_predict(
+    model: nn.Module, images: Tensor, class_text_embeds: Tensor, normalize: Normalize
+) -> Tensor:
+    """Top-1 zero-shot class: ``argmax_c cos(f(x), t_c)`` for each image."""
+    return zero_shot_logits(encode_images(model, images, normalize), class_text_embeds).argmax(dim=-1)
