@@ -1,6 +1,7 @@
 """Time and peak memory of InverTune's stages against one epoch of the CleanCLIP and PAR baselines.
 
-All stages run in the same process on the same defender data (the clean set of
+All stages run in the same process, through the public pipeline that the callback and the module wrap
+(``defenses.invertune.identify`` / ``invert`` / ``tune``), on the same defender data (the clean set of
 ``configs/invertune_clip_shapes.yaml``'s datamodule) and the same suspect model, with the
 hyperparameters of the shipped configs:
 
@@ -32,16 +33,14 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from callbacks.trigger_inversion import TriggerInversion, _CleanImages
 from datamodules.defender_shapes import DefenderShapesDataModule
 from defenses.cleanclip import CleanCLIPObjective
 from defenses.frozen import FrozenCopy
-from defenses.invertune import identify_target, invert_trigger
-from defenses.invertune.warp_inversion import invert_warp
-from defenses.invertune.zero_shot import zero_shot_predict
+from defenses.invertune import IdentifyConfig, InvertConfig, TuneConfig, identify, invert, tune
+from defenses.invertune.clean_images import CleanImages
+from defenses.invertune.pipeline import draw_tuning_batch
 from defenses.par import PARObjective
 from defenses.victim import load_victim
-from lightning_modules.invertune import build_tuner, extra_trigger_estimates, tuning_target_rows
 from model_families.clip import create_clip, zero_shot_weights
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -147,48 +146,37 @@ def main(argv: list[str] | None = None) -> dict:
     text = zero_shot_weights(
         model, bundle.tokenizer, dm.class_names, model_args.get("zero_shot_templates", "embedded"), device
     )
-    callback = TriggerInversion(**callback_args)
-    clean = _CleanImages(loader, device)
+    identify_config = IdentifyConfig.from_callback_args(callback_args)
+    invert_config = InvertConfig.from_callback_args(callback_args)
+    tune_config = TuneConfig.from_config(model_args)
     rows: dict[str, dict] = {}
 
     with PeakMemory(device) as mem:
-        uap = callback.build_uap((data_args["image_size"],) * 2)
-        uap.fit(model, clean, text, normalize, seed=callback.seed, **callback.uap_fit)
-        target = identify_target(model, clean, text, uap.eval(), normalize).target
+        size = (data_args["image_size"],) * 2
+        found = identify(
+            model, CleanImages(loader, device), text, normalize, dm.class_names, size, identify_config
+        )
     rows["identification"] = {"seconds": mem.seconds, "peak_mib": mem.peak_mib}
 
-    with PeakMemory(device) as mem:
-        by_class = {"model": model, "text": text, "normalize": normalize, "source": callback.reference_source}
-        references = callback.reference_images(loader, device, target, by_class)
-        non_target = _CleanImages(loader, device, exclude=target, **by_class)
-        trigger = invert_trigger(
-            model, non_target, target, text, references, normalize, seed=callback.seed, **callback.inversion
-        )
-        warp = None
-        if callback.warp["epochs"] > 0:  # the optional warp estimate counts as part of the inversion
-            size = (data_args["image_size"],) * 2
-            warp = invert_warp(
-                model, non_target, target, text, normalize, size, seed=callback.seed, **callback.warp
-            )
+    with PeakMemory(device) as mem:  # the optional warp estimate counts as part of the inversion
+        inverted = invert(model, loader, found.target, text, normalize, dm.class_names, invert_config)
     rows["inversion"] = {"seconds": mem.seconds, "peak_mib": mem.peak_mib}
-    extra = extra_trigger_estimates(model_args, uap, warp)
 
-    tuner = build_tuner(model, normalize, model_args)
-    first = next(iter(loader))
-    size = model_args.get("tuning_batch_size", 64)
-    batch, labels = first["image"][:size].to(device), first["label"][:size].to(device)
-    target_rows = tuning_target_rows(
-        model_args, target, labels, lambda: zero_shot_predict(model.eval(), batch, text, normalize)
+    batch, labels = draw_tuning_batch(
+        loader, tune_config.tuning_batch_size, tune_config.settings.seed, with_labels=tune_config.needs_labels
     )
-    with_labels = bool(model_args.get("label_weight"))
     with PeakMemory(device) as mem:
-        tuner.fit(
-            batch,
-            trigger.eval(),
-            extra,
-            target_rows,
-            labels if with_labels else None,
-            text if with_labels else None,
+        tune(
+            model,
+            normalize,
+            tune_config,
+            batch.to(device),
+            inverted.trigger,
+            found.target,
+            text,
+            labels=None if labels is None else labels.to(device),
+            uap=found.uap,
+            warp=inverted.warp,
         )
     rows["tuning"] = {"seconds": mem.seconds, "peak_mib": mem.peak_mib}
 

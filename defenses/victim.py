@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from model_families.clip import ClipBundle, create_clip, load_clip_export, load_clip_weights
-from model_families.loading import load_torch_file
+from model_families.clip import ClipBundle, load_clip
 
 
 def load_victim(victim: str, model_name: str | None = None, *, key: str = "model.victim") -> ClipBundle:
-    """The CLIP model to defend, from
+    """The CLIP model to defend (:func:`model_families.clip.export.load_clip` after checking the path), from
 
     - an mmbackdoor export folder (``runs/<run>/latest_export``: weights + architecture);
     - a Lightning ``.ckpt`` of a CLIP module (architecture from its ``model_name`` hyperparameter, or
@@ -24,24 +23,8 @@ def load_victim(victim: str, model_name: str | None = None, *, key: str = "model
     Raises ``FileNotFoundError`` naming ``victim`` (and ``key``, the config key) when the path does not
     exist, and ``ValueError`` when the architecture cannot be known.
     """
-    path = require_victim_path(victim, key=key)
-    if path.is_dir():
-        return load_clip_export(path)  # names the missing mmbackdoor.json / model.safetensors
-    if path.suffix == ".ckpt":
-        if model_name is None:
-            checkpoint = load_torch_file(path, key=key)
-            hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
-            model_name = hparams.get("model_name")
-            if model_name is None:
-                raise ValueError(f"{victim}: no model_name hyperparameter; set model.model_name")
-        bundle = create_clip(model_name)
-        load_clip_weights(bundle.model, path, key=key)
-        return bundle
-    if model_name is None:
-        raise ValueError(
-            f"{victim} is a plain checkpoint file: set model.model_name to its architecture (e.g. RN50, ViT-B-32)"
-        )
-    return create_clip(model_name, checkpoint=str(path))
+    require_victim_path(victim, key=key)
+    return load_clip(victim, model_name, key=key)
 
 
 def require_victim_path(victim: str | None, *, key: str = "model.victim") -> Path:

@@ -27,9 +27,7 @@ from datamodules.image_text import check_image_size
 from metrics import AttackSuccessRate
 from model_families.clip import (
     create_clip,
-    load_clip_export,
-    load_clip_weights,
-    read_export_meta,
+    load_clip,
     zero_shot_logits,
     zero_shot_weights,
 )
@@ -88,12 +86,9 @@ class CLIPFineTuning(L.LightningModule):
         self.augment = RobustnessAugment.from_dict(augment)
         self._augment_generator = torch.Generator().manual_seed(augment_seed)
         if init_from is not None:
-            meta = read_export_meta(init_from) if Path(init_from).is_dir() else None
-            if meta is not None:
-                self.bundle = load_clip_export(init_from)
-            else:
-                self.bundle = create_clip(model_name, pretrained=pretrained, checkpoint=checkpoint)
-                load_clip_weights(self.bundle.model, init_from)
+            self.bundle = load_clip(
+                init_from, model_name, key=self.init_from_key, pretrained=pretrained, checkpoint=checkpoint
+            )
         else:
             self.bundle = create_clip(model_name, pretrained=pretrained, checkpoint=checkpoint)
         # provenance of the starting weights, taken now: `latest_export` links move during training

@@ -1,6 +1,12 @@
 """The contrastive (CLIP) family: open_clip architectures, tiny embedded configs, zero-shot heads, exports."""
 
-from model_families.clip.export import load_clip_export, load_clip_weights, read_export_meta, save_clip_export
+from model_families.clip.export import (
+    load_clip,
+    load_clip_export,
+    load_clip_weights,
+    read_export_meta,
+    save_clip_export,
+)
 from model_families.clip.factory import (
     ClipBundle,
     Normalize,
@@ -23,6 +29,7 @@ __all__ = [
     "Normalize",
     "create_clip",
     "encode_images",
+    "load_clip",
     "load_clip_export",
     "load_clip_weights",
     "model_config",

@@ -147,3 +147,44 @@ def load_clip_export(path: str | os.PathLike) -> ClipBundle:
             f"{error} (the architecture recorded in {Path(path) / META} is model_name={meta['model_name']!r})"
         ) from None
     return bundle
+
+
+def load_clip(
+    source: str | os.PathLike,
+    model_name: str | None = None,
+    *,
+    key: str = "model.init_from",
+    pretrained: str | None = None,
+    checkpoint: str | None = None,
+) -> ClipBundle:
+    """The one CLIP loader (modules' ``init_from``, defenses' ``victim``): from
+
+    - an mmbackdoor export folder (weights + architecture);
+    - a Lightning ``.ckpt`` or a ``.safetensors`` state dict (architecture ``model_name``, or for a
+      ``.ckpt`` without one its ``model_name`` hyperparameter), loaded strictly
+      (:func:`load_clip_weights`) over ``create_clip(model_name, pretrained, checkpoint)``;
+    - any other file: an open_clip / OpenAI checkpoint of architecture ``model_name`` (required).
+
+    Nothing is unpickled; ``key`` (the config key of ``source``) is named in the errors. A missing path
+    is the ``FileNotFoundError`` of the loader it reaches.
+    """
+    path = Path(source)
+    if path.is_dir():
+        return load_clip_export(path)  # names the missing mmbackdoor.json / model.safetensors
+    if not path.exists():
+        raise FileNotFoundError(f"init checkpoint not found: {source} ({key})")
+    if path.suffix in (".ckpt", ".safetensors"):
+        if model_name is None and path.suffix == ".ckpt":
+            checkpoint_data = load_torch_file(path, key=key)
+            hparams = checkpoint_data.get("hyper_parameters", {}) if isinstance(checkpoint_data, dict) else {}
+            model_name = hparams.get("model_name")
+        if model_name is None:
+            raise ValueError(f"{source}: no model_name hyperparameter; set model.model_name")
+        bundle = create_clip(model_name, pretrained=pretrained, checkpoint=checkpoint)
+        load_clip_weights(bundle.model, path, key=key)
+        return bundle
+    if model_name is None:
+        raise ValueError(
+            f"{source} is a plain checkpoint file: set model.model_name to its architecture (e.g. RN50, ViT-B-32)"
+        )
+    return create_clip(model_name, checkpoint=str(path))
