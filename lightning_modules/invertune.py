@@ -6,18 +6,16 @@ The :class:`callbacks.trigger_inversion.TriggerInversion` callback (steps 1 and 
 identifies the target class and inverts its trigger on the datamodule's clean images and hands the
 result to :meth:`InverTuneModule.receive_inversion`. At ``on_train_start`` the module draws one batch
 of ``tuning_batch_size`` clean images (64) and begins an activation-tuning session
-(:func:`defenses.invertune.pipeline.begin_tuning`, with the :class:`~defenses.invertune.pipeline.TuneConfig`
-built from the ``model`` keys); every training step runs one tuning iteration on that
-same batch (the incoming batch only paces Lightning's loop). After ``iterations`` steps the lowest-loss
-state is loaded and the module asks the trainer to stop, which runs a final validation.
+(:func:`defenses.invertune.begin_tuning` with the :class:`~defenses.invertune.TuneConfig` of the ``model``
+keys); every training step runs one tuning iteration on that same batch (the incoming batch only paces
+Lightning's loop). After ``iterations`` steps the lowest-loss state is loaded and the trainer stops.
 
 Validation and test log, on clean and really-triggered evaluation images (the real trigger is used for
 reporting only): ``before/ca``, ``before/asr`` (the untouched suspect, a frozen copy) and ``{stage}/ca``,
 ``{stage}/asr`` (the tuned model), ``*/clean_target_rate`` (clean images predicted as the target: the
 floor under the ASR), plus ``before/inverted_asr`` / ``{stage}/inverted_asr`` (the inverted
 trigger towards the identified target; a diagnostic). ``export()`` writes the tuned model in the
-standard export format, so ``evaluate.py`` and ``init_from`` accept it.
-"""
+standard export format, so ``evaluate.py`` and ``init_from`` accept it."""
 
 from __future__ import annotations
 
@@ -44,7 +42,6 @@ from model_families.clip.export import save_clip_export
 from model_families.loading import inputs_provenance
 
 log = logging.getLogger(__name__)
-
 warnings.filterwarnings("ignore", message=r".*configure_optimizers` returned `None`.*")
 
 
@@ -58,9 +55,8 @@ class InverTuneModule(L.LightningModule):
         tuning_batch_size: clean images in the single tuning batch (64 in the paper).
         iterations: tuning iterations (training steps) on that batch.
         num_layers, granularity, update_scope, lr, weight_decay, grad_clip, min_lr, activation_weight,
-            preserve_weight, freeze_bn_stats: :class:`defenses.invertune.ActivationTuner`
-            (``update_scope="neurons"``: the paper's neuron-restricted updates; ``"model_code"``: the
-            authors' code, masks only inside the loss).
+            preserve_weight, freeze_bn_stats: :class:`defenses.invertune.TuneSettings` (``update_scope``:
+            ``neurons``, the paper's restricted updates, or ``model_code``, masks only inside the loss).
         update_writers: with ``update_scope="neurons"``, the selected rows of the layer's own block only
             (``last``) or of every block adding into the same residual channels (``all``: the stage's
             earlier bottlenecks, the earlier ViT blocks); the same on a one-block-per-stage model.
