@@ -1,5 +1,14 @@
 """Attack catalogue: image and text triggers, targets, poisoning protocols, plans and manifests."""
 
+from attacks.generative_targets import (
+    GENERATIVE_TARGETS,
+    ContentInsertion,
+    FixedOutput,
+    GenerativeTarget,
+    SemanticMisclassification,
+    TargetedRefusal,
+    build_generative_target,
+)
 from attacks.image_triggers import SIG, BadNet, Blended, ImageTrigger, LowFrequency, WaNet, resolve_size
 from attacks.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from attacks.poisoning import PoisonManifest, PoisonPlan, poison_count_from_rate, select_poison_indices
@@ -19,6 +28,7 @@ from attacks.targets import OPENAI_IMAGENET_TEMPLATES, ClassTarget, Target, chec
 from attacks.text_triggers import CharSequence, Phrase, RareToken, TextTrigger
 
 __all__ = [
+    "GENERATIVE_TARGETS",
     "IMAGE_TRIGGERS",
     "OPENAI_IMAGENET_TEMPLATES",
     "PLANNED_ATTACKS",
@@ -31,13 +41,18 @@ __all__ = [
     "Blended",
     "CharSequence",
     "ClassTarget",
+    "ContentInsertion",
+    "FixedOutput",
+    "GenerativeTarget",
     "ImageTrigger",
     "LowFrequency",
     "Phrase",
     "PoisonManifest",
     "PoisonPlan",
     "RareToken",
+    "SemanticMisclassification",
     "Target",
+    "TargetedRefusal",
     "TextTrigger",
     "TriggerParts",
     "WaNet",
@@ -45,6 +60,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "build_generative_target",
     "build_image_trigger",
     "build_target",
     "build_text_trigger",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from attacks.generative_targets import GENERATIVE_TARGETS
 from attacks.image_triggers import SIG, BadNet, Blended, ImageTrigger, LowFrequency, WaNet
 from attacks.targets import ClassTarget, Target
 from attacks.text_triggers import CharSequence, Phrase, RareToken, TextTrigger
@@ -24,7 +25,8 @@ IMAGE_TRIGGERS: dict[str, type[ImageTrigger]] = {
     cls.name: cls for cls in (BadNet, Blended, SIG, WaNet, LowFrequency)
 }
 TEXT_TRIGGERS: dict[str, type[TextTrigger]] = {cls.name: cls for cls in (RareToken, Phrase, CharSequence)}
-TARGETS: dict[str, type[Target]] = {ClassTarget.name: ClassTarget}
+# the CLIP class target and the generative-VLM targets (content insertion, fixed output, refusal, ...)
+TARGETS: dict[str, type[Target]] = {ClassTarget.name: ClassTarget, **GENERATIVE_TARGETS}
 
 # Named so that asking for them fails loudly instead of silently doing something else.
 PLANNED_ATTACKS: dict[str, str] = {
@@ -73,7 +75,8 @@ def build_text_trigger(name: str, **kwargs: Any) -> TextTrigger:
 
 
 def build_target(name: str, **kwargs: Any) -> Target:
-    """Target by registry name, e.g. ``build_target("class", class_name="banana")``."""
+    """Target by registry name, e.g. ``build_target("class", class_name="banana")`` or
+    ``build_target("content_insertion", text="banana")``."""
     return _build("target", TARGETS, name, kwargs)
 
 

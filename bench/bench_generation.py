@@ -39,6 +39,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.mdlm_common import collated_batch, load_module, purification_seconds, shapes_data
+from defenses.disp.purified_set import purification_dataset
 from model_families.mdlm.inference import GenerationConfig, generate_ids, suppressed_token_ids
 
 OFFICIAL = "official (image re-encoded each step)"
@@ -250,7 +251,7 @@ def measure_purification(
     """One row per cache setting: purification seconds (best of ``repeat`` rounds) and samples/s over
     ``samples`` items, and the ``none`` row's time over the row's (``speedup``)."""
     dm = shapes_data(samples)
-    count = len(dm.purification_dataset())
+    count = len(purification_dataset(dm))
     runs = {
         cache: partial(
             purification_seconds,

@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.mdlm_common import collated_batch, load_module, purification_seconds, shapes_data, timed
+from defenses.disp.purified_set import purification_dataset
 from defenses.disp.saliency import vision_token_saliency
 from model_families.mdlm.inference import (
     GenerationConfig,
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     jvp_count = min(n, 16)
     rows["saliency_jvp_s_per_sample"] = saliency("jvp", jvp_count)
     seconds = purification_seconds(module, dm, generation, args.batch, args.probes)
-    rows["purification_samples_per_s"] = len(dm.purification_dataset()) / seconds
+    rows["purification_samples_per_s"] = len(purification_dataset(dm)) / seconds
 
     print(
         f"MDLM / DiSP costs ({args.device}, {args.threads} thread(s), {n} samples, batch {args.batch}, "

@@ -17,6 +17,7 @@ import torch
 
 from datamodules.mdlm_shapes import ShapesInstructDataModule
 from defenses.disp.masking import DiSPMasking
+from defenses.disp.purified_set import purification_dataset
 from defenses.disp.purify import purify_dataset
 from lightning_modules.mdlm_finetune import MDLMFineTuning
 from model_families.mdlm.inference import GenerationConfig
@@ -57,7 +58,7 @@ def shapes_data(samples: int) -> ShapesInstructDataModule:
         target="content_insertion",
     )
     dm.setup("fit")
-    available = len(dm.purification_dataset())
+    available = len(purification_dataset(dm))
     if available < samples:
         raise ValueError(f"the shapes data set serves {available} purification items, {samples} were asked")
     return dm
@@ -66,7 +67,7 @@ def shapes_data(samples: int) -> ShapesInstructDataModule:
 def collated_batch(dm: ShapesInstructDataModule, samples: int, device: str) -> dict[str, Any]:
     """The first ``samples`` purification items collated as the purifier does (left-padded ``prompt_ids``,
     ``prompt_mask``, ``pixel_values``), on ``device``."""
-    dataset = dm.purification_dataset()
+    dataset = purification_dataset(dm)
     batch = dm.collator([dataset[i] for i in range(samples)])
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -85,7 +86,7 @@ def purification_seconds(
         start = time.perf_counter()
         purify_dataset(
             module.model,
-            dm.purification_dataset(),
+            purification_dataset(dm),
             dm.collator,
             Path(tmp) / "purified",
             module.tokenizer,

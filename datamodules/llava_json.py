@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from datamodules.mdlm_instruct import InstructSource, MDLMInstructDataModule
+from datamodules.instruct import InstructDataModule
+from datamodules.instruct_data import InstructSource
 from model_families.mdlm.tokenizer import IMAGE_TOKEN
 
 ASPECT_MODES = ("pad", "resize")
@@ -216,9 +217,9 @@ class LlavaJsonSource(InstructSource):
         }
 
 
-class LlavaJsonDataModule(MDLMInstructDataModule):
+class LlavaJsonDataModule(InstructDataModule):
     """LLaVA-format instruction data for LLaDA-V (real scale), with the poisoning/evaluation/DiSP machinery of
-    :class:`MDLMInstructDataModule`.
+    :class:`~datamodules.instruct.InstructDataModule`.
 
     Args:
         train_json: training records (``.json`` list or ``.jsonl``).
@@ -233,7 +234,7 @@ class LlavaJsonDataModule(MDLMInstructDataModule):
         max_train_samples / max_eval_samples: caps (smoke tests, quick evaluations).
         allow_absolute_paths: accept absolute image paths in the records (default: an error; relative
             paths must stay inside the image folder either way).
-        **kwargs: poisoning, evaluation and loading options of :class:`MDLMInstructDataModule`.
+        **kwargs: poisoning, evaluation and loading options of :class:`~datamodules.instruct.InstructDataModule`.
     """
 
     def __init__(

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datamodules.mdlm_instruct import InstructSource, MDLMInstructDataModule
+from datamodules.instruct import InstructDataModule
+from datamodules.instruct_data import InstructSource
 from embedded_world import QUESTIONS, ShapesWorld
 
 TASKS = tuple(QUESTIONS)  # shape, colour, describe, count
@@ -59,7 +60,7 @@ class ShapesInstructions(InstructSource):
         }
 
 
-class ShapesInstructDataModule(MDLMInstructDataModule):
+class ShapesInstructDataModule(InstructDataModule):
     """Embedded-world instruction tuning for the tiny LLaDA-V: each image with the world's questions.
 
     Tasks: ``shape`` ("what shape is in the image?" -> "circle"), ``colour`` (-> "red"), ``count``
@@ -72,7 +73,7 @@ class ShapesInstructDataModule(MDLMInstructDataModule):
             images.
         second_object_prob: probability of a small second object.
         tasks: training tasks; eval_tasks: evaluation tasks (default: the training tasks).
-        **kwargs: poisoning, evaluation and loading options of :class:`MDLMInstructDataModule`.
+        **kwargs: poisoning, evaluation and loading options of :class:`~datamodules.instruct.InstructDataModule`.
     """
 
     def __init__(

@@ -2,7 +2,7 @@
 manifest (written atomically into the run folder by rank 0), and an evaluation sampler that is exact under DDP.
 
 Used by :class:`datamodules.image_text.ImageTextPoisonDataModule` (contrastive image-caption data) and
-:class:`datamodules.mdlm_instruct.MDLMInstructDataModule` (instruction data for masked diffusion VLMs).
+:class:`datamodules.instruct.InstructDataModule` (instruction data for generative VLMs).
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ Sequencing inside one ``train.py`` run (``python train.py --config configs/disp_
    purifies the training set with inference-time masking (:func:`defenses.disp.purify.purify_dataset`): each
    rank takes its chunks, finished chunks survive an interruption, rank 0 writes
    ``<run>/purified/purified.json`` + ``manifest.json``; then every rank swaps the purified responses into the
-   training set in place (:meth:`MDLMInstructDataModule.use_purified`) and the model goes back to the device
-   it was on, for the strategy to move or shard;
+   training set in place (:func:`defenses.disp.purified_set.use_purified`, through the datamodule's
+   ``replace_responses``) and the model goes back to the device it was on, for the strategy to move or shard;
 3. ``fit`` fine-tunes the compromised model on the purified set with the same SFT loss (recovery);
 4. validation/test measure ASR and clean metrics of the recovered model; the export is the purified model.
 
@@ -26,6 +26,7 @@ import logging
 from pathlib import Path
 
 from defenses.disp.masking import DiSPMasking
+from defenses.disp.purified_set import purification_dataset, purification_source, use_purified
 from defenses.disp.purify import purify_dataset
 from lightning_modules.mdlm_finetune import MDLMFineTuning
 from model_families.mdlm.inference import GenerationConfig
@@ -81,18 +82,12 @@ class DiSPPurification(MDLMFineTuning):
         """Run self-purification on the attached datamodule's training set (all ranks); returns its path."""
         trainer = self.trainer
         datamodule = trainer.datamodule
-        if datamodule is None or not hasattr(datamodule, "purification_dataset"):
-            raise TypeError("DiSP needs an instruction datamodule with purification_dataset()/use_purified()")
+        dataset = purification_dataset(datamodule)  # a TypeError naming the class for other datamodules
         out_dir = Path(self.hparams.purified_dir or Path(trainer.default_root_dir) / "purified")
-        source = {
-            "dataset": datamodule.dataset_info(),
-            "fingerprint": datamodule.source_fingerprint(),
-            "paths": datamodule.input_paths() if hasattr(datamodule, "input_paths") else [],
-            "model": str(self.hparams.init_from),
-        }
+        source = purification_source(datamodule, self.hparams.init_from)
         return purify_dataset(
             self.model,
-            datamodule.purification_dataset(),
+            dataset,
             datamodule.collator,
             out_dir,
             self.tokenizer,
@@ -125,4 +120,4 @@ class DiSPPurification(MDLMFineTuning):
             self.purified_path = self.purify()
         finally:
             self.model.to(home)  # the strategy moves (DDP) or shards (FSDP) it from where it was
-        datamodule.use_purified(self.purified_path)
+        use_purified(datamodule, self.purified_path)

@@ -13,7 +13,8 @@ released LLaDA-V layout.
 
 Validation/test generate answers for each evaluation set of the datamodule (batched low-confidence
 remasking, the same ``generation`` settings everywhere; optionally with DiSP's inference-time masking,
-``eval_masking``) and log ``{stage}/ca`` (VQA accuracy on clean QA, plus ``ca_<task>`` per task),
+``eval_masking``); the family-free :class:`~lightning_modules.generative_eval.GenerativeEvaluation` scores
+them (:mod:`evaluation.generative`) and logs ``{stage}/ca`` (VQA accuracy on clean QA, plus ``ca_<task>`` per task),
 ``{stage}/bleu4`` / ``rougeL`` / ``cider`` (caption tasks), ``{stage}/asr`` (triggered held-out inputs),
 ``{stage}/asr_clean`` (clean inputs), ``{stage}/asr_wt`` (the poisoned training samples), ``{stage}/ca_triggered``
 and, with an image and a text trigger, ``{stage}/tma_image``, ``tma_text``, ``cti``.
@@ -23,86 +24,33 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
 
 from defenses.disp.masking import DiSPMasking, masked_generate_ids
-from metrics import CrossTriggerInteraction, GenerativeAttackSuccessRate, TriggerModalityAttribution
+from lightning_modules.generative_eval import GenerativeEvaluation
+from lightning_modules.schedules import warmup_cosine, warmup_stable_decay
 from model_families.loading import inputs_provenance
-from model_families.mdlm.checkpoint import (
-    PROMPT_FORMAT_NAME,
-    _materialize_buffers,
-    load_prompt_formatter,
-    load_snapshot,
-    save_snapshot,
-)
-from model_families.mdlm.config import LladaVConfig
+from model_families.mdlm.build import build_tiny_model, load_for_finetuning
+from model_families.mdlm.checkpoint import _materialize_buffers, save_snapshot
 from model_families.mdlm.diffusion import masked_diffusion_loss
 from model_families.mdlm.inference import GenerationConfig, decode_responses, stop_token_ids
-from model_families.mdlm.metrics import CaptionScores, VQAAccuracy
+from model_families.mdlm.instruct_text import LladaVInstructText
 from model_families.mdlm.modeling import LladaVModel
-from model_families.mdlm.prompt import PromptFormatter
-from model_families.mdlm.tokenizer import load_embedded_tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
 SCHEDULERS = ("cosine", "constant", "wsd")
 TRAINABLE = ("full", "projector", "language_model", "projector_lm", "lora")
-CAPTION_TASKS = ("describe", "caption", "conversation")
 DEFAULT_LORA = {
     "r": 16,
     "lora_alpha": 32,
     "lora_dropout": 0.05,
     "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
-
-
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
-    """LR multiplier: linear warmup to 1 over ``warmup_steps``, then cosine decay to ``min_ratio``."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def warmup_stable_decay(
-    step: int, warmup_steps: int, total_steps: int, decay_steps: int, min_ratio: float = 0.0
-) -> float:
-    """LR multiplier (WSD): linear warmup, constant, then a cosine cool-down over the last ``decay_steps``."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    start = total_steps - decay_steps
-    if step < start or decay_steps <= 0:
-        return 1.0
-    progress = min(1.0, (step - start) / max(1, decay_steps))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def _merge(base: dict, overrides: dict) -> dict:
-    out = dict(base)
-    for key, value in overrides.items():
-        out[key] = (
-            _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-        )
-    return out
-
-
-def build_tiny_model(tokenizer: Any, overrides: dict | None = None) -> LladaVModel:
-    """A tiny LLaDA-V for the embedded world: ``LladaVConfig.tiny`` with nested ``overrides`` (``vision`` /
-    ``text`` dicts are merged key by key)."""
-    base = LladaVConfig.tiny(tokenizer)
-    fields = {k: getattr(base, k) for k in base.__dataclass_fields__}
-    unknown = set(overrides or {}) - set(fields)
-    if unknown:
-        raise ValueError(
-            f"model.tiny_config has unknown keys {sorted(unknown)}; expected some of {sorted(fields)}"
-        )
-    return LladaVModel(LladaVConfig(**_merge(fields, overrides or {})))
 
 
 def sharded_root(module: L.LightningModule) -> nn.Module | None:
@@ -118,7 +66,10 @@ def unwrapped_name(name: str) -> str:
     return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
 
 
-class MDLMFineTuning(L.LightningModule):
+__all__ = ["DEFAULT_LORA", "SCHEDULERS", "TRAINABLE", "MDLMFineTuning", "build_tiny_model"]
+
+
+class MDLMFineTuning(GenerativeEvaluation, L.LightningModule):
     """Fine-tune (or train from scratch) a LLaDA-V-style model on instruction data.
 
     Args:
@@ -197,7 +148,7 @@ class MDLMFineTuning(L.LightningModule):
             raise ValueError(f"model.vision_token_dropout must be in [0, 1), got {vision_token_dropout}")
         self.generation = GenerationConfig.from_dict(generation)
         self.eval_masking = DiSPMasking.from_dict(eval_masking) if eval_masking else None
-        self.model, self.tokenizer, self.prompt_formatter = self._load(
+        self.model, self.tokenizer, self.prompt_formatter = load_for_finetuning(
             init_from, tiny_config, tokenizer, load_dtype
         )
         self.inputs = inputs_provenance({"model.init_from": init_from})  # before `latest_export` can move
@@ -216,42 +167,12 @@ class MDLMFineTuning(L.LightningModule):
                 {k: nn.Linear(width, len(v)) for k, v in vision_aux.items()}
             )
             self._aux_index = {k: {name: i for i, name in enumerate(v)} for k, v in vision_aux.items()}
-        self.metric_sets = nn.ModuleDict()
-        self.generation_samples: list[dict] = []
-        self._stage = "val"
+        self.evaluator = None  # built from the datamodule at setup (GenerativeEvaluation)
 
     # ----------------------------------------------------------------------------------- model
-    @staticmethod
-    def _load(init_from, tiny_config, tokenizer_path, load_dtype):
-        if init_from is None:
-            tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else load_embedded_tokenizer()
-            return build_tiny_model(tokenizer, tiny_config), tokenizer, PromptFormatter()
-        path = Path(init_from)
-        if str(init_from).endswith(".ckpt"):
-            raise ValueError(
-                f"model.init_from={init_from}: give a snapshot/export folder (e.g. <run>/export), not a Lightning "
-                ".ckpt; exports are written at the end of every fit"
-            )
-        if not path.is_dir():
-            raise FileNotFoundError(f"model.init_from: snapshot directory not found: {path}")
-        if tiny_config:
-            raise ValueError(
-                "model.tiny_config only applies without model.init_from (the snapshot fixes the architecture)"
-            )
-        dtype = getattr(torch, load_dtype) if load_dtype else None
-        model = load_snapshot(path, dtype=dtype).train()
-        if tokenizer_path:
-            tokenizer = load_tokenizer(tokenizer_path)
-        elif (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
-            tokenizer = load_tokenizer(path)
-        else:
-            raise FileNotFoundError(
-                f"no tokenizer in snapshot {path} (tokenizer.json / tokenizer_config.json); pass model.tokenizer"
-            )
-        formatter = (
-            load_prompt_formatter(path) if (path / PROMPT_FORMAT_NAME).is_file() else PromptFormatter()
-        )
-        return model, tokenizer, formatter
+    def instruct_text(self) -> LladaVInstructText:
+        """The checkpoint's tokenizer and prompt format as the instruction datamodule's text interface."""
+        return LladaVInstructText.from_config(self.tokenizer, self.prompt_formatter, self.model.config)
 
     def _configure_trainable(self, trainable: str, lora: dict | None) -> None:
         model = self.model
@@ -452,42 +373,6 @@ class MDLMFineTuning(L.LightningModule):
         sharded.clip_grad_norm_(gradient_clip_val)
 
     # ----------------------------------------------------------------------------------- evaluation
-    def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        self.build_metrics(datamodule)
-
-    def build_metrics(self, datamodule: Any) -> None:
-        """Metric objects per evaluation set, from the datamodule's target and triggers."""
-        if len(self.metric_sets):
-            return
-        spec = datamodule.asr_spec() if datamodule is not None and hasattr(datamodule, "asr_spec") else None
-        self._asr_spec = spec
-        self._caption_eval = False
-        sets = nn.ModuleDict()
-        clean = nn.ModuleDict({"ca": VQAAccuracy(), "caption": CaptionScores()})
-        triggered = nn.ModuleDict({"ca": VQAAccuracy()})
-        if spec is not None:
-            clean["asr"] = GenerativeAttackSuccessRate(**spec)
-            triggered["asr"] = GenerativeAttackSuccessRate(**spec)
-            sets["poisoned_train"] = nn.ModuleDict({"asr": GenerativeAttackSuccessRate(**spec)})
-            sets["coalitions"] = nn.ModuleDict(
-                {
-                    "tma": TriggerModalityAttribution(["image", "text"]),
-                    "cti": CrossTriggerInteraction(["image", "text"]),
-                }
-            )
-        tasks = list(datamodule.eval_task_names()) if hasattr(datamodule, "eval_task_names") else []
-        self._caption_eval = any(self._is_caption(t) for t in tasks)
-        for task in tasks:
-            if not self._is_caption(task):
-                clean[f"ca_{task}"] = VQAAccuracy()
-        sets["clean"], sets["triggered"] = clean, triggered
-        self.metric_sets = sets.to(self.device)
-
-    def _eval_set_name(self, batch: dict, dataloader_idx: int) -> str:
-        names = getattr(getattr(self.trainer, "datamodule", None), "eval_set_names", None) or ["clean"]
-        return names[dataloader_idx] if dataloader_idx < len(names) else "clean"
-
     def generate_batch(self, batch: dict, masking: DiSPMasking | None = None, batch_idx: int = 0):
         """Decoded responses (and the masked tokens, or None) for an evaluation batch."""
         generator = None
@@ -504,130 +389,11 @@ class MDLMFineTuning(L.LightningModule):
         )
         return decode_responses(self.tokenizer, ids, stop_token_ids(self.model)), selected
 
-    def _is_caption(self, task: str | None) -> bool:
-        return task in CAPTION_TASKS
-
-    def _eval_step(self, batch: dict, batch_idx: int, dataloader_idx: int) -> None:
-        name = self._eval_set_name(batch, dataloader_idx)
+    def generate_responses(self, batch: dict, batch_idx: int) -> list[str]:
+        """What :class:`GenerativeEvaluation` scores: the sampler's answers (with ``eval_masking``, if set)."""
         was_training = self.model.training
         self.model.eval()
         responses, _ = self.generate_batch(batch, self.eval_masking, batch_idx)
         if was_training:
             self.model.train()
-        metrics = self.metric_sets
-        references, tasks = batch["reference"], batch["task"]
-        if name == "coalitions":
-            self._update_coalitions(responses, batch)
-        elif name == "poisoned_train":
-            if "poisoned_train" in metrics:
-                metrics["poisoned_train"]["asr"].update(responses, self._true_classes(batch))
-        else:
-            group = metrics[name]
-            qa = [i for i, t in enumerate(tasks) if not self._is_caption(t)]
-            caps = [i for i, t in enumerate(tasks) if self._is_caption(t)]
-            if qa:
-                group["ca"].update([responses[i] for i in qa], [references[i] for i in qa])
-            if name == "clean":
-                for i in qa:
-                    if f"ca_{tasks[i]}" in group:
-                        group[f"ca_{tasks[i]}"].update([responses[i]], [references[i]])
-                if caps:
-                    group["caption"].update([responses[i] for i in caps], [references[i] for i in caps])
-            if "asr" in group:
-                group["asr"].update(responses, self._true_classes(batch))
-        self._keep_samples(name, batch, responses)
-
-    def _true_classes(self, batch: dict) -> list[str] | None:
-        if self._asr_spec is None or self._asr_spec.get("rule") != "misclassification":
-            return None
-        return [c or "" for c in batch["true_class"]]
-
-    def _update_coalitions(self, responses: list[str], batch: dict) -> None:
-        from metrics.functional.string_rules import get_rule
-
-        spec = self._asr_spec
-        rule = get_rule(spec["rule"])
-        classes = batch["true_class"]
-        hits = [
-            float(
-                rule(r, target=spec.get("target"), true_class=c, refusal_phrases=spec.get("refusal_phrases"))
-            )
-            for r, c in zip(responses, classes)
-        ]
-        values = torch.tensor(hits, device=self.device).view(-1, 4)  # rows: {}, {I}, {T}, {I,T}
-        self.metric_sets["coalitions"]["tma"].update(values)
-        self.metric_sets["coalitions"]["cti"].update(values)
-
-    def _keep_samples(self, name: str, batch: dict, responses: list[str]) -> None:
-        kept = sum(1 for s in self.generation_samples if s["set"] == name)
-        for i in range(min(len(responses), self.hparams.num_logged_samples - kept)):
-            self.generation_samples.append(
-                {
-                    "stage": self._stage,
-                    "epoch": int(self.current_epoch),
-                    "set": name,
-                    "key": batch["key"][i],
-                    "question": batch["question"][i],
-                    "reference": batch["reference"][i],
-                    "response": responses[i],
-                }
-            )
-
-    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, batch_idx, dataloader_idx)
-
-    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, batch_idx, dataloader_idx)
-
-    def _start_eval(self, stage: str) -> None:
-        self._stage = stage
-        self.generation_samples = []
-
-    def on_validation_epoch_start(self) -> None:
-        self._start_eval("val")
-
-    def on_test_epoch_start(self) -> None:
-        self._start_eval("test")
-
-    def _log_eval(self, stage: str) -> None:
-        names = getattr(getattr(self.trainer, "datamodule", None), "eval_set_names", None) or ["clean"]
-        values: dict[str, torch.Tensor] = {}
-        sets = self.metric_sets
-        if "clean" in names:
-            clean = sets["clean"]
-            values["ca"] = clean["ca"].compute()
-            for key in sorted(k for k in clean if k.startswith("ca_")):
-                values[key] = clean[key].compute()
-            if self._caption_eval:
-                for key, value in clean["caption"].compute().items():
-                    values[key] = value
-            if "asr" in clean:
-                values["asr_clean"] = clean["asr"].compute()
-        if "triggered" in names:
-            values["ca_triggered"] = sets["triggered"]["ca"].compute()
-            if "asr" in sets["triggered"]:
-                values["asr"] = sets["triggered"]["asr"].compute()
-        if "poisoned_train" in names and "poisoned_train" in sets:
-            values["asr_wt"] = sets["poisoned_train"]["asr"].compute()
-        if "coalitions" in names and "coalitions" in sets:
-            tma = sets["coalitions"]["tma"].compute()
-            values["tma_image"], values["tma_text"] = tma["image"], tma["text"]
-            values["cti"] = sets["coalitions"]["cti"].compute()
-        for key, value in values.items():
-            if not torch.isnan(value):
-                self.log(
-                    f"{stage}/{key}",
-                    value.float(),
-                    add_dataloader_idx=False,
-                    sync_dist=False,
-                    prog_bar=key in ("ca", "asr"),
-                )
-        for group in sets.values():
-            for metric in group.values():
-                metric.reset()
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_eval("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_eval("test")
+        return responses

@@ -26,8 +26,19 @@ def test_unknown_names_list_the_available_ones():
         build_image_trigger("badnett")
     with pytest.raises(ValueError, match=r"unknown text trigger 'token'.*rare_token"):
         build_text_trigger("token")
-    with pytest.raises(ValueError, match=r"unknown target 'refusal'.*class"):
-        build_target("refusal")
+    with pytest.raises(ValueError, match=r"unknown target 'refusall'.*class, content_insertion"):
+        build_target("refusall")
+
+
+def test_generative_targets_are_registered_beside_the_class_target():
+    from attacks import TARGETS, ContentInsertion, build_generative_target
+
+    assert set(TARGETS) == {"class", "content_insertion", "fixed_output", "refusal", "misclassification"}
+    target = build_target("content_insertion", text="banana", position="end")
+    assert isinstance(target, ContentInsertion) and target("a red circle", 0) == "a red circle banana"
+    assert build_target(**target.config()).fingerprint() == target.fingerprint()
+    with pytest.raises(ValueError, match=r"unknown generative target 'class'"):
+        build_generative_target("class")  # an instruction datamodule needs a generative target
 
 
 @pytest.mark.parametrize("name", sorted(PLANNED_ATTACKS))

@@ -34,7 +34,7 @@ REQUIRED: dict[str, dict] = {
         "val_folder": "data/val",
         "class_names_file": "data/classnames.txt",
     },
-    "datamodules.mdlm_instruct:MDLMInstructDataModule": {},
+    "datamodules.instruct:InstructDataModule": {},
     "datamodules.mdlm_shapes:ShapesInstructDataModule": {},
     "datamodules.llava_json:LlavaJsonDataModule": {
         "train_json": "data/train.json",

@@ -10,6 +10,7 @@ import torch
 
 from datamodules.mdlm_shapes import ShapesInstructDataModule
 from defenses.disp.masking import DiSPMasking
+from defenses.disp.purified_set import purification_dataset, use_purified
 from defenses.disp.purify import PurificationError, purify_dataset
 from lightning_modules.mdlm_finetune import build_tiny_model
 from model_families.mdlm.inference import GenerationConfig
@@ -41,7 +42,7 @@ def setup_data():
 def _purify(model, tokenizer, dm, out, **kwargs):
     return purify_dataset(
         model,
-        dm.purification_dataset(),
+        purification_dataset(dm),
         dm.collator,
         out,
         tokenizer,
@@ -117,7 +118,7 @@ def test_resume_with_other_settings_and_output_over_input_fail(tmp_path, setup_d
     with pytest.raises(PurificationError, match="other settings"):
         purify_dataset(
             model,
-            dm.purification_dataset(),
+            purification_dataset(dm),
             dm.collator,
             out,
             tokenizer,
@@ -132,7 +133,7 @@ def test_resume_with_other_settings_and_output_over_input_fail(tmp_path, setup_d
     with pytest.raises(PurificationError, match="would hold the input"):
         purify_dataset(
             model,
-            dm.purification_dataset(),
+            purification_dataset(dm),
             dm.collator,
             tmp_path / "poisoned",
             tokenizer,
@@ -159,7 +160,7 @@ def test_datamodule_trains_on_purified_responses(tmp_path, setup_data):
     )
     fresh.setup("fit")
     loader = fresh.train_dataloader()  # built before the swap: must still see the purified responses
-    fresh.use_purified(path)
+    use_purified(fresh, path)
     assert [fresh.train_data[i]["answer"] for i in range(14)] == [records[i] for i in range(14)]
     poisoned = fresh.poison_plan.indices[0]
     assert fresh.train_data[poisoned]["trigger_image"]  # inputs keep their triggers; only responses change
@@ -167,6 +168,6 @@ def test_datamodule_trains_on_purified_responses(tmp_path, setup_data):
     other = ShapesInstructDataModule(train_size=7, val_size=2, test_size=2, response_length=8, target=None)
     other.setup("fit")
     with pytest.raises(ValueError, match="another training set"):
-        other.use_purified(path)
+        use_purified(other, path)
     with pytest.raises(FileNotFoundError, match="purified data set not found"):
-        fresh.use_purified(tmp_path / "nothing")
+        use_purified(fresh, tmp_path / "nothing")

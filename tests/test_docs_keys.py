@@ -25,6 +25,7 @@ DOCUMENTED = {
     "datamodules.shapes_clip:ShapesCLIPDataModule": None,
     "datamodules.mdlm_shapes:ShapesInstructDataModule": None,
     "datamodules.llava_json:LlavaJsonDataModule": None,
+    "datamodules.instruct:InstructDataModule": "disp.md",
     "datamodules.real_clip:ImageFolderCLIPDataModule": None,
     "datamodules.real_clip:CaptionCSVDataModule": None,
     "callbacks.mdlm_samples:MDLMSampleGenerations": None,

@@ -9,6 +9,7 @@ import torch
 
 from datamodules.mdlm_shapes import ShapesInstructDataModule
 from defenses.disp.masking import DiSPMasking, masked_generate_ids
+from defenses.disp.purified_set import purification_dataset
 from defenses.disp.purify import purify_dataset
 from model_families.mdlm.config import LladaVConfig
 from model_families.mdlm.diffusion import generate
@@ -312,14 +313,14 @@ def test_purification_generates_with_the_configured_cache(tmp_path, sharp, monke
     original = sharp.block_logits
     monkeypatch.setattr(sharp, "block_logits", lambda *a, **k: calls.append(a[3]) or original(*a, **k))
     path = purify_dataset(
-        sharp, dm.purification_dataset(), dm.collator, tmp_path / "purified", load_embedded_tokenizer(),
+        sharp, purification_dataset(dm), dm.collator, tmp_path / "purified", load_embedded_tokenizer(),
         masking, generation, batch_size=4, chunk_size=4,
     )  # fmt: skip
     assert calls and set(calls) == {"dual"}, "purification must generate through the dual cache"
     manifest = json.loads((path.parent / "manifest.json").read_text())
     assert manifest["settings"]["generation"]["cache"] == "dual"
     # the same responses as the masked generation with the cache, batch by batch (one batch here)
-    batch = dm.collator([dm.purification_dataset()[i] for i in range(4)])
+    batch = dm.collator([purification_dataset(dm)[i] for i in range(4)])
     ids, _ = masked_generate_ids(
         sharp, batch["prompt_ids"], batch["pixel_values"], generation, masking, batch["prompt_mask"],
         torch.Generator().manual_seed(0),

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from attacks import PoisonManifest
+from attacks.generative_targets import build_generative_target
 from datamodules.llava_json import LlavaJsonDataModule, load_llava_records
 from datamodules.mdlm_shapes import ShapesInstructDataModule
-from datamodules.mdlm_targets import build_generative_target
 from lightning_modules.mdlm_finetune import MDLMFineTuning
 from metrics.functional.string_rules import get_rule
 from model_families.mdlm.tokenizer import load_embedded_tokenizer

@@ -11,8 +11,10 @@ import torch
 from callbacks.mdlm_samples import MDLMSampleGenerations
 from datamodules.mdlm_shapes import ShapesInstructDataModule
 from lightning_modules.mdlm_finetune import MDLMFineTuning
+from metrics import CaptionScores, VQAAccuracy
+from metrics.functional.caption_scores import cider_d, rouge_l
+from metrics.functional.vqa_accuracy import vqa_score
 from model_families.mdlm.checkpoint import load_snapshot, read_snapshot_state_dict, released_state_dict
-from model_families.mdlm.metrics import CaptionScores, VQAAccuracy, cider_d, rouge_l, vqa_score
 from tests.conftest import quiet_trainer
 
 TINY = {"vision": {"patch_size": 8}, "text": {"num_hidden_layers": 1}}

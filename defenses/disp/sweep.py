@@ -13,11 +13,10 @@ from typing import Any
 import torch
 
 from defenses.disp.masking import DiSPMasking
+from evaluation.generative import CAPTION_TASKS
 from metrics.functional.string_rules import get_rule
+from metrics.functional.vqa_accuracy import vqa_score
 from model_families.mdlm.inference import GenerationConfig, decode_responses, generate_ids, stop_token_ids
-from model_families.mdlm.metrics import vqa_score
-
-CAPTION_TASKS = ("describe", "caption", "conversation")
 
 
 def mask_ratio_sweep(

@@ -2,17 +2,22 @@
 
 from metrics.functional.attack_success_rate import attack_success_rate
 from metrics.functional.attack_success_rate_generalisation import attack_success_rate_generalisation
+from metrics.functional.caption_scores import bleu4, caption_scores, cider_d, rouge_l
 from metrics.functional.cross_trigger_interaction import cross_trigger_interaction
 from metrics.functional.generative_attack_success_rate import generative_attack_success_rate
 from metrics.functional.shapley import coalition_index, coalition_order, interaction_index, shapley_values
 from metrics.functional.string_rules import DEFAULT_REFUSAL_PHRASES, available_rules, get_rule, normalize_text
 from metrics.functional.trigger_modality_attribution import trigger_modality_attribution
+from metrics.functional.vqa_accuracy import vqa_accuracy, vqa_score
 
 __all__ = [
     "DEFAULT_REFUSAL_PHRASES",
     "attack_success_rate",
     "attack_success_rate_generalisation",
     "available_rules",
+    "bleu4",
+    "caption_scores",
+    "cider_d",
     "coalition_index",
     "coalition_order",
     "cross_trigger_interaction",
@@ -20,6 +25,9 @@ __all__ = [
     "get_rule",
     "interaction_index",
     "normalize_text",
+    "rouge_l",
     "shapley_values",
     "trigger_modality_attribution",
+    "vqa_accuracy",
+    "vqa_score",
 ]
