@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from attacks.image_targets import ImageTarget
 from attacks.image_triggers import SIG, BadNet, Blended, ImageTrigger, LowFrequency, WaNet
 from attacks.targets import ClassTarget, Target
 from attacks.text_triggers import CharSequence, Phrase, RareToken, TextTrigger
@@ -24,7 +25,7 @@ IMAGE_TRIGGERS: dict[str, type[ImageTrigger]] = {
     cls.name: cls for cls in (BadNet, Blended, SIG, WaNet, LowFrequency)
 }
 TEXT_TRIGGERS: dict[str, type[TextTrigger]] = {cls.name: cls for cls in (RareToken, Phrase, CharSequence)}
-TARGETS: dict[str, type[Target]] = {ClassTarget.name: ClassTarget}
+TARGETS: dict[str, type[Target]] = {cls.name: cls for cls in (ClassTarget, ImageTarget)}
 
 # Named so that asking for them fails loudly instead of silently doing something else.
 PLANNED_ATTACKS: dict[str, str] = {
