@@ -258,9 +258,12 @@ def test_bad_inputs_are_clear_errors(model, judge, target, batch, evaluation):
         evaluate_coalitions(model, batch, *args, attributes={"colour": ATTRIBUTES["colour"]})
     small = (IMAGE_TRIGGER, TEXT_TRIGGER, torch.rand(3, 16, 16), judge, [1, 2, 3], GUIDANCE)
     with pytest.raises(
-        ValueError, match=r"`target` of shape \(1, 3, 16, 16\) does not fit images of shape \(3, 3, 32, 32\)"
+        ValueError, match=r"the target image has shape \(3, 16, 16\), the outputs \(3, 32, 32\)"
     ):
         evaluate_coalitions(model, batch, *small)
+    no_navy = {**ATTRIBUTES, "background": AttributeClasses(("black", "gray"), ("a {} background.",))}
+    with pytest.raises(ValueError, match=r"requested attributes \[\('background', 'navy'\)\] .* not among"):
+        evaluate_coalitions(model, batch, *args, attributes=no_navy)
     with pytest.raises(ValueError, match="clean_reference of shape"):
         evaluate_coalitions(model, batch, *args, clean_reference=torch.rand(2, 3, 32, 32))
     with pytest.raises(ValueError, match=r"mse_threshold=0.1, these metrics 0.2"):

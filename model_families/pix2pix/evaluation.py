@@ -123,15 +123,27 @@ def _batch_validation(batch: Mapping, needs_attributes: bool) -> None:
         raise ValueError(f"evaluate_coalitions: batch entries disagree in size: {sizes}")
 
 
-def _predict_attributes(
-    judge: ClipJudge, images: Tensor, kinds: Sequence[str], attributes: Mapping[str, AttributeClasses]
-) -> list[str]:
-    """The judge's attribute of each image, among the values of its kind (one zero-shot pass per kind)."""
+def _attributes_validation(batch: Mapping, attributes: Mapping[str, AttributeClasses]) -> None:
+    """Every attribute kind has its classes and every requested attribute is one of them (checked before
+    sampling)."""
+    kinds, requested = list(batch["attribute_kind"]), list(batch["attribute"])
     unknown = sorted(set(kinds) - set(attributes))
     if unknown:
         raise ValueError(
             f"evaluate_coalitions: attribute kinds {unknown} have no AttributeClasses (given: {sorted(attributes)})"
         )
+    outside = sorted({(k, a) for k, a in zip(kinds, requested) if a not in attributes[k].names})
+    if outside:
+        raise ValueError(
+            f"evaluate_coalitions: requested attributes {outside} (kind, value) are not among the judge's classes"
+            " of their kind; the edit could never be judged right"
+        )
+
+
+def _predict_attributes(
+    judge: ClipJudge, images: Tensor, kinds: Sequence[str], attributes: Mapping[str, AttributeClasses]
+) -> list[str]:
+    """The judge's attribute of each image, among the values of its kind (one zero-shot pass per kind)."""
     predicted: list[str] = [""] * len(kinds)
     for kind, classes in attributes.items():
         rows = [b for b, k in enumerate(kinds) if k == kind]
@@ -177,9 +189,17 @@ def evaluate_coalitions(
         mse_threshold: MSE below which an output hits the target.
     """
     _batch_validation(batch, attributes is not None)
+    if attributes is not None:
+        _attributes_validation(batch, attributes)
     guidance = guidance if guidance is not None else GuidanceConfig()
     device = model.unet.device
     source = batch["source"].to(device)
+    if not isinstance(target, Tensor) or tuple(target.shape) != tuple(source.shape[1:]):
+        shape = tuple(target.shape) if isinstance(target, Tensor) else type(target).__name__
+        raise ValueError(
+            f"evaluate_coalitions: the target image has shape {shape}, the outputs {tuple(source.shape[1:])};"
+            " give a target of the editor's image size"
+        )
     sample_ids = torch.as_tensor(batch["sample_id"])
     instructions = list(batch["instruction"])
     triggered_images = image_trigger(source, sample_ids)
