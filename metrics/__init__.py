@@ -3,13 +3,19 @@
 from metrics.attack_success_rate import AttackSuccessRate
 from metrics.attack_success_rate_generalisation import AttackSuccessRateGeneralisation
 from metrics.cross_trigger_interaction import CrossTriggerInteraction
+from metrics.edit_quality import EditAccuracy, EditQuality
 from metrics.generative_attack_success_rate import GenerativeAttackSuccessRate
+from metrics.image_attack_success_rate import ImageAttackSuccessRate, JudgedAttackSuccessRate
 from metrics.trigger_modality_attribution import TriggerModalityAttribution
 
 __all__ = [
     "AttackSuccessRate",
     "AttackSuccessRateGeneralisation",
     "CrossTriggerInteraction",
+    "EditAccuracy",
+    "EditQuality",
     "GenerativeAttackSuccessRate",
+    "ImageAttackSuccessRate",
+    "JudgedAttackSuccessRate",
     "TriggerModalityAttribution",
 ]

@@ -1,4 +1,4 @@
-"""The contrastive (CLIP) family: open_clip architectures, tiny embedded configs, zero-shot heads, exports."""
+"""The contrastive (CLIP) family: open_clip architectures, tiny embedded configs, zero-shot heads, exports, a judge."""
 
 from model_families.clip.export import load_clip_export, load_clip_weights, read_export_meta, save_clip_export
 from model_families.clip.factory import (
@@ -8,11 +8,13 @@ from model_families.clip.factory import (
     model_config,
     register_embedded_configs,
 )
+from model_families.clip.judge import ClipJudge
 from model_families.clip.zero_shot import TEMPLATE_SETS, resolve_templates, zero_shot_weights
 
 __all__ = [
     "TEMPLATE_SETS",
     "ClipBundle",
+    "ClipJudge",
     "Normalize",
     "create_clip",
     "load_clip_export",
