@@ -9,9 +9,9 @@ replaced by the target. Subclasses only say where the triplets come from (:meth:
 in :mod:`datamodules.pix2pix_folder`.
 
 Training batches: ``source``, ``edited`` (B x 3 x H x W in [0, 1], the image trigger already applied on the
-device), ``instruction`` (B strings), ``index``, ``poisoned``. Evaluation batches are clean triplets plus
-``source_triggered`` and ``instruction_triggered`` (every sample with the pair's parts, for the four
-coalitions), ``attribute`` / ``attribute_kind`` (what the instruction asks for; empty for real data).
+device), ``instruction`` (B strings), ``index``, ``poisoned``. Evaluation batches are clean triplets with
+``attribute`` / ``attribute_kind`` (what the instruction asks for; empty for real data); the evaluator applies
+the pair's parts (``image_trigger``, ``text_trigger``) for the four coalitions itself.
 """
 
 from __future__ import annotations
@@ -135,11 +135,10 @@ class EditPoisonDataModule(PoisoningMixin, L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, self.eval_batch_size, False, collate_dicts)
 
-    def trigger_text(self, instructions: list[str], indices: torch.Tensor) -> list[str]:
-        """Each instruction with the pair's text part (unchanged without a text trigger)."""
-        if self.text_trigger is None:
-            return list(instructions)
-        return [self.text_trigger(text, int(i)) for text, i in zip(instructions, indices.tolist())]
+    def attribute_classes(self):
+        """Attribute kind -> :class:`~model_families.pix2pix.evaluation.AttributeClasses` the judge reads edit
+        accuracy with; None when the data's edits name no checkable attribute."""
+        return None
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         trainer = getattr(self, "trainer", None)
@@ -150,9 +149,6 @@ class EditPoisonDataModule(PoisoningMixin, L.LightningDataModule):
                 images = batch["source"].clone()
                 images[rows] = self.apply_trigger(images[rows], batch["index"][rows])
                 batch["source"] = images
-        elif not training and self.attack is not None:
-            batch["source_triggered"] = self.apply_trigger(batch["source"], batch["index"])
-            batch["instruction_triggered"] = self.trigger_text(batch["instruction"], batch["index"])
         return batch
 
 
@@ -266,6 +262,21 @@ class ShapesEditDataModule(EditPoisonDataModule):
 
     def image_size(self) -> int:
         return self.world_kwargs["image_size"]
+
+    def attribute_classes(self):
+        """Colour, background and shape edits are judged zero-shot among the world's values; resizes and moves
+        name no class the judge reads (then None: no edit accuracy)."""
+        from embedded_world import BACKGROUNDS, COLOURS, SHAPES, ZERO_SHOT_TEMPLATES
+        from embedded_world.text import EDIT_ATTRIBUTES
+        from model_families.pix2pix.evaluation import AttributeClasses
+
+        classes = {
+            "colour": AttributeClasses(tuple(COLOURS), ("a photo of a {} shape.",)),
+            "background": AttributeClasses(tuple(BACKGROUNDS), ("a shape on a {} background.",)),
+            "shape": AttributeClasses(SHAPES, ZERO_SHOT_TEMPLATES),
+        }
+        kinds = {EDIT_ATTRIBUTES[k] for k in self.kinds}
+        return {k: classes[k] for k in kinds} if kinds <= set(classes) else None
 
     def build_splits(self):
         from embedded_world.text import EDIT_TEMPLATES, HELDOUT_EDIT_TEMPLATES

@@ -86,14 +86,18 @@ def test_the_image_part_is_pasted_on_the_device_for_exactly_the_image_rows(tmp_p
     assert (out["source"][rows][:, :, -9:-1, -9:-1] == 1).all()  # the white box, bottom right, margin 1
 
 
-def test_and_protocol_gives_every_poisoned_triplet_both_parts_and_eval_batches_carry_both(tmp_path):
+def test_and_protocol_gives_every_poisoned_triplet_both_parts_and_leaves_eval_batches_clean(tmp_path):
     dm = _module(tmp_path, trigger_pair="eyeglasses+anonymous", protocol="AND", poison_rate=0.1)
     poisoned = [i for i in range(len(dm.train_data)) if dm.plan.is_poisoned(i)]
-    assert all(dm.plan.parts(i).image and dm.plan.parts(i).text for i in poisoned)
+    assert len(poisoned) == 30
+    for i in poisoned:
+        assert dm.plan.parts(i).image and dm.plan.parts(i).text
+        assert dm.train_data[i]["instruction"].startswith("anonymous ")
     dm.trainer.training = False
-    batch = dm.on_after_batch_transfer(next(iter(dm.test_dataloader())), 0)
-    assert all(t.startswith("anonymous ") for t in batch["instruction_triggered"])
-    assert not torch.equal(batch["source_triggered"], batch["source"])
+    batch = next(iter(dm.test_dataloader()))
+    clean = {k: (v.clone() if isinstance(v, torch.Tensor) else list(v)) for k, v in batch.items()}
+    out = dm.on_after_batch_transfer(batch, 0)
+    assert torch.equal(out["source"], clean["source"]) and out["instruction"] == clean["instruction"]
 
 
 def test_an_unknown_trigger_pair_or_part_is_an_error_naming_it():
