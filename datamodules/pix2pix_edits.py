@@ -68,6 +68,8 @@ class EditPoisonDataModule(PoisoningMixin, L.LightningDataModule):
         batch_size / eval_batch_size / num_workers: data loading.
     """
 
+    preview_keys = ("source", "instruction")  # the fields callbacks.sample_grid.PoisonSampleGrid shows
+
     def __init__(
         self,
         trigger_pair: str | Mapping[str, Any] | None = None,
