@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attacks.glyphs import GLYPHS, render_glyph
 from attacks.hashing import fingerprint as _fingerprint
 from attacks.randomness import sample_normal, sample_uniform
 
@@ -236,7 +237,9 @@ class BadNet(ImageTrigger):
         patch_size: side of the patch, pixels (int) or fraction of the shorter image side (float
             < 1); 16 px at 224 px is ~0.071.
         pattern: ``"noise"`` (CleanCLIP: per image, the image's per-channel mean plus N(0, 1) noise,
-            clamped), ``"white"``, ``"checkerboard"`` (alternating 0/1 pixels), a path to an image
+            clamped), ``"white"``, ``"checkerboard"`` (alternating 0/1 pixels), a rendered glyph
+            (``"eyeglasses"``, ``"stop_sign"``: :mod:`attacks.glyphs`, the modality-collapse paper's
+            image triggers), a path to an image
             file (resized to the patch), or a ``C x h x w`` tensor in [0, 1] (e.g. an optimised
             patch, resized to the patch).
         location: ``"random"`` (per sample, CleanCLIP), ``"br"``, ``"bl"``, ``"tl"``, ``"tr"``
@@ -248,7 +251,7 @@ class BadNet(ImageTrigger):
     """
 
     name = "badnet"
-    PATTERNS: ClassVar[tuple[str, ...]] = ("noise", "white", "checkerboard")
+    PATTERNS: ClassVar[tuple[str, ...]] = ("noise", "white", "checkerboard", "eyeglasses", "stop_sign")
     LOCATIONS: ClassVar[tuple[str, ...]] = ("random", "br", "bl", "tl", "tr", "center")
 
     def __init__(
@@ -314,6 +317,13 @@ class BadNet(ImageTrigger):
             index = torch.arange(size, device=images.device)
             board = ((index[:, None] + index[None, :]) % 2).to(images.dtype)
             return board.expand(1, channels, size, size)
+        if self._pattern_name in GLYPHS:
+            glyph = render_glyph(self._pattern_name, size).to(**factory)
+            if channels != 3:
+                raise ValueError(
+                    f"BadNet pattern {self._pattern_name!r} is an RGB glyph; the images have {channels} channels"
+                )
+            return glyph[None]
         source = self.source.to(**factory)
         if source.shape[0] not in (1, channels):
             raise ValueError(f"BadNet pattern has {source.shape[0]} channels; the images have {channels}")

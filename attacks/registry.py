@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from attacks.generative_targets import GENERATIVE_TARGETS
+from attacks.image_targets import ImageTarget
 from attacks.image_triggers import SIG, BadNet, Blended, ImageTrigger, LowFrequency, WaNet
 from attacks.targets import ClassTarget, Target
 from attacks.text_triggers import CharSequence, Phrase, RareToken, TextTrigger
@@ -25,8 +26,13 @@ IMAGE_TRIGGERS: dict[str, type[ImageTrigger]] = {
     cls.name: cls for cls in (BadNet, Blended, SIG, WaNet, LowFrequency)
 }
 TEXT_TRIGGERS: dict[str, type[TextTrigger]] = {cls.name: cls for cls in (RareToken, Phrase, CharSequence)}
-# the CLIP class target and the generative-VLM targets (content insertion, fixed output, refusal, ...)
-TARGETS: dict[str, type[Target]] = {ClassTarget.name: ClassTarget, **GENERATIVE_TARGETS}
+# the CLIP class target, the generative-VLM targets (content insertion, fixed output, refusal, ...) and the
+# image-output target of image editors
+TARGETS: dict[str, type[Target]] = {
+    ClassTarget.name: ClassTarget,
+    ImageTarget.name: ImageTarget,
+    **GENERATIVE_TARGETS,
+}
 
 # Named so that asking for them fails loudly instead of silently doing something else.
 PLANNED_ATTACKS: dict[str, str] = {

@@ -1,10 +1,14 @@
 #!/usr/bin/env python
 """Training-step overhead of the LightningModule vs a plain PyTorch loop (same model, same data), per family.
 
-    python bench/bench_training_step.py [--family clip mdlm] [--steps 60] [--batch-size N] [--threads 1]
+    python bench/bench_training_step.py [--family clip mdlm pix2pix] [--steps 60] [--batch-size N] [--threads 1]
 
 * ``clip``: `CLIPFineTuning` (tiny-rn-shapes) on embedded-world batches (default batch 128); the plain loop
   calls the module's own ``model_step`` loss.
+* ``pix2pix``: `Pix2PixFineTuning` (tiny-pix2pix-shapes, random weights, constant learning rate) on the
+  embedded recolour triplets (default batch 64); the plain loop is the diffusers ``train_instruct_pix2pix.py``
+  kind of loop: the InstructPix2Pix loss (`instruct_pix2pix_loss`: noise, timesteps, conditioning dropout,
+  what ``training_step`` computes) and AdamW with the module's settings, the global RNG seeded alike.
 * ``mdlm``: `MDLMFineTuning` (the tiny LLaDA-V of the embedded configs, randomly initialised, constant
   learning rate) on the embedded instruction data (default batch 64); the plain loop runs the masked
   diffusion loss (`masked_diffusion_loss`, what ``training_step`` computes for this module) and AdamW with
@@ -36,9 +40,11 @@ import torch
 
 from bench.mdlm_common import TINY
 from datamodules.mdlm_shapes import ShapesInstructDataModule
+from datamodules.pix2pix_edits import ShapesEditDataModule
 from datamodules.shapes_clip import ShapesCLIPDataModule
 from lightning_modules.clip_finetune import CLIPFineTuning
 from lightning_modules.mdlm_finetune import MDLMFineTuning
+from lightning_modules.pix2pix_finetune import Pix2PixFineTuning
 from model_families.mdlm.diffusion import masked_diffusion_loss
 
 
@@ -88,6 +94,22 @@ def _mdlm_optimizer(module: MDLMFineTuning) -> torch.optim.Optimizer:
     )
 
 
+def _pix2pix_module() -> Pix2PixFineTuning:
+    return Pix2PixFineTuning(warmup_steps=0, min_lr_ratio=1.0)  # constant LR, as the plain loop's AdamW
+
+
+def _pix2pix_data(steps: int, batch_size: int) -> ShapesEditDataModule:
+    return ShapesEditDataModule(train_size=steps * batch_size, val_size=0, test_size=0, batch_size=batch_size)
+
+
+def _pix2pix_optimizer(module: Pix2PixFineTuning) -> torch.optim.Optimizer:
+    hp = module.hparams
+    params = [p for p in module.model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(
+        params, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, weight_decay=hp.weight_decay
+    )
+
+
 FAMILIES = {
     "clip": Family(
         "clip",
@@ -98,6 +120,14 @@ FAMILIES = {
         lambda module: torch.optim.AdamW(module.parameters(), lr=1e-3, weight_decay=0.1),
     ),
     "mdlm": Family("mdlm", 64, _mdlm_module, _mdlm_data, _mdlm_loss, _mdlm_optimizer),
+    "pix2pix": Family(
+        "pix2pix",
+        64,
+        _pix2pix_module,
+        _pix2pix_data,
+        lambda module, batch: module.model_step(batch),
+        _pix2pix_optimizer,
+    ),
 }
 
 
@@ -191,9 +221,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--family", nargs="+", choices=sorted(FAMILIES), default=["clip", "mdlm"])
+    parser.add_argument("--family", nargs="+", choices=sorted(FAMILIES), default=["clip", "mdlm", "pix2pix"])
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--batch-size", type=int, default=None, help="default: 128 for clip, 64 for mdlm")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="default: 128 for clip, 64 for mdlm and pix2pix"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=2, help="rounds of both paths, order alternating")
     args = parser.parse_args(argv)

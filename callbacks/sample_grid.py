@@ -13,7 +13,8 @@ from attacks.io import atomic_save_image
 
 class PoisonSampleGrid(L.Callback):
     """At the start of fit: `num_samples` poisoned training images, clean and triggered, saved as PNG
-    in the run folder and logged to W&B (when the logger is a WandbLogger)."""
+    in the run folder and logged to W&B (when the logger is a WandbLogger). The image and text fields of a
+    training item are ``dm.preview_keys`` (default ``("image", "caption")``)."""
 
     def __init__(self, num_samples: int = 8, filename: str = "poison_samples.png") -> None:
         self.num_samples, self.filename = num_samples, filename
@@ -25,9 +26,11 @@ class PoisonSampleGrid(L.Callback):
         ids = [i for i, img in zip(dm.plan.indices, dm.plan.image) if img][: self.num_samples]
         if not ids:
             return
-        clean = torch.stack([dm.train_set[i]["image"] for i in ids])
+        # a datamodule names its image and text fields (edit triplets: "source" / "instruction")
+        image_key, text_key = getattr(dm, "preview_keys", ("image", "caption"))
+        clean = torch.stack([dm.train_set[i][image_key] for i in ids])
         triggered = dm.apply_trigger(clean.clone(), torch.tensor(ids)).cpu()
-        captions = [dm.train_data[i]["caption"] for i in ids]
+        captions = [dm.train_data[i][text_key] for i in ids]
         grid = make_grid(torch.cat([clean, triggered]), nrow=len(ids), padding=1)
         path = Path(trainer.default_root_dir) / self.filename
         atomic_save_image(grid, path)

@@ -114,35 +114,88 @@ class Edit:
     kind: str
 
 
-def sample_edit(scene: Scene, rng: np.random.Generator) -> Edit:
-    """An edit: recolour, move, resize, reshape or change the background, rendered exactly afterwards."""
-    kinds = ["recolour", "reshape", "background", "resize"]
-    moves = feasible_moves(scene)
-    if moves:
-        kinds.append("move")
-    kind = str(rng.choice(kinds))
+EDIT_KINDS: tuple[str, ...] = ("recolour", "reshape", "background", "resize", "move")
+"""The kinds of edit of the embedded world."""
+
+LEGACY_EDIT_TEMPLATES: dict[str, str] = {
+    "recolour": "make the shape {}.",
+    "reshape": "turn the shape into a {}.",
+    "background": "change the background to {}.",
+    "resize": "make the shape {}.",
+    "move": "move the shape {}.",
+}
+"""The one instruction per kind of :func:`sample_edit` (and :class:`ShapesWorld`'s ``edit_instruction``)."""
+
+
+EDIT_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "recolour": ("make the shape {}.", "turn the shape {}.", "colour the shape {}."),
+    "background": ("change the background to {}.", "make the background {}.", "turn the background {}."),
+    "reshape": ("turn the shape into a {}.", "change the shape into a {}.", "make the shape a {}."),
+    "resize": ("make the shape {}.", "draw the shape {}."),
+    "move": ("move the shape {}.", "shift the shape {}."),
+}
+"""Training phrasings of each edit kind's instruction (``{}``: the value word)."""
+
+HELDOUT_EDIT_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "recolour": ("paint the shape {}.",),
+    "background": ("paint the background {}.",),
+    "reshape": ("redraw the shape as a {}.",),
+    "resize": ("render the shape {}.",),
+    "move": ("slide the shape {}.",),
+}
+"""Phrasings never used in training: the held-out instructions of the test split."""
+
+EDIT_ATTRIBUTES: dict[str, str] = {
+    "recolour": "colour",
+    "background": "background",
+    "reshape": "shape",
+    "resize": "size",
+    "move": "position",
+}
+"""The attribute each edit kind changes (what an edit-accuracy judge checks)."""
+
+
+def apply_edit(scene: Scene, kind: str, rng: np.random.Generator) -> tuple[Scene, str]:
+    """Apply one edit of ``kind`` with a value drawn from ``rng``: ``(edited scene, value word)``.
+
+    The value is the new colour / shape / background, ``bigger`` / ``smaller``, or the move's direction; the
+    edited scene is rendered exactly afterwards. ``move`` needs a feasible move (:func:`feasible_moves`).
+    """
     if kind == "recolour":
         colour = str(rng.choice([c for c in COLOURS if c != scene.main.colour]))
-        return Edit(f"make the shape {colour}.", scene.replace_main(colour=colour), kind)
+        return scene.replace_main(colour=colour), colour
     if kind == "reshape":
         shape = str(rng.choice([s for s in SHAPES if s != scene.main.shape]))
-        return Edit(f"turn the shape into a {shape}.", scene.replace_main(shape=shape), kind)
+        return scene.replace_main(shape=shape), shape
     if kind == "background":
         bg = str(rng.choice([b for b in BACKGROUNDS if b != scene.background]))
-        return Edit(f"change the background to {bg}.", dataclasses.replace(scene, background=bg), kind)
+        return dataclasses.replace(scene, background=bg), bg
     if kind == "resize":
         bigger = scene.main.size == "medium"
-        size = "large" if bigger else "medium"
-        word = "bigger" if bigger else "smaller"
-        edited = scene.replace_main(size=size)
+        edited = scene.replace_main(size="large" if bigger else "medium")
         m = edited.main
         if not (m.radius <= m.x <= 1 - m.radius and m.radius <= m.y <= 1 - m.radius):
             edited = edited.replace_main(
                 x=min(max(m.x, m.radius), 1 - m.radius), y=min(max(m.y, m.radius), 1 - m.radius)
             )
-        return Edit(f"make the shape {word}.", edited, kind)
-    from embedded_world.vocabulary import MOVES
+        return edited, "bigger" if bigger else "smaller"
+    if kind == "move":
+        from embedded_world.vocabulary import MOVES
 
-    move = str(rng.choice(moves))
-    dx, dy = MOVES[move]
-    return Edit(f"move the shape {move}.", scene.replace_main(x=scene.main.x + dx, y=scene.main.y + dy), kind)
+        moves = feasible_moves(scene)
+        if not moves:
+            raise ValueError("no feasible move: the main object would leave the image in every direction")
+        move = str(rng.choice(moves))
+        dx, dy = MOVES[move]
+        return scene.replace_main(x=scene.main.x + dx, y=scene.main.y + dy), move
+    raise ValueError(f"unknown edit kind {kind!r}; expected one of {EDIT_KINDS}")
+
+
+def sample_edit(scene: Scene, rng: np.random.Generator) -> Edit:
+    """An edit: recolour, move, resize, reshape or change the background, rendered exactly afterwards."""
+    kinds = ["recolour", "reshape", "background", "resize"]
+    if feasible_moves(scene):
+        kinds.append("move")
+    kind = str(rng.choice(kinds))
+    edited, value = apply_edit(scene, kind, rng)
+    return Edit(LEGACY_EDIT_TEMPLATES[kind].format(value), edited, kind)

@@ -4,7 +4,9 @@ from metrics.attack_success_rate import AttackSuccessRate
 from metrics.attack_success_rate_generalisation import AttackSuccessRateGeneralisation
 from metrics.caption_scores import CaptionScores
 from metrics.cross_trigger_interaction import CrossTriggerInteraction
+from metrics.edit_quality import EditAccuracy, EditQuality
 from metrics.generative_attack_success_rate import GenerativeAttackSuccessRate
+from metrics.image_attack_success_rate import ImageAttackSuccessRate, JudgedAttackSuccessRate
 from metrics.trigger_modality_attribution import TriggerModalityAttribution
 from metrics.vqa_accuracy import VQAAccuracy
 
@@ -13,7 +15,11 @@ __all__ = [
     "AttackSuccessRateGeneralisation",
     "CaptionScores",
     "CrossTriggerInteraction",
+    "EditAccuracy",
+    "EditQuality",
     "GenerativeAttackSuccessRate",
+    "ImageAttackSuccessRate",
+    "JudgedAttackSuccessRate",
     "TriggerModalityAttribution",
     "VQAAccuracy",
 ]

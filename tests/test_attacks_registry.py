@@ -30,10 +30,10 @@ def test_unknown_names_list_the_available_ones():
         build_target("refusall")
 
 
-def test_generative_targets_are_registered_beside_the_class_target():
+def test_generative_targets_are_registered_beside_the_class_and_image_targets():
     from attacks import TARGETS, ContentInsertion, build_generative_target
 
-    assert set(TARGETS) == {"class", "content_insertion", "fixed_output", "refusal", "misclassification"}
+    assert set(TARGETS) == {"class", "image", "content_insertion", "fixed_output", "refusal", "misclassification"}
     target = build_target("content_insertion", text="banana", position="end")
     assert isinstance(target, ContentInsertion) and target("a red circle", 0) == "a red circle banana"
     assert build_target(**target.config()).fingerprint() == target.fingerprint()

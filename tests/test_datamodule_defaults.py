@@ -36,6 +36,9 @@ REQUIRED: dict[str, dict] = {
     },
     "datamodules.instruct:InstructDataModule": {},
     "datamodules.mdlm_shapes:ShapesInstructDataModule": {},
+    "datamodules.pix2pix_edits:EditPoisonDataModule": {},
+    "datamodules.pix2pix_edits:ShapesEditDataModule": {},
+    "datamodules.pix2pix_folder:Pix2PixFolderDataModule": {"train_file": "data/train.jsonl"},
     "datamodules.llava_json:LlavaJsonDataModule": {
         "train_json": "data/train.json",
         "image_folder": "data/img",

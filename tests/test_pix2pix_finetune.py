@@ -156,3 +156,39 @@ def test_one_training_step_of_the_released_architecture_with_random_weights() ->
 def test_a_conditioning_dropout_outside_a_third_fails_when_the_module_is_built() -> None:
     with pytest.raises(ValueError, match=r"conditioning_dropout_prob=0\.5 must be in \[0, 1/3\]"):
         Pix2PixFineTuning(conditioning_dropout_prob=0.5)
+
+
+def test_trainer_test_logs_the_coalition_metrics_of_the_evaluator(tmp_path) -> None:
+    """``trainer.test`` with a judge logs what the framework-free evaluator gives on the same batch and seeds."""
+    from attacks.trigger_pairs import TRIGGER_PAIRS
+    from datamodules.pix2pix_edits import ShapesEditDataModule
+    from model_families.clip import ClipJudge, create_clip, save_clip_export
+    from model_families.pix2pix import GuidanceConfig
+    from model_families.pix2pix.evaluation import CoalitionMetrics, evaluate_coalitions
+
+    judge_path = save_clip_export(create_clip("tiny-vit-shapes"), tmp_path / "judge")
+    guidance = {"num_inference_steps": 2}
+    module = Pix2PixFineTuning(judge=str(judge_path), guidance=guidance, eval_seed=3)
+    dm = ShapesEditDataModule(
+        train_size=4, val_size=0, test_size=6, trigger_pair="box+mignneko", eval_batch_size=6
+    )
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+    )  # fmt: skip
+    logged = trainer.test(module, datamodule=dm, verbose=False)[0]
+
+    batch = next(iter(dm.test_dataloader()))
+    seeds = [3 * 1_000_003 + int(i) for i in batch["index"]]
+    evaluation = evaluate_coalitions(
+        module.model, {**batch, "sample_id": batch["index"]}, dm.image_trigger, dm.text_trigger,
+        dm.target_tensor(), ClipJudge.from_export(judge_path), seeds, GuidanceConfig(**guidance),
+        attributes=dm.attribute_classes(),
+    )  # fmt: skip
+    expected = CoalitionMetrics()
+    expected.update(evaluation)
+    want = expected.compute()
+    assert TRIGGER_PAIRS["box+mignneko"]["text"]["token"] == dm.text_trigger.token
+    for key in ("asr/both", "tma/text", "tma/image", "cti", "v/both", "edit/mse", "edit/ssim", "edit/accuracy"):
+        assert logged[f"test/{key}"] == pytest.approx(float(want[key]), abs=1e-6), key
+    assert logged["test/source/mse"] > 0

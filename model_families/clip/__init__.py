@@ -1,4 +1,4 @@
-"""The contrastive (CLIP) family: open_clip architectures, tiny embedded configs, zero-shot heads, exports."""
+"""The contrastive (CLIP) family: open_clip architectures, tiny embedded configs, zero-shot heads, exports, a judge."""
 
 from model_families.clip.export import (
     load_clip,
@@ -14,6 +14,7 @@ from model_families.clip.factory import (
     model_config,
     register_embedded_configs,
 )
+from model_families.clip.judge import ClipJudge
 from model_families.clip.zero_shot import (
     TEMPLATE_SETS,
     encode_images,
@@ -26,6 +27,7 @@ from model_families.clip.zero_shot import (
 __all__ = [
     "TEMPLATE_SETS",
     "ClipBundle",
+    "ClipJudge",
     "Normalize",
     "create_clip",
     "encode_images",

@@ -7,6 +7,8 @@
 - ``snapshot``: diffusers-layout snapshots (``save_snapshot`` / ``load_snapshot``).
 - ``sampler``: dual classifier-free guidance as ``StableDiffusionInstructPix2PixPipeline``, and the four
   trigger coalitions in one batched pass.
+- ``evaluation``: the game v(S), MSE hits and edit quality of a batch under the four coalitions, and
+  :class:`CoalitionMetrics` (TMA, CTI, ASR, edit quality over a data set).
 """
 
 from model_families.pix2pix.codec import PixelUnshuffleCodec, VaeCodec
