@@ -63,7 +63,7 @@ class PatchOptimizationConfig:
     location: str | tuple[int, int] = "center"
     margin: int = 0
     steps: int = 300
-    lr: float = 0.01
+    lr: float = 0.05
     batch_size: int = 64
     text_weight: float = 1.0
     image_weight: float = 1.0

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--location", default="center", help="center, br, bl, tl, tr, or x,y")
     parser.add_argument("--margin", type=int, default=0)
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--text-weight", type=float, default=1.0)
     parser.add_argument("--image-weight", type=float, default=1.0)
