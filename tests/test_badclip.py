@@ -37,7 +37,14 @@ def world():
 
 def _optimise(tiny_clip, world, **overrides):
     images, labels = world
-    settings = {"target_class": "star", "patch_size": 12, "steps": 12, "batch_size": 16, "lr": 0.1, **overrides}
+    settings = {
+        "target_class": "star",
+        "patch_size": 12,
+        "steps": 12,
+        "batch_size": 16,
+        "lr": 0.1,
+        **overrides,
+    }
     bundle = tiny_clip
     return optimize_patch(
         bundle.model,
@@ -215,3 +222,45 @@ def test_registry_and_datamodule_build_the_patch_trigger(tmp_path):
     assert recorded["config"]["patch"] == str(tmp_path / "a")
     assert recorded["fingerprint"] == dm.image_trigger.fingerprint()
     assert len(recorded["config"]) == 5 and recorded["config"]["name"] == "patch_optimized"
+
+
+def _attack_table():
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "attack_table.py"
+    spec = importlib.util.spec_from_file_location("attack_table", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_attack_table_makes_the_patch_of_a_badclip_config_once_per_clean_model(tmp_path, monkeypatch):
+    from model_families.clip import save_clip_export
+    from model_families.loading import input_provenance
+
+    table = _attack_table()
+    assert "badclip" in table.ATTACKS
+    torch.manual_seed(0)
+    clean = save_clip_export(create_clip("tiny-rn-shapes"), tmp_path / "clean")
+    config = tmp_path / "badclip.yaml"
+    patch = tmp_path / "patch"
+    config.write_text(
+        "data:\n  init_args:\n    attack: patch_optimized\n"
+        f"    attack_kwargs: {{patch: {patch}}}\n    target_class: star\n"
+    )
+    calls = []
+    monkeypatch.setattr(table, "make_patch", lambda *args, **kwargs: calls.append((args, kwargs)))
+    assert table.prepare_trigger(str(config), clean).startswith("optimised")
+    assert calls[0][0][:2] == (clean, patch) and calls[0][0][2].target_class == "star"
+    assert calls[0][1] == {"overwrite": True}
+    save_patch_artifact(
+        patch,
+        torch.zeros(3, 4, 4),
+        image_size=32,
+        location="center",
+        record={"clean_model": input_provenance(clean)},
+    )
+    assert table.prepare_trigger(str(config), clean).startswith("reused") and len(calls) == 1
+    config.write_text("data:\n  init_args:\n    attack: badnet\n    target_class: star\n")
+    assert table.prepare_trigger(str(config), clean) is None
