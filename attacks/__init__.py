@@ -11,6 +11,7 @@ from attacks.generative_targets import (
 )
 from attacks.image_triggers import SIG, BadNet, Blended, ImageTrigger, LowFrequency, WaNet, resolve_size
 from attacks.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from attacks.optimized_patch import OptimizedPatch, load_patch_artifact, save_patch_artifact
 from attacks.poisoning import PoisonManifest, PoisonPlan, poison_count_from_rate, select_poison_indices
 from attacks.protocols import PROTOCOLS, TriggerParts, assign_trigger_parts
 from attacks.registry import (
@@ -46,6 +47,7 @@ __all__ = [
     "GenerativeTarget",
     "ImageTrigger",
     "LowFrequency",
+    "OptimizedPatch",
     "Phrase",
     "PoisonManifest",
     "PoisonPlan",
@@ -66,7 +68,9 @@ __all__ = [
     "build_text_trigger",
     "check_class_in_vocabulary",
     "list_attacks",
+    "load_patch_artifact",
     "poison_count_from_rate",
     "resolve_size",
+    "save_patch_artifact",
     "select_poison_indices",
 ]

@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 from attacks.generative_targets import GENERATIVE_TARGETS
 from attacks.image_targets import ImageTarget
 from attacks.image_triggers import SIG, BadNet, Blended, ImageTrigger, LowFrequency, WaNet
+from attacks.optimized_patch import OptimizedPatch
 from attacks.targets import ClassTarget, Target
 from attacks.text_triggers import CharSequence, Phrase, RareToken, TextTrigger
 
@@ -23,8 +24,9 @@ __all__ = [
 ]
 
 IMAGE_TRIGGERS: dict[str, type[ImageTrigger]] = {
-    cls.name: cls for cls in (BadNet, Blended, SIG, WaNet, LowFrequency)
+    cls.name: cls for cls in (BadNet, Blended, SIG, WaNet, LowFrequency, OptimizedPatch)
 }
+"""``patch_optimized`` loads an artifact made by ``scripts/optimize_patch.py`` (:mod:`attacks.badclip`)."""
 TEXT_TRIGGERS: dict[str, type[TextTrigger]] = {cls.name: cls for cls in (RareToken, Phrase, CharSequence)}
 # the CLIP class target, the generative-VLM targets (content insertion, fixed output, refusal, ...) and the
 # image-output target of image editors
@@ -39,14 +41,11 @@ PLANNED_ATTACKS: dict[str, str] = {
     "input_aware": "a trained generator makes a different trigger for every input (Nguyen & Tran, 2020)",
     "dual_key": "an image key and a text key that must both be present (Walmer et al., 2022)",
     "maba": "BadNets/Blended placed in an attribution-chosen region of each image",
-    "patch_optimized": "BadCLIP-style patch optimised on a clean model; use the saved patch with "
-    "BadNet(pattern=<file or tensor>, location='center') meanwhile",
 }
 _PLANNED_MODALITY = {
     "input_aware": "image",
     "dual_key": "image+text",
     "maba": "image",
-    "patch_optimized": "image",
 }
 
 

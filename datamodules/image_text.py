@@ -87,8 +87,9 @@ class ImageTextPoisonDataModule(PoisoningMixin, L.LightningDataModule):
 
     Args:
         attack: image trigger name from the catalogue (``badnet``, ``blended``, ``sig``, ``wanet``,
-            ``low_frequency``) or None for no image trigger.
-        attack_kwargs: the trigger's parameters (see ``attacks/image_triggers.py``).
+            ``low_frequency``, ``patch_optimized``) or None for no image trigger.
+        attack_kwargs: the trigger's parameters (see ``attacks/image_triggers.py``;
+            ``patch_optimized``: ``attacks/optimized_patch.py``).
         text_attack / text_attack_kwargs: optional text trigger inserted into poisoned captions.
         protocol: ``AND`` / ``OR`` when both an image and a text trigger are given.
         poison_rate: fraction of the training set to poison, in [0, 1].

@@ -3,12 +3,13 @@
 CleanCLIP, PAR and InverTune, whether target identification found the true target, and the ASR of the
 inverted trigger on the poisoned model.
 
-    python scripts/defense_table.py [--attacks badnet blended sig wanet] \\
+    python scripts/defense_table.py [--attacks badnet blended sig wanet badclip] \\
         [--defenses cleanclip par invertune] [--root runs/defense_table] [--threads 2] [--logger wandb]
 
 For each attack ``A`` the poisoned model is ``runs/clip_shapes_A/latest_export`` (made by
-``configs/clip_shapes_A.yaml``). Each defense runs through ``train.py``'s CLI in this process with
-``configs/<defense>_clip_shapes.yaml``; its data block gets the attack's trigger settings, which the
+``configs/clip_shapes_A.yaml``; ``badclip``'s optimised patch is the config's ``attack_kwargs.patch``
+folder, which ``scripts/attack_table.py`` makes from the clean model). Each defense runs through
+``train.py``'s CLI in this process with ``configs/<defense>_clip_shapes.yaml``; its data block gets the attack's trigger settings, which the
 defender datamodule uses only to *report* ASR. Every model (``none`` = the poisoned one) is then scored
 by ``evaluate.py``'s :func:`evaluate_checkpoint` with the attack's own config on the test split, so all
 numbers come from the same evaluation code. "InverTune clean→target" is the tuned model's rate of clean
@@ -34,11 +35,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from attacks.io import atomic_write_json  # noqa: E402
+from attacks.optimized_patch import load_patch_artifact  # noqa: E402
 from mmbackdoor_cli.cli import main as cli_main  # noqa: E402
 from mmbackdoor_cli.evaluate import evaluate_checkpoint, format_metric  # noqa: E402
 from mmbackdoor_cli.pipeline import LOGGERS, invocation_group, logger_overrides  # noqa: E402
 
-ATTACKS = ("badnet", "blended", "sig", "wanet")
+ATTACKS = ("badnet", "blended", "sig", "wanet", "badclip")
 DEFENSES = ("cleanclip", "par", "invertune")
 DEFENSE_NAMES = {"none": "none", "cleanclip": "CleanCLIP", "par": "PAR", "invertune": "InverTune"}
 REPORT_KEYS = ("attack", "attack_kwargs", "target_class", "poison_seed", "target_templates", "world_seed")
@@ -207,6 +209,9 @@ def main(argv: list[str] | None = None) -> dict:
                 raise FileNotFoundError(
                     f"defense config not found: {configs / f'{defense}_clip_shapes.yaml'}"
                 )
+        data = yaml.safe_load(attack_config.read_text()).get("data", {}).get("init_args", {})
+        if data.get("attack") == "patch_optimized":
+            load_patch_artifact(data.get("attack_kwargs", {}).get("patch", ""))  # names a missing patch
         jobs.append((attack, attack_config, victim.resolve()))
 
     invocation_group("defense_table")

@@ -15,9 +15,9 @@ from attacks import (
 
 
 def test_registries_hold_the_catalogue():
-    assert set(IMAGE_TRIGGERS) == {"badnet", "blended", "sig", "wanet", "low_frequency"}
+    assert set(IMAGE_TRIGGERS) == {"badnet", "blended", "sig", "wanet", "low_frequency", "patch_optimized"}
     assert set(TEXT_TRIGGERS) == {"rare_token", "phrase", "char_sequence"}
-    assert set(PLANNED_ATTACKS) == {"input_aware", "dual_key", "maba", "patch_optimized"}
+    assert set(PLANNED_ATTACKS) == {"input_aware", "dual_key", "maba"}
     assert isinstance(build_image_trigger("wanet", k=8, image_size=16), WaNet)
 
 
