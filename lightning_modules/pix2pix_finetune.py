@@ -89,6 +89,11 @@ class Pix2PixFineTuning(L.LightningModule):
             self.inputs = {}
         self.model.codec.requires_grad_(False)
         self.model.text_encoder.requires_grad_(train_text_encoder)
+        # from_pretrained hands back eval-mode components; what is trained trains in train mode (Lightning keeps
+        # the modes it finds), the frozen codec and text encoder stay in eval mode
+        self.model.train()
+        self.model.codec.eval()
+        self.model.text_encoder.train(train_text_encoder)
         self.guidance = GuidanceConfig(**(guidance or {}))
         self.judge = ClipJudge.from_export(judge) if judge is not None else None
         self.reference = None

@@ -192,3 +192,10 @@ def test_trainer_test_logs_the_coalition_metrics_of_the_evaluator(tmp_path) -> N
     for key in ("asr/both", "tma/text", "tma/image", "cti", "v/both", "edit/mse", "edit/ssim", "edit/accuracy"):
         assert logged[f"test/{key}"] == pytest.approx(float(want[key]), abs=1e-6), key
     assert logged["test/source/mse"] > 0
+
+
+def test_a_snapshot_is_fine_tuned_in_train_mode_with_the_frozen_parts_in_eval_mode(tmp_path) -> None:
+    path = Pix2PixFineTuning().export(tmp_path / "snap")
+    module = Pix2PixFineTuning(snapshot=str(path), train_text_encoder=False)
+    assert module.model.unet.training
+    assert not module.model.text_encoder.training and not module.model.codec.training
