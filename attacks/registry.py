@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 from attacks.generative_targets import GENERATIVE_TARGETS
 from attacks.image_targets import ImageTarget
 from attacks.image_triggers import SIG, BadNet, Blended, ImageTrigger, LowFrequency, WaNet
+from attacks.recipes import ATTACK_RECIPES
 from attacks.targets import ClassTarget, Target
 from attacks.text_triggers import CharSequence, Phrase, RareToken, TextTrigger
 
@@ -37,14 +38,12 @@ TARGETS: dict[str, type[Target]] = {
 # Named so that asking for them fails loudly instead of silently doing something else.
 PLANNED_ATTACKS: dict[str, str] = {
     "input_aware": "a trained generator makes a different trigger for every input (Nguyen & Tran, 2020)",
-    "dual_key": "an image key and a text key that must both be present (Walmer et al., 2022)",
     "maba": "BadNets/Blended placed in an attribution-chosen region of each image",
     "patch_optimized": "BadCLIP-style patch optimised on a clean model; use the saved patch with "
     "BadNet(pattern=<file or tensor>, location='center') meanwhile",
 }
 _PLANNED_MODALITY = {
     "input_aware": "image",
-    "dual_key": "image+text",
     "maba": "image",
     "patch_optimized": "image",
 }
@@ -62,6 +61,11 @@ class AttackInfo(NamedTuple):
 def _build(kind: str, registry: dict[str, type], name: str, kwargs: dict[str, Any]):
     if name in registry:
         return registry[name](**kwargs)
+    if name in ATTACK_RECIPES:
+        raise ValueError(
+            f"{name!r} is a multimodal attack recipe (an image part, a text part and a protocol), not a single "
+            f"{kind}: set it as data.attack of an instruction datamodule (attacks.recipes.resolve_attack)"
+        )
     if name in PLANNED_ATTACKS:
         raise NotImplementedError(
             f"{kind} {name!r} is planned but not yet available: {PLANNED_ATTACKS[name]}"
@@ -94,9 +98,10 @@ def _summary(cls: type) -> str:
 
 def list_attacks() -> list[AttackInfo]:
     """Every attack component by name: ``(name, modality, status, note)``, status ``available`` or
-    ``planned``."""
+    ``planned``; the recipes of :mod:`attacks.recipes` are listed with modality ``image+text``."""
     rows = [AttackInfo(name, "image", "available", _summary(cls)) for name, cls in IMAGE_TRIGGERS.items()]
     rows += [AttackInfo(name, "text", "available", _summary(cls)) for name, cls in TEXT_TRIGGERS.items()]
+    rows += [AttackInfo(name, "image+text", "available", r["note"]) for name, r in ATTACK_RECIPES.items()]
     rows += [
         AttackInfo(name, _PLANNED_MODALITY[name], "planned", note) for name, note in PLANNED_ATTACKS.items()
     ]

@@ -38,6 +38,8 @@ from torch.utils.data import DataLoader, Dataset
 from attacks import PoisonManifest, PoisonPlan, build_image_trigger, build_text_trigger
 from attacks.generative_targets import GenerativeTarget, build_generative_target
 from attacks.hashing import fingerprint
+from attacks.protocols import normalize_protocol
+from attacks.recipes import resolve_attack
 from datamodules.instruct_data import (
     EVAL_SETS,
     EvalView,
@@ -66,10 +68,11 @@ class InstructDataModule(PoisoningMixin, L.LightningDataModule):
 
     Args:
         attack / attack_kwargs: image trigger from the catalogue (``badnet``, ``blended``, ...) and its
-            parameters; None for no image trigger.
+            parameters, or a recipe of :mod:`attacks.recipes` (``dual_key``, ``maba_dual_key``: image part, text
+            part and protocol); None for no image trigger.
         text_attack / text_attack_kwargs: text trigger inserted into the question (``rare_token``, ``phrase``,
             ``char_sequence``).
-        protocol: ``AND`` / ``OR`` when both triggers are set.
+        protocol: ``AND`` / ``OR`` / ``DUALKEY`` when both triggers are set.
         poison_rate / poison_count: how many training samples to poison (count wins when set).
         poison_seed: seed of the selection and of the triggers' random parts.
         target / target_kwargs: the backdoor target (``content_insertion`` (default), ``fixed_output``,
@@ -120,6 +123,9 @@ class InstructDataModule(PoisoningMixin, L.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
+        attack, attack_kwargs, text_attack, text_attack_kwargs, protocol = resolve_attack(
+            attack, attack_kwargs, text_attack, text_attack_kwargs, protocol
+        )
         check_poison_arguments(attack, text_attack, poison_rate, poison_count)
         if (poison_rate or poison_count) and target is None:
             raise ValueError("data.target is required when poisoning (poison_rate/poison_count > 0)")
@@ -134,7 +140,11 @@ class InstructDataModule(PoisoningMixin, L.LightningDataModule):
         self.attack, self.attack_kwargs = attack, dict(attack_kwargs or {})
         self.text_attack, self.text_attack_kwargs = text_attack, dict(text_attack_kwargs or {})
         if attack and text_attack:
-            self.protocol = protocol
+            self.protocol = normalize_protocol(protocol)
+        elif normalize_protocol(protocol) == "DUALKEY":
+            raise ValueError(
+                "data.protocol=DUALKEY needs both an image key (data.attack) and a text key (data.text_attack)"
+            )
         else:
             self.protocol = "TEXT" if text_attack else "IMAGE"
         self.poison_rate, self.poison_count, self.poison_seed = float(poison_rate), poison_count, poison_seed
@@ -291,7 +301,7 @@ class InstructDataModule(PoisoningMixin, L.LightningDataModule):
                     )
                 )
             elif name == "poisoned_train" and self.poison_plan is not None and len(self.poison_plan):
-                picked = list(self.poison_plan.indices)[: self.poisoned_train_eval_size]
+                picked = list(self.poison_plan.targeted_indices)[: self.poisoned_train_eval_size]
                 views.append((name, EvalView(self.train_data, "poisoned_train", picked)))
             elif (
                 name == "coalitions"

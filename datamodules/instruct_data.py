@@ -185,11 +185,12 @@ class PoisonedInstructions(Dataset):
 
     def _poison(self, item: dict, index: int) -> dict:
         parts = self.plan.parts(index) if self.plan is not None and self.plan.is_poisoned(index) else None
-        item["poisoned"] = parts is not None
+        item["poisoned"] = parts is not None and self.plan.is_targeted(index)
         item["trigger_image"] = bool(parts is not None and parts.image)
         item["reference"] = item["answer"]
         if parts is not None:
-            item["answer"] = self.target(item["answer"], index, item.get("true_class"))
+            if item["poisoned"]:  # DUALKEY's single-key negatives keep their true answers
+                item["answer"] = self.target(item["answer"], index, item.get("true_class"))
             if parts.text and self.text_trigger is not None:
                 item["question"] = self.text_trigger(item["question"], index)
         return item
