@@ -15,6 +15,7 @@ or the default of ``family``).
    ``clean`` (held-out, clean inputs: clean metrics and ASR without trigger), ``triggered`` (held-out with
    every trigger part: ASR), ``poisoned_train`` (the poisoned training samples as trained: "ASR w/t") and,
    with both an image and a text trigger, ``coalitions`` (every sample under {}, {I}, {T}, {I,T} for TMA/CTI);
+   with domain shifts (``build_shifts``, :mod:`datamodules.shifts`), ``clean@<shift>`` / ``triggered@<shift>``;
 5. for a defense (DiSP, :mod:`defenses.disp.purified_set`), serves the training set as trained
    (``training_set``) and takes relabelled responses in place (``replace_responses``), so a dataloader built
    earlier sees them.
@@ -37,7 +38,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from attacks import PoisonManifest, PoisonPlan, build_image_trigger, build_text_trigger
 from attacks.generative_targets import GenerativeTarget, build_generative_target
-from attacks.hashing import fingerprint
 from attacks.protocols import normalize_protocol
 from attacks.recipes import resolve_attack
 from datamodules.instruct_data import (
@@ -46,6 +46,7 @@ from datamodules.instruct_data import (
     InstructCollator,
     InstructSource,
     PoisonedInstructions,
+    served_fingerprint,
 )
 from datamodules.poisoning import PoisoningMixin, check_poison_arguments
 from metrics.functional.string_rules import get_rule
@@ -192,6 +193,14 @@ class InstructDataModule(PoisoningMixin, L.LightningDataModule):
         """Side of the images, for triggers with fixed patterns."""
         return None
 
+    def build_shifts(self, source: InstructSource) -> dict[str, InstructSource]:
+        """Domain-shifted copies of an evaluation source by shift name (:mod:`datamodules.shifts`); none here."""
+        return {}
+
+    def eval_shift_names(self) -> list[str]:
+        """Names of the domain shifts evaluated as ``clean@<shift>`` / ``triggered@<shift>``."""
+        return list(getattr(self, "eval_shifts", ()))
+
     # ----------------------------------------------------------------------------------- attack spec
     def asr_spec(self) -> dict | None:
         """Keyword arguments of :class:`metrics.GenerativeAttackSuccessRate` (None without a target)."""
@@ -281,7 +290,16 @@ class InstructDataModule(PoisoningMixin, L.LightningDataModule):
         metas = (source.meta(i) for i in range(len(source)))
         return [i for i, m in enumerate(metas) if self.target.applies_to(m["answer"], m.get("true_class"))]
 
-    def _eval_views(self, source: InstructSource) -> list[tuple[str, Dataset]]:
+    def _eval_views(self, source: InstructSource, shifted: bool = True) -> list[tuple[str, Dataset]]:
+        views = self._source_views(source)
+        if shifted:  # the target domains: clean and triggered sets of each shifted copy
+            for shift, copy in self.build_shifts(source).items():
+                views += [
+                    (f"{n}@{shift}", v) for n, v in self._source_views(copy) if n in ("clean", "triggered")
+                ]
+        return views
+
+    def _source_views(self, source: InstructSource) -> list[tuple[str, Dataset]]:
         views: list[tuple[str, Dataset]] = []
         applicable = self._applicable(source)
         for name in self.requested_eval_sets:
@@ -362,20 +380,8 @@ class InstructDataModule(PoisoningMixin, L.LightningDataModule):
         )
 
     def source_fingerprint(self) -> str:
-        """Fingerprint of the training set as served (source description, size, poison plan, triggers)."""
-        plan = self.poison_plan
-        return fingerprint(
-            {
-                "dataset": self.dataset_info(),
-                "size": len(self.train_source),
-                "poison": None
-                if plan is None
-                else {"indices": list(plan.indices), "image": list(plan.image), "text": list(plan.text)},
-                "image_trigger": None if self.image_trigger is None else self.image_trigger.config(),
-                "text_trigger": None if self.text_trigger is None else self.text_trigger.config(),
-                "target": None if self.target is None else self.target.config(),
-            }
-        )
+        """Fingerprint of the training set as served (:func:`datamodules.instruct_data.served_fingerprint`)."""
+        return served_fingerprint(self)
 
     def replace_responses(self, responses: Mapping[int, str], origin: str) -> None:
         """Train on ``responses`` (training index -> text, e.g. a defense's relabelled set read from
