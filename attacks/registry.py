@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 from attacks.generative_targets import GENERATIVE_TARGETS
 from attacks.image_targets import ImageTarget
 from attacks.image_triggers import SIG, BadNet, Blended, ImageTrigger, LowFrequency, WaNet
+from attacks.input_aware import InputAware
 from attacks.recipes import ATTACK_RECIPES
 from attacks.targets import ClassTarget, Target
 from attacks.text_triggers import CharSequence, Phrase, RareToken, TextTrigger
@@ -24,7 +25,7 @@ __all__ = [
 ]
 
 IMAGE_TRIGGERS: dict[str, type[ImageTrigger]] = {
-    cls.name: cls for cls in (BadNet, Blended, SIG, WaNet, LowFrequency)
+    cls.name: cls for cls in (BadNet, Blended, SIG, WaNet, LowFrequency, InputAware)
 }
 TEXT_TRIGGERS: dict[str, type[TextTrigger]] = {cls.name: cls for cls in (RareToken, Phrase, CharSequence)}
 # the CLIP class target, the generative-VLM targets (content insertion, fixed output, refusal, ...) and the
@@ -37,13 +38,11 @@ TARGETS: dict[str, type[Target]] = {
 
 # Named so that asking for them fails loudly instead of silently doing something else.
 PLANNED_ATTACKS: dict[str, str] = {
-    "input_aware": "a trained generator makes a different trigger for every input (Nguyen & Tran, 2020)",
     "maba": "BadNets/Blended placed in an attribution-chosen region of each image",
     "patch_optimized": "BadCLIP-style patch optimised on a clean model; use the saved patch with "
     "BadNet(pattern=<file or tensor>, location='center') meanwhile",
 }
 _PLANNED_MODALITY = {
-    "input_aware": "image",
     "maba": "image",
     "patch_optimized": "image",
 }
