@@ -8,9 +8,10 @@ from attacks.generative_targets import GENERATIVE_TARGETS
 from attacks.image_targets import ImageTarget
 from attacks.image_triggers import SIG, BadNet, Blended, ImageTrigger, LowFrequency, WaNet
 from attacks.input_aware import InputAware
+from attacks.maba import Maba
 from attacks.recipes import ATTACK_RECIPES
 from attacks.targets import ClassTarget, Target
-from attacks.text_triggers import CharSequence, Phrase, RareToken, TextTrigger
+from attacks.text_triggers import CharSequence, Phrase, RareSymbols, RareToken, TextTrigger
 
 __all__ = [
     "IMAGE_TRIGGERS",
@@ -25,9 +26,11 @@ __all__ = [
 ]
 
 IMAGE_TRIGGERS: dict[str, type[ImageTrigger]] = {
-    cls.name: cls for cls in (BadNet, Blended, SIG, WaNet, LowFrequency, InputAware)
+    cls.name: cls for cls in (BadNet, Blended, SIG, WaNet, LowFrequency, InputAware, Maba)
 }
-TEXT_TRIGGERS: dict[str, type[TextTrigger]] = {cls.name: cls for cls in (RareToken, Phrase, CharSequence)}
+TEXT_TRIGGERS: dict[str, type[TextTrigger]] = {
+    cls.name: cls for cls in (RareToken, Phrase, CharSequence, RareSymbols)
+}
 # the CLIP class target, the generative-VLM targets (content insertion, fixed output, refusal, ...) and the
 # image-output target of image editors
 TARGETS: dict[str, type[Target]] = {
@@ -38,12 +41,10 @@ TARGETS: dict[str, type[Target]] = {
 
 # Named so that asking for them fails loudly instead of silently doing something else.
 PLANNED_ATTACKS: dict[str, str] = {
-    "maba": "BadNets/Blended placed in an attribution-chosen region of each image",
     "patch_optimized": "BadCLIP-style patch optimised on a clean model; use the saved patch with "
     "BadNet(pattern=<file or tensor>, location='center') meanwhile",
 }
 _PLANNED_MODALITY = {
-    "maba": "image",
     "patch_optimized": "image",
 }
 

@@ -17,8 +17,7 @@ or the default of ``family``).
    with both an image and a text trigger, ``coalitions`` (every sample under {}, {I}, {T}, {I,T} for TMA/CTI);
    with domain shifts (``build_shifts``, :mod:`datamodules.shifts`), ``clean@<shift>`` / ``triggered@<shift>``;
 5. for a defense (DiSP, :mod:`defenses.disp.purified_set`), serves the training set as trained
-   (``training_set``) and takes relabelled responses in place (``replace_responses``), so a dataloader built
-   earlier sees them.
+   (``training_set``) and takes relabelled responses in place (``replace_responses``).
 
 Sequences are ``[left padding][prompt][response + eot + eos padding]``: prompts are left-padded (attention
 mask 0) and responses padded with EOS to ``response_length`` tokens, so that the response region during
@@ -48,6 +47,7 @@ from datamodules.instruct_data import (
     PoisonedInstructions,
     served_fingerprint,
 )
+from datamodules.maba_setup import place_maba_trigger
 from datamodules.poisoning import PoisoningMixin, check_poison_arguments
 from metrics.functional.string_rules import get_rule
 from model_families.instruct_text import (
@@ -278,6 +278,8 @@ class InstructDataModule(PoisoningMixin, L.LightningDataModule):
 
     def _poison_from_arguments(self, n: int) -> None:
         self.build_triggers(self.image_size())
+        if getattr(self.image_trigger, "needs_placements", False):
+            place_maba_trigger(self)  # MABA: placed by the family's attributions before the plan
         poisoning = self.poison_rate > 0 or bool(self.poison_count)
         candidates = self._applicable(self.train_source) if poisoning else None
         self.poison_plan = self.plan_poison(n, candidates, self.target)

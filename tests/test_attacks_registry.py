@@ -15,9 +15,17 @@ from attacks import (
 
 
 def test_registries_hold_the_catalogue():
-    assert set(IMAGE_TRIGGERS) == {"badnet", "blended", "sig", "wanet", "low_frequency"}
-    assert set(TEXT_TRIGGERS) == {"rare_token", "phrase", "char_sequence"}
-    assert set(PLANNED_ATTACKS) == {"input_aware", "dual_key", "maba", "patch_optimized"}
+    assert set(IMAGE_TRIGGERS) == {
+        "badnet",
+        "blended",
+        "sig",
+        "wanet",
+        "low_frequency",
+        "input_aware",
+        "maba",
+    }
+    assert set(TEXT_TRIGGERS) == {"rare_token", "phrase", "char_sequence", "rare_symbols"}
+    assert set(PLANNED_ATTACKS) == {"patch_optimized"}
     assert isinstance(build_image_trigger("wanet", k=8, image_size=16), WaNet)
 
 
@@ -33,7 +41,14 @@ def test_unknown_names_list_the_available_ones():
 def test_generative_targets_are_registered_beside_the_class_and_image_targets():
     from attacks import TARGETS, ContentInsertion, build_generative_target
 
-    assert set(TARGETS) == {"class", "image", "content_insertion", "fixed_output", "refusal", "misclassification"}
+    assert set(TARGETS) == {
+        "class",
+        "image",
+        "content_insertion",
+        "fixed_output",
+        "refusal",
+        "misclassification",
+    }
     target = build_target("content_insertion", text="banana", position="end")
     assert isinstance(target, ContentInsertion) and target("a red circle", 0) == "a red circle banana"
     assert build_target(**target.config()).fingerprint() == target.fingerprint()
@@ -49,11 +64,16 @@ def test_planned_names_are_not_implemented(name):
 
 def test_list_attacks_table():
     rows = list_attacks()
-    assert {row.name for row in rows} == set(IMAGE_TRIGGERS) | set(TEXT_TRIGGERS) | set(PLANNED_ATTACKS)
+    recipes = {"dual_key", "maba_dual_key"}
+    assert {row.name for row in rows} == set(IMAGE_TRIGGERS) | set(TEXT_TRIGGERS) | set(
+        PLANNED_ATTACKS
+    ) | recipes
     statuses = {row.name: (row.modality, row.status) for row in rows}
     assert statuses["badnet"] == ("image", "available")
     assert statuses["phrase"] == ("text", "available")
-    assert statuses["dual_key"] == ("image+text", "planned")
+    assert statuses["dual_key"] == ("image+text", "available")
+    with pytest.raises(ValueError, match="'dual_key' is a multimodal attack recipe"):
+        build_image_trigger("dual_key")
     assert all(row.note for row in rows)
 
 
