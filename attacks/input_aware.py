@@ -184,8 +184,15 @@ class InputAware(ImageTrigger):
 
     name = "input_aware"
 
-    def __init__(self, artifact: str | os.PathLike, weights_sha256: str | None = None, seed: int = 0) -> None:
+    def __init__(
+        self, artifact: str | os.PathLike | None = None, weights_sha256: str | None = None, seed: int = 0
+    ) -> None:
         super().__init__(seed)
+        if artifact is None:
+            raise ValueError(
+                "input_aware needs its trained generator: set attack_kwargs.artifact to a folder written by "
+                "scripts/train_input_aware.py"
+            )
         self.artifact = str(artifact)
         networks, manifest = load_input_aware(self.artifact)
         if weights_sha256 is not None and weights_sha256 != manifest["weights_sha256"]:
