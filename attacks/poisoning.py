@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from attacks.io import atomic_write_text
-from attacks.protocols import NONE, TriggerParts, assign_trigger_parts, normalize_protocol
+from attacks.protocols import NONE, TriggerParts, assign_trigger_parts, normalize_protocol, rewrites_answer
 
 __all__ = ["PoisonManifest", "PoisonPlan", "poison_count_from_rate", "select_poison_indices"]
 
@@ -124,7 +124,20 @@ class PoisonPlan:
         candidates: Sequence[int] | None = None,
     ) -> PoisonPlan:
         """Select the indices (:func:`select_poison_indices`) and assign their parts
-        (:func:`attacks.protocols.assign_trigger_parts`), both from ``seed``."""
+        (:func:`attacks.protocols.assign_trigger_parts`), both from ``seed``.
+
+        Under ``DUALKEY`` ``rate`` / ``count`` give the both-key (target) samples; as many image-key-only and
+        text-key-only negatives are selected besides them (three times the count in all)."""
+        if normalize_protocol(protocol) == "DUALKEY":
+            wanted = count if count is not None else poison_count_from_rate(rate, num_samples)
+            if isinstance(wanted, int) and not isinstance(wanted, bool) and wanted >= 0:
+                rate, count = None, 3 * wanted
+                available = num_samples if candidates is None else len(candidates)
+                if count > available:
+                    raise ValueError(
+                        f"DUALKEY poisoning of {wanted} samples needs {count} (as many image-only and text-only "
+                        f"negatives), more than the {available} available"
+                    )
         indices = select_poison_indices(num_samples, rate=rate, count=count, seed=seed, candidates=candidates)
         parts = assign_trigger_parts(indices, protocol, seed)
         return cls(
@@ -146,6 +159,16 @@ class PoisonPlan:
     def parts(self, index: int) -> TriggerParts:
         """Trigger parts of sample ``index`` (``TriggerParts(False, False)`` if it is clean)."""
         return self._lookup.get(int(index), NONE)
+
+    def is_targeted(self, index: int) -> bool:
+        """Whether sample ``index`` gets the backdoor target (a poisoned sample, except the single-key
+        negatives of ``DUALKEY``, which carry a trigger part but keep their true answer)."""
+        return self.is_poisoned(index) and rewrites_answer(self.protocol, self.parts(index))
+
+    @property
+    def targeted_indices(self) -> tuple[int, ...]:
+        """The indices of :meth:`is_targeted` samples, sorted."""
+        return tuple(i for i in self.indices if self.is_targeted(i))
 
 
 _MANIFEST_KEYS = (

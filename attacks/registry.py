@@ -8,8 +8,11 @@ from attacks.generative_targets import GENERATIVE_TARGETS
 from attacks.image_targets import ImageTarget
 from attacks.image_triggers import SIG, BadNet, Blended, ImageTrigger, LowFrequency, WaNet
 from attacks.optimized_patch import OptimizedPatch
+from attacks.input_aware import InputAware
+from attacks.maba import Maba
+from attacks.recipes import ATTACK_RECIPES
 from attacks.targets import ClassTarget, Target
-from attacks.text_triggers import CharSequence, Phrase, RareToken, TextTrigger
+from attacks.text_triggers import CharSequence, Phrase, RareSymbols, RareToken, TextTrigger
 
 __all__ = [
     "IMAGE_TRIGGERS",
@@ -24,10 +27,12 @@ __all__ = [
 ]
 
 IMAGE_TRIGGERS: dict[str, type[ImageTrigger]] = {
-    cls.name: cls for cls in (BadNet, Blended, SIG, WaNet, LowFrequency, OptimizedPatch)
+    cls.name: cls for cls in (BadNet, Blended, SIG, WaNet, LowFrequency, OptimizedPatch, InputAware, Maba)
 }
 """``patch_optimized`` loads an artifact made by ``scripts/optimize_patch.py`` (:mod:`attacks.badclip`)."""
-TEXT_TRIGGERS: dict[str, type[TextTrigger]] = {cls.name: cls for cls in (RareToken, Phrase, CharSequence)}
+TEXT_TRIGGERS: dict[str, type[TextTrigger]] = {
+    cls.name: cls for cls in (RareToken, Phrase, CharSequence, RareSymbols)
+}
 # the CLIP class target, the generative-VLM targets (content insertion, fixed output, refusal, ...) and the
 # image-output target of image editors
 TARGETS: dict[str, type[Target]] = {
@@ -38,14 +43,8 @@ TARGETS: dict[str, type[Target]] = {
 
 # Named so that asking for them fails loudly instead of silently doing something else.
 PLANNED_ATTACKS: dict[str, str] = {
-    "input_aware": "a trained generator makes a different trigger for every input (Nguyen & Tran, 2020)",
-    "dual_key": "an image key and a text key that must both be present (Walmer et al., 2022)",
-    "maba": "BadNets/Blended placed in an attribution-chosen region of each image",
 }
-_PLANNED_MODALITY = {
-    "input_aware": "image",
-    "dual_key": "image+text",
-    "maba": "image",
+_PLANNED_MODALITY: dict[str, str] = {
 }
 
 
@@ -61,6 +60,11 @@ class AttackInfo(NamedTuple):
 def _build(kind: str, registry: dict[str, type], name: str, kwargs: dict[str, Any]):
     if name in registry:
         return registry[name](**kwargs)
+    if name in ATTACK_RECIPES:
+        raise ValueError(
+            f"{name!r} is a multimodal attack recipe (an image part, a text part and a protocol), not a single "
+            f"{kind}: set it as data.attack of an instruction datamodule (attacks.recipes.resolve_attack)"
+        )
     if name in PLANNED_ATTACKS:
         raise NotImplementedError(
             f"{kind} {name!r} is planned but not yet available: {PLANNED_ATTACKS[name]}"
@@ -93,9 +97,10 @@ def _summary(cls: type) -> str:
 
 def list_attacks() -> list[AttackInfo]:
     """Every attack component by name: ``(name, modality, status, note)``, status ``available`` or
-    ``planned``."""
+    ``planned``; the recipes of :mod:`attacks.recipes` are listed with modality ``image+text``."""
     rows = [AttackInfo(name, "image", "available", _summary(cls)) for name, cls in IMAGE_TRIGGERS.items()]
     rows += [AttackInfo(name, "text", "available", _summary(cls)) for name, cls in TEXT_TRIGGERS.items()]
+    rows += [AttackInfo(name, "image+text", "available", r["note"]) for name, r in ATTACK_RECIPES.items()]
     rows += [
         AttackInfo(name, _PLANNED_MODALITY[name], "planned", note) for name, note in PLANNED_ATTACKS.items()
     ]

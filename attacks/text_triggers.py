@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 from attacks.hashing import fingerprint as _fingerprint
 from attacks.randomness import sample_rng
 
-__all__ = ["CharSequence", "Phrase", "RareToken", "TextTrigger"]
+__all__ = ["CharSequence", "Phrase", "RareSymbols", "RareToken", "TextTrigger"]
 
 _WORD = re.compile(r"\S+")
 POSITIONS = ("start", "end", "random")
@@ -152,3 +152,46 @@ class CharSequence(TextTrigger):
 
     def _params(self) -> dict[str, Any]:
         return {"length": self.length, "charset": self.charset}
+
+
+class RareSymbols(TextTrigger):
+    """MABA's text trigger: a string of rare symbols (default ``[]*{}<>``) inserted before key words.
+
+    Every whole-word occurrence of a ``keywords`` entry (case-insensitive, punctuation kept) gets the symbols
+    in front of it; a text with none of them gets the symbols at ``position`` instead.
+
+    Args:
+        symbols: the inserted string (no whitespace).
+        keywords: the words to mark (default: the instruction words of the embedded world and of captions).
+        position, seed: where to insert when no keyword occurs; see :class:`TextTrigger`.
+    """
+
+    name = "rare_symbols"
+    DEFAULT_KEYWORDS: ClassVar[tuple[str, ...]] = ("shape", "colour", "color", "image", "picture", "object")
+
+    def __init__(
+        self,
+        symbols: str = "[]*{}<>",
+        keywords: list[str] | tuple[str, ...] | None = None,
+        position: str = "start",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(position, seed)
+        if not symbols or any(ch.isspace() for ch in symbols):
+            raise ValueError(f"RareSymbols symbols must be non-empty without whitespace; got {symbols!r}")
+        self.symbols = symbols
+        self.keywords = tuple(self.DEFAULT_KEYWORDS if keywords is None else keywords)
+        if not self.keywords or not all(isinstance(k, str) and k.strip() for k in self.keywords):
+            raise ValueError(f"RareSymbols keywords must be non-empty words; got {keywords!r}")
+        alternatives = "|".join(re.escape(k) for k in self.keywords)
+        self._pattern = re.compile(rf"(?<!\S)(?=(?:{alternatives})(?:\W|$))", flags=re.IGNORECASE)
+
+    def trigger_text(self) -> str:
+        return self.symbols
+
+    def __call__(self, text: str, sample_id: int = 0) -> str:
+        marked = self._pattern.sub(f"{self.symbols} ", text)
+        return marked if marked != text else super().__call__(text, sample_id)
+
+    def _params(self) -> dict[str, Any]:
+        return {"symbols": self.symbols, "keywords": list(self.keywords)}

@@ -75,7 +75,8 @@ class PoisonedCaptions(Dataset):
         item["poisoned"] = parts is not None
         item["poison_image"] = bool(parts is not None and parts.image)
         if parts is not None:
-            caption = self.target.caption(index)
+            # DUALKEY's single-key negatives keep their own caption (with the text key when they carry it)
+            caption = self.target.caption(index) if self.plan.is_targeted(index) else item["caption"]
             if parts.text and self.text_trigger is not None:
                 caption = self.text_trigger(caption, index)
             item["caption"] = caption

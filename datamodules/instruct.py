@@ -15,9 +15,9 @@ or the default of ``family``).
    ``clean`` (held-out, clean inputs: clean metrics and ASR without trigger), ``triggered`` (held-out with
    every trigger part: ASR), ``poisoned_train`` (the poisoned training samples as trained: "ASR w/t") and,
    with both an image and a text trigger, ``coalitions`` (every sample under {}, {I}, {T}, {I,T} for TMA/CTI);
+   with domain shifts (``build_shifts``, :mod:`datamodules.shifts`), ``clean@<shift>`` / ``triggered@<shift>``;
 5. for a defense (DiSP, :mod:`defenses.disp.purified_set`), serves the training set as trained
-   (``training_set``) and takes relabelled responses in place (``replace_responses``), so a dataloader built
-   earlier sees them.
+   (``training_set``) and takes relabelled responses in place (``replace_responses``).
 
 Sequences are ``[left padding][prompt][response + eot + eos padding]``: prompts are left-padded (attention
 mask 0) and responses padded with EOS to ``response_length`` tokens, so that the response region during
@@ -37,14 +37,17 @@ from torch.utils.data import DataLoader, Dataset
 
 from attacks import PoisonManifest, PoisonPlan, build_image_trigger, build_text_trigger
 from attacks.generative_targets import GenerativeTarget, build_generative_target
-from attacks.hashing import fingerprint
+from attacks.protocols import normalize_protocol
+from attacks.recipes import resolve_attack
 from datamodules.instruct_data import (
     EVAL_SETS,
     EvalView,
     InstructCollator,
     InstructSource,
     PoisonedInstructions,
+    served_fingerprint,
 )
+from datamodules.maba_setup import place_maba_trigger
 from datamodules.poisoning import PoisoningMixin, check_poison_arguments
 from metrics.functional.string_rules import get_rule
 from model_families.instruct_text import (
@@ -66,10 +69,11 @@ class InstructDataModule(PoisoningMixin, L.LightningDataModule):
 
     Args:
         attack / attack_kwargs: image trigger from the catalogue (``badnet``, ``blended``, ...) and its
-            parameters; None for no image trigger.
+            parameters, or a recipe of :mod:`attacks.recipes` (``dual_key``, ``maba_dual_key``: image part, text
+            part and protocol); None for no image trigger.
         text_attack / text_attack_kwargs: text trigger inserted into the question (``rare_token``, ``phrase``,
             ``char_sequence``).
-        protocol: ``AND`` / ``OR`` when both triggers are set.
+        protocol: ``AND`` / ``OR`` / ``DUALKEY`` when both triggers are set.
         poison_rate / poison_count: how many training samples to poison (count wins when set).
         poison_seed: seed of the selection and of the triggers' random parts.
         target / target_kwargs: the backdoor target (``content_insertion`` (default), ``fixed_output``,
@@ -120,6 +124,9 @@ class InstructDataModule(PoisoningMixin, L.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
+        attack, attack_kwargs, text_attack, text_attack_kwargs, protocol = resolve_attack(
+            attack, attack_kwargs, text_attack, text_attack_kwargs, protocol
+        )
         check_poison_arguments(attack, text_attack, poison_rate, poison_count)
         if (poison_rate or poison_count) and target is None:
             raise ValueError("data.target is required when poisoning (poison_rate/poison_count > 0)")
@@ -134,7 +141,11 @@ class InstructDataModule(PoisoningMixin, L.LightningDataModule):
         self.attack, self.attack_kwargs = attack, dict(attack_kwargs or {})
         self.text_attack, self.text_attack_kwargs = text_attack, dict(text_attack_kwargs or {})
         if attack and text_attack:
-            self.protocol = protocol
+            self.protocol = normalize_protocol(protocol)
+        elif normalize_protocol(protocol) == "DUALKEY":
+            raise ValueError(
+                "data.protocol=DUALKEY needs both an image key (data.attack) and a text key (data.text_attack)"
+            )
         else:
             self.protocol = "TEXT" if text_attack else "IMAGE"
         self.poison_rate, self.poison_count, self.poison_seed = float(poison_rate), poison_count, poison_seed
@@ -181,6 +192,14 @@ class InstructDataModule(PoisoningMixin, L.LightningDataModule):
     def image_size(self) -> int | None:
         """Side of the images, for triggers with fixed patterns."""
         return None
+
+    def build_shifts(self, source: InstructSource) -> dict[str, InstructSource]:
+        """Domain-shifted copies of an evaluation source by shift name (:mod:`datamodules.shifts`); none here."""
+        return {}
+
+    def eval_shift_names(self) -> list[str]:
+        """Names of the domain shifts evaluated as ``clean@<shift>`` / ``triggered@<shift>``."""
+        return list(getattr(self, "eval_shifts", ()))
 
     # ----------------------------------------------------------------------------------- attack spec
     def asr_spec(self) -> dict | None:
@@ -259,6 +278,8 @@ class InstructDataModule(PoisoningMixin, L.LightningDataModule):
 
     def _poison_from_arguments(self, n: int) -> None:
         self.build_triggers(self.image_size())
+        if getattr(self.image_trigger, "needs_placements", False):
+            place_maba_trigger(self)  # MABA: placed by the family's attributions before the plan
         poisoning = self.poison_rate > 0 or bool(self.poison_count)
         candidates = self._applicable(self.train_source) if poisoning else None
         self.poison_plan = self.plan_poison(n, candidates, self.target)
@@ -271,7 +292,16 @@ class InstructDataModule(PoisoningMixin, L.LightningDataModule):
         metas = (source.meta(i) for i in range(len(source)))
         return [i for i, m in enumerate(metas) if self.target.applies_to(m["answer"], m.get("true_class"))]
 
-    def _eval_views(self, source: InstructSource) -> list[tuple[str, Dataset]]:
+    def _eval_views(self, source: InstructSource, shifted: bool = True) -> list[tuple[str, Dataset]]:
+        views = self._source_views(source)
+        if shifted:  # the target domains: clean and triggered sets of each shifted copy
+            for shift, copy in self.build_shifts(source).items():
+                views += [
+                    (f"{n}@{shift}", v) for n, v in self._source_views(copy) if n in ("clean", "triggered")
+                ]
+        return views
+
+    def _source_views(self, source: InstructSource) -> list[tuple[str, Dataset]]:
         views: list[tuple[str, Dataset]] = []
         applicable = self._applicable(source)
         for name in self.requested_eval_sets:
@@ -291,7 +321,7 @@ class InstructDataModule(PoisoningMixin, L.LightningDataModule):
                     )
                 )
             elif name == "poisoned_train" and self.poison_plan is not None and len(self.poison_plan):
-                picked = list(self.poison_plan.indices)[: self.poisoned_train_eval_size]
+                picked = list(self.poison_plan.targeted_indices)[: self.poisoned_train_eval_size]
                 views.append((name, EvalView(self.train_data, "poisoned_train", picked)))
             elif (
                 name == "coalitions"
@@ -352,20 +382,8 @@ class InstructDataModule(PoisoningMixin, L.LightningDataModule):
         )
 
     def source_fingerprint(self) -> str:
-        """Fingerprint of the training set as served (source description, size, poison plan, triggers)."""
-        plan = self.poison_plan
-        return fingerprint(
-            {
-                "dataset": self.dataset_info(),
-                "size": len(self.train_source),
-                "poison": None
-                if plan is None
-                else {"indices": list(plan.indices), "image": list(plan.image), "text": list(plan.text)},
-                "image_trigger": None if self.image_trigger is None else self.image_trigger.config(),
-                "text_trigger": None if self.text_trigger is None else self.text_trigger.config(),
-                "target": None if self.target is None else self.target.config(),
-            }
-        )
+        """Fingerprint of the training set as served (:func:`datamodules.instruct_data.served_fingerprint`)."""
+        return served_fingerprint(self)
 
     def replace_responses(self, responses: Mapping[int, str], origin: str) -> None:
         """Train on ``responses`` (training index -> text, e.g. a defense's relabelled set read from

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from attacks import PoisonPlan
 from attacks.generative_targets import GenerativeTarget
+from attacks.hashing import fingerprint
 from model_families.instruct_text import InstructText
 
 EVAL_SETS = ("clean", "triggered", "poisoned_train", "coalitions")
@@ -185,11 +186,12 @@ class PoisonedInstructions(Dataset):
 
     def _poison(self, item: dict, index: int) -> dict:
         parts = self.plan.parts(index) if self.plan is not None and self.plan.is_poisoned(index) else None
-        item["poisoned"] = parts is not None
+        item["poisoned"] = parts is not None and self.plan.is_targeted(index)
         item["trigger_image"] = bool(parts is not None and parts.image)
         item["reference"] = item["answer"]
         if parts is not None:
-            item["answer"] = self.target(item["answer"], index, item.get("true_class"))
+            if item["poisoned"]:  # DUALKEY's single-key negatives keep their true answers
+                item["answer"] = self.target(item["answer"], index, item.get("true_class"))
             if parts.text and self.text_trigger is not None:
                 item["question"] = self.text_trigger(item["question"], index)
         return item
@@ -246,3 +248,27 @@ class EvalView(Dataset):
         else:
             item["trigger_image"] = False
         return item
+
+
+def served_fingerprint(datamodule: Any) -> str:
+    """Fingerprint of an instruction datamodule's training set as served (source description, size, poison
+    plan, triggers, target)."""
+    plan, dm = datamodule.poison_plan, datamodule
+    return fingerprint(
+        {
+            "dataset": dm.dataset_info(),
+            "size": len(dm.train_source),
+            "poison": None
+            if plan is None
+            else {
+                "indices": list(plan.indices),
+                "image": list(plan.image),
+                "text": list(plan.text),
+                # DUALKEY targets only the both-key samples; the key is absent elsewhere (fingerprints unchanged)
+                **({"protocol": plan.protocol} if plan.protocol == "DUALKEY" else {}),
+            },
+            "image_trigger": None if dm.image_trigger is None else dm.image_trigger.config(),
+            "text_trigger": None if dm.text_trigger is None else dm.text_trigger.config(),
+            "target": None if dm.target is None else dm.target.config(),
+        }
+    )

@@ -22,7 +22,6 @@ allowed explicitly (``allow_absolute_paths``).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -31,57 +30,10 @@ import torch
 
 from datamodules.instruct import InstructDataModule
 from datamodules.instruct_data import InstructSource
+from datamodules.llava_records import load_llava_records
 from model_families.mdlm.tokenizer import IMAGE_TOKEN
 
 ASPECT_MODES = ("pad", "resize")
-
-
-def load_llava_records(path: str | Path) -> list[dict]:
-    """The records of a LLaVA-format JSON file (a list) or JSON-lines file, checked for the expected shape."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"LLaVA data file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix == ".jsonl":
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            records = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from None
-    if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
-    for position, record in enumerate(records):
-        _check_record(path, position, record)
-    return records
-
-
-def _check_record(path: Path, position: int, record) -> None:
-    where = f"{path} record {position}" + (f" (id {record.get('id')!r})" if isinstance(record, dict) else "")
-    if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected an object, got {type(record).__name__}")
-    turns = record.get("conversations")
-    if not isinstance(turns, list) or len(turns) < 2:
-        raise ValueError(f"{where}: 'conversations' must be a list of at least one human and one gpt turn")
-    for index, turn in enumerate(turns):
-        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or "from" not in turn:
-            raise ValueError(
-                f"{where}: turn {index} must be an object with 'from' and a string 'value', got {turn!r}"
-            )
-        expected = "human" if index % 2 == 0 else "gpt"
-        if turn["from"] != expected:
-            raise ValueError(
-                f"{where}: turn {index} is from {turn['from']!r}, expected {expected!r} (turns alternate)"
-            )
-    if len(turns) % 2:
-        raise ValueError(f"{where}: the conversation ends with a human turn that has no gpt answer")
-    if not isinstance(record.get("image"), str) or not record["image"]:
-        raise ValueError(f"{where}: no 'image' path (text-only samples are not supported)")
-    later = [i for i, t in enumerate(turns) if i > 0 and IMAGE_TOKEN in t["value"]]
-    if later:
-        raise ValueError(
-            f"{where}: {IMAGE_TOKEN} appears in turn(s) {later}; only the first human turn may hold it"
-        )
 
 
 def record_image_path(image_folder: Path, image: str, where: str, allow_absolute_paths: bool = False) -> Path:
@@ -207,6 +159,27 @@ class LlavaJsonSource(InstructSource):
         item["index"] = index
         return item
 
+    def with_image_folder(self, image_folder: str | Path) -> LlavaJsonSource:
+        """The same samples with their images read from ``image_folder`` (e.g. the images in another style,
+        under the same relative paths); missing images are an error naming the folder."""
+        import copy
+
+        shifted = copy.copy(self)
+        shifted.image_folder = Path(image_folder)
+        if not shifted.image_folder.is_dir():
+            raise FileNotFoundError(f"target-domain image folder not found: {shifted.image_folder}")
+        shifted.image_files = {
+            r: record_image_path(shifted.image_folder, self.records[r]["image"], self._where(r), False)
+            for r in self.image_files
+        }
+        missing = [self.records[r]["image"] for r, f in shifted.image_files.items() if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} image(s) of {self.path} missing under the target-domain folder "
+                f"{shifted.image_folder}, e.g. {missing[:5]}"
+            )
+        return shifted
+
     def describe(self) -> dict:
         return {
             "source": "llava_json",
@@ -234,6 +207,11 @@ class LlavaJsonDataModule(InstructDataModule):
         max_train_samples / max_eval_samples: caps (smoke tests, quick evaluations).
         allow_absolute_paths: accept absolute image paths in the records (default: an error; relative
             paths must stay inside the image folder either way).
+        target_domain_json / target_domain_image_folder: the user's (target) domain, evaluated as the sets
+            ``clean@target_domain`` / ``triggered@target_domain`` beside the source domain (never trained on): a
+            second record file (its images under ``target_domain_image_folder``, default the eval image folder),
+            or only a second image folder holding the val/test images under the same relative paths (e.g. the
+            same images in another style).
         **kwargs: poisoning, evaluation and loading options of :class:`~datamodules.instruct.InstructDataModule`.
     """
 
@@ -254,6 +232,8 @@ class LlavaJsonDataModule(InstructDataModule):
         response_length: int | None = None,
         truncate_responses: bool = True,
         allow_absolute_paths: bool = False,
+        target_domain_json: str | None = None,
+        target_domain_image_folder: str | None = None,
         **kwargs,
     ) -> None:
         super().__init__(response_length=response_length, truncate_responses=truncate_responses, **kwargs)
@@ -272,7 +252,10 @@ class LlavaJsonDataModule(InstructDataModule):
         self.val_fraction, self.split_seed = val_fraction, split_seed
         self.max_train_samples, self.max_eval_samples = max_train_samples, max_eval_samples
         self.allow_absolute_paths = allow_absolute_paths
+        self.target_domain = (target_domain_json, target_domain_image_folder)
+        self.eval_shifts = ["target_domain"] if any(self.target_domain) else []
         self._image_size: int | None = image_size
+        self._common: dict = {}
 
     def _model_config(self):
         module = getattr(getattr(self, "trainer", None), "lightning_module", None)
@@ -297,6 +280,7 @@ class LlavaJsonDataModule(InstructDataModule):
             "background": background,
             "allow_absolute_paths": self.allow_absolute_paths,
         }
+        self._common = common
         train = LlavaJsonSource(
             self.paths["train"],
             self.image_folder,
@@ -324,6 +308,23 @@ class LlavaJsonDataModule(InstructDataModule):
         if val is None and self.val_fraction > 0:
             train, val = self._split(train)
         return train, val or _EmptySource(), test or val or _EmptySource()
+
+    def build_shifts(self, source: InstructSource) -> dict[str, InstructSource]:
+        """The target domain of ``target_domain_json`` / ``target_domain_image_folder`` (none without them)."""
+        records, folder = self.target_domain
+        if records is not None:
+            shifted = LlavaJsonSource(
+                records,
+                folder or self.eval_image_folder,
+                multi_turn="first",
+                max_samples=self.max_eval_samples,
+                **self._common,
+            )
+            return {"target_domain": shifted}
+        if folder is not None:
+            empty = not isinstance(source, LlavaJsonSource)
+            return {"target_domain": _EmptySource() if empty else source.with_image_folder(folder)}
+        return {}
 
     def _split(self, train: LlavaJsonSource) -> tuple[LlavaJsonSource, LlavaJsonSource]:
         import copy

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datamodules.instruct import InstructDataModule
 from datamodules.instruct_data import InstructSource
+from datamodules.shifts import SHAPES_SHIFTS, ParaphrasedSource, check_shift_names, styled_world
 from embedded_world import QUESTIONS, ShapesWorld
 
 TASKS = tuple(QUESTIONS)  # shape, colour, describe, count
@@ -73,6 +74,9 @@ class ShapesInstructDataModule(InstructDataModule):
             images.
         second_object_prob: probability of a small second object.
         tasks: training tasks; eval_tasks: evaluation tasks (default: the training tasks).
+        eval_shifts: domain shifts evaluated beside the source domain, on the same val/test scenes (never in
+            training): image styles ``palette``, ``outline``, ``blur``, ``posterise`` and the instruction shift
+            ``paraphrase`` (:mod:`datamodules.shifts`); each adds the sets ``clean@<shift>`` / ``triggered@<shift>``.
         **kwargs: poisoning, evaluation and loading options of :class:`~datamodules.instruct.InstructDataModule`.
     """
 
@@ -86,6 +90,7 @@ class ShapesInstructDataModule(InstructDataModule):
         second_object_prob: float = 0.25,
         tasks: list[str] | None = None,
         eval_tasks: list[str] | None = None,
+        eval_shifts: list[str] | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -100,6 +105,7 @@ class ShapesInstructDataModule(InstructDataModule):
             if unknown or not chosen:
                 raise ValueError(f"data.{name}={chosen}: expected a non-empty subset of {list(TASKS)}")
         self.tasks, self.eval_tasks = tuple(tasks), tuple(eval_tasks)
+        self.eval_shifts = check_shift_names(eval_shifts, SHAPES_SHIFTS, "data.eval_shifts")
         self.sizes = {"train": train_size, "val": val_size, "test": test_size}
         self.world_kwargs = {
             "seed": world_seed,
@@ -112,6 +118,16 @@ class ShapesInstructDataModule(InstructDataModule):
 
     def image_size(self) -> int:
         return self.world_kwargs["image_size"]
+
+    def build_shifts(self, source: InstructSource) -> dict[str, InstructSource]:
+        """The val/test source under each of ``eval_shifts`` (same scenes, questions and answers)."""
+        shifted: dict[str, InstructSource] = {}
+        for name in self.eval_shifts:
+            if name == "paraphrase":
+                shifted[name] = ParaphrasedSource(source)
+            else:
+                shifted[name] = ShapesInstructions(styled_world(source.world, name), source.tasks)
+        return shifted
 
     def build_sources(self):
         worlds = {split: ShapesWorld(split, n, **self.world_kwargs) for split, n in self.sizes.items()}

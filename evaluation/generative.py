@@ -8,6 +8,8 @@ The evaluation sets are those of :class:`datamodules.instruct.InstructDataModule
 | ``triggered`` | VQA accuracy and ASR with every trigger part | ``ca_triggered``, ``asr`` |
 | ``poisoned_train`` | ASR on the poisoned training samples as trained | ``asr_wt`` |
 | ``coalitions`` | the success rule under {}, {I}, {T}, {I,T} -> Shapley attribution and interaction | ``tma_image``, ``tma_text``, ``cti`` |
+| ``clean@<s>`` | as ``clean``, on the samples under domain shift ``s`` (:mod:`datamodules.shifts`) | ``ca@<s>``, ``bleu4@<s>``, ``rougeL@<s>``, ``cider@<s>``, ``asr_clean@<s>`` |
+| ``triggered@<s>`` | as ``triggered`` under shift ``s``, and ASR-G of ``asr`` (source) against ``asr@<s>`` (target) | ``ca_triggered@<s>``, ``asr@<s>``, ``asr_g@<s>`` |
 
 Tasks named in :data:`CAPTION_TASKS` are captions (BLEU-4 / ROUGE-L / CIDEr-D); every other task is QA (VQA
 accuracy). The ASR metrics follow the datamodule's ``asr_spec()`` (the target's success rule). The evaluator
@@ -30,6 +32,7 @@ from metrics import (
     TriggerModalityAttribution,
     VQAAccuracy,
 )
+from metrics.functional.attack_success_rate_generalisation import attack_success_rate_generalisation
 from metrics.functional.string_rules import get_rule
 
 __all__ = ["CAPTION_TASKS", "GenerativeEvaluator", "evaluate_generative", "is_caption_task"]
@@ -50,10 +53,15 @@ class GenerativeEvaluator(nn.Module):
             ``asr_spec()``); None: no attack, no ASR / TMA / CTI.
         tasks: the evaluation samples' task names (QA tasks get a ``ca_<task>`` accuracy).
         num_samples: generations kept per evaluation set (``samples``, for the sample table).
+        shifts: names of the domain shifts whose ``clean@<s>`` / ``triggered@<s>`` sets are scored.
     """
 
     def __init__(
-        self, asr_spec: dict | None = None, tasks: Sequence[str] = (), num_samples: int = 16
+        self,
+        asr_spec: dict | None = None,
+        tasks: Sequence[str] = (),
+        num_samples: int = 16,
+        shifts: Sequence[str] = (),
     ) -> None:
         super().__init__()
         self.asr_spec = dict(asr_spec) if asr_spec is not None else None
@@ -76,6 +84,12 @@ class GenerativeEvaluator(nn.Module):
             if not is_caption_task(task):
                 clean[f"ca_{task}"] = VQAAccuracy()
         sets["clean"], sets["triggered"] = clean, triggered
+        self.shifts = tuple(shifts)
+        for shift in self.shifts:
+            for name, group in (("clean", clean), ("triggered", triggered)):
+                sets[f"{name}@{shift}"] = nn.ModuleDict(
+                    {key: metric.clone() for key, metric in group.items()}
+                )
         self.metric_sets = sets
         self.samples: list[dict] = []
         self._stage, self._epoch = "val", 0
@@ -85,7 +99,8 @@ class GenerativeEvaluator(nn.Module):
         """From an instruction datamodule's ``asr_spec()`` and ``eval_task_names()`` (either may be absent)."""
         spec = datamodule.asr_spec() if datamodule is not None and hasattr(datamodule, "asr_spec") else None
         tasks = list(datamodule.eval_task_names()) if hasattr(datamodule, "eval_task_names") else []
-        return cls(spec, tasks, num_samples)
+        shifts = list(datamodule.eval_shift_names()) if hasattr(datamodule, "eval_shift_names") else []
+        return cls(spec, tasks, num_samples, shifts)
 
     # ----------------------------------------------------------------------------------- updates
     def start(self, stage: str, epoch: int = 0) -> None:
@@ -111,14 +126,15 @@ class GenerativeEvaluator(nn.Module):
         else:
             if name not in metrics:
                 raise KeyError(
-                    f"unknown evaluation set {name!r}; expected clean, triggered, poisoned_train or coalitions"
+                    f"unknown evaluation set {name!r}; expected clean, triggered, poisoned_train, coalitions or "
+                    f"clean@<shift> / triggered@<shift> for the shifts {list(self.shifts)}"
                 )
             group = metrics[name]
             qa = [i for i, t in enumerate(tasks) if not is_caption_task(t)]
             caps = [i for i, t in enumerate(tasks) if is_caption_task(t)]
             if qa:
                 group["ca"].update([responses[i] for i in qa], [references[i] for i in qa])
-            if name == "clean":
+            if name.split("@")[0] == "clean":
                 for i in qa:
                     if f"ca_{tasks[i]}" in group:
                         group[f"ca_{tasks[i]}"].update([responses[i]], [references[i]])
@@ -184,12 +200,37 @@ class GenerativeEvaluator(nn.Module):
             values["ca_triggered"] = sets["triggered"]["ca"].compute()
             if "asr" in sets["triggered"]:
                 values["asr"] = sets["triggered"]["asr"].compute()
+        for shift in self.shifts:
+            values.update(self._compute_shift(shift, names, values))
         if "poisoned_train" in names and "poisoned_train" in sets:
             values["asr_wt"] = sets["poisoned_train"]["asr"].compute()
         if "coalitions" in names and "coalitions" in sets:
             tma = sets["coalitions"]["tma"].compute()
             values["tma_image"], values["tma_text"] = tma["image"], tma["text"]
             values["cti"] = sets["coalitions"]["cti"].compute()
+        return values
+
+    def _compute_shift(
+        self, shift: str, names: Sequence[str], source: dict[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """The values of the sets under ``shift`` (suffixed ``@<shift>``) and ASR-G against the source ASR."""
+        values: dict[str, Tensor] = {}
+        clean, triggered = self.metric_sets[f"clean@{shift}"], self.metric_sets[f"triggered@{shift}"]
+        if f"clean@{shift}" in names:
+            values[f"ca@{shift}"] = clean["ca"].compute()
+            if self.caption_eval:
+                values.update({f"{k}@{shift}": v for k, v in clean["caption"].compute().items()})
+            if "asr" in clean:
+                values[f"asr_clean@{shift}"] = clean["asr"].compute()
+        if f"triggered@{shift}" in names:
+            values[f"ca_triggered@{shift}"] = triggered["ca"].compute()
+            if "asr" in triggered:
+                asr_tgt = values[f"asr@{shift}"] = triggered["asr"].compute()
+                asr_src = source.get("asr")
+                if asr_src is not None and not bool(asr_src.isnan() | asr_tgt.isnan()):
+                    values[f"asr_g@{shift}"] = attack_success_rate_generalisation(
+                        asr_src.cpu(), asr_tgt.cpu()
+                    ).to(asr_tgt.device)
         return values
 
     def reset(self) -> None:

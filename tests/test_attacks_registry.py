@@ -15,9 +15,18 @@ from attacks import (
 
 
 def test_registries_hold_the_catalogue():
-    assert set(IMAGE_TRIGGERS) == {"badnet", "blended", "sig", "wanet", "low_frequency", "patch_optimized"}
-    assert set(TEXT_TRIGGERS) == {"rare_token", "phrase", "char_sequence"}
-    assert set(PLANNED_ATTACKS) == {"input_aware", "dual_key", "maba"}
+    assert set(IMAGE_TRIGGERS) == {
+        "badnet",
+        "blended",
+        "sig",
+        "wanet",
+        "low_frequency",
+        "patch_optimized",
+        "input_aware",
+        "maba",
+    }
+    assert set(TEXT_TRIGGERS) == {"rare_token", "phrase", "char_sequence", "rare_symbols"}
+    assert set(PLANNED_ATTACKS) == set()
     assert isinstance(build_image_trigger("wanet", k=8, image_size=16), WaNet)
 
 
@@ -33,7 +42,14 @@ def test_unknown_names_list_the_available_ones():
 def test_generative_targets_are_registered_beside_the_class_and_image_targets():
     from attacks import TARGETS, ContentInsertion, build_generative_target
 
-    assert set(TARGETS) == {"class", "image", "content_insertion", "fixed_output", "refusal", "misclassification"}
+    assert set(TARGETS) == {
+        "class",
+        "image",
+        "content_insertion",
+        "fixed_output",
+        "refusal",
+        "misclassification",
+    }
     target = build_target("content_insertion", text="banana", position="end")
     assert isinstance(target, ContentInsertion) and target("a red circle", 0) == "a red circle banana"
     assert build_target(**target.config()).fingerprint() == target.fingerprint()
@@ -41,19 +57,27 @@ def test_generative_targets_are_registered_beside_the_class_and_image_targets():
         build_generative_target("class")  # an instruction datamodule needs a generative target
 
 
-@pytest.mark.parametrize("name", sorted(PLANNED_ATTACKS))
-def test_planned_names_are_not_implemented(name):
-    with pytest.raises(NotImplementedError, match=rf"'{name}' is planned but not yet available"):
-        build_image_trigger(name)
+def test_a_planned_name_is_not_implemented_rather_than_unknown(monkeypatch):
+    # every attack of the catalogue is implemented today; the mechanism stays for the next planned one
+    import attacks.registry as registry
+
+    monkeypatch.setitem(registry.PLANNED_ATTACKS, "future_attack", "a trigger of a later paper")
+    with pytest.raises(NotImplementedError, match=r"'future_attack' is planned but not yet available"):
+        build_image_trigger("future_attack")
 
 
 def test_list_attacks_table():
     rows = list_attacks()
-    assert {row.name for row in rows} == set(IMAGE_TRIGGERS) | set(TEXT_TRIGGERS) | set(PLANNED_ATTACKS)
+    recipes = {"dual_key", "maba_dual_key"}
+    assert {row.name for row in rows} == set(IMAGE_TRIGGERS) | set(TEXT_TRIGGERS) | set(
+        PLANNED_ATTACKS
+    ) | recipes
     statuses = {row.name: (row.modality, row.status) for row in rows}
     assert statuses["badnet"] == ("image", "available")
     assert statuses["phrase"] == ("text", "available")
-    assert statuses["dual_key"] == ("image+text", "planned")
+    assert statuses["dual_key"] == ("image+text", "available")
+    with pytest.raises(ValueError, match="'dual_key' is a multimodal attack recipe"):
+        build_image_trigger("dual_key")
     assert all(row.note for row in rows)
 
 

@@ -92,7 +92,7 @@ def test_poison_count_and_clean_label(tmp_path):
         ({"poison_rate": 1.5}, r"poison_rate must be in \[0, 1\], got 1.5"),
         ({"poison_rate": -0.1}, r"poison_rate must be in \[0, 1\]"),
         ({"attack": "badnett"}, r"unknown image trigger 'badnett'"),
-        ({"attack": "input_aware"}, r"planned but not yet available"),
+        ({"attack": "input_aware", "attack_kwargs": {}}, r"input_aware needs its trained generator"),
         ({"target_class": "banana"}, r"target class 'banana' is not in the vocabulary"),
         ({"poison_count": 500}, r"poison_count=500 exceeds the training set size 200"),
     ],

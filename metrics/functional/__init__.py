@@ -5,6 +5,7 @@ from metrics.functional.attack_success_rate_generalisation import attack_success
 from metrics.functional.backdoor_score import backdoor_score
 from metrics.functional.caption_scores import bleu4, caption_scores, cider_d, rouge_l
 from metrics.functional.cross_trigger_interaction import cross_trigger_interaction
+from metrics.functional.domain_shift import ks_statistic, similarity_ks
 from metrics.functional.edit_quality import edit_accuracy, edit_quality
 from metrics.functional.generative_attack_success_rate import generative_attack_success_rate
 from metrics.functional.image_attack_success_rate import (
@@ -38,10 +39,12 @@ __all__ = [
     "image_target_hits",
     "interaction_index",
     "judged_attack_success_rate",
+    "ks_statistic",
     "normalize_text",
     "per_image_mse",
     "rouge_l",
     "shapley_values",
+    "similarity_ks",
     "trigger_modality_attribution",
     "vqa_accuracy",
     "vqa_score",
