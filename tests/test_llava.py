@@ -140,7 +140,7 @@ def test_chat_template_without_an_image_slot_is_refused(tmp_path):
     (tmp_path / "prompt_format.json").write_text(json.dumps({"prompt": "USER: {question} ASSISTANT:"}))
     with pytest.raises(ValueError, match=r"prompt_format\.json: chat template prompt .* holds 0 image slots"):
         LlavaChatTemplate.load(tmp_path)
-    with pytest.raises(ValueError, match="response ' ok' lacks the {answer} slot"):
+    with pytest.raises(ValueError, match=r"response ' ok' lacks the {answer} slot"):
         LlavaChatTemplate(response=" ok")
 
 
@@ -168,7 +168,7 @@ def test_collated_batch_has_one_image_slot_and_response_only_labels():
 
 
 def test_images_must_match_the_vision_tower_size():
-    with pytest.raises(ValueError, match="set data.image_size=32"):
+    with pytest.raises(ValueError, match=r"set data.image_size=32"):
         normalize_images(torch.rand(2, 3, 64, 64), (0.5,) * 3, (0.5,) * 3, 32, torch.float32)
 
 
@@ -201,7 +201,7 @@ def test_llava_hf_snapshot_round_trip_gives_identical_logits(tiny, tmp_path):
 
 
 def test_snapshot_with_a_missing_folder_or_component_is_refused(tiny, tmp_path):
-    with pytest.raises(FileNotFoundError, match="LLaVA snapshot folder not found: .*nowhere"):
+    with pytest.raises(FileNotFoundError, match=r"LLaVA snapshot folder not found: .*nowhere"):
         load_snapshot(tmp_path / "nowhere")
     path = save_snapshot(tiny, tmp_path / "snap")
     (path / "model.safetensors").rename(path / "pytorch_model.bin")
@@ -214,13 +214,13 @@ def test_snapshot_with_a_missing_folder_or_component_is_refused(tiny, tmp_path):
         load_snapshot(path)
     path = save_snapshot(tiny, tmp_path / "snap3")
     (path / "preprocessor_config.json").unlink()
-    with pytest.raises(SnapshotError, match="preprocessor_config.json missing"):
+    with pytest.raises(SnapshotError, match=r"preprocessor_config.json missing"):
         load_snapshot(path)
     path = save_snapshot(tiny, tmp_path / "snap4")
     config = json.loads((path / "config.json").read_text())
     config["text_config"]["num_hidden_layers"] = 3  # weights for 2 layers
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(SnapshotError, match="weights do not match its config.json .*missing_keys"):
+    with pytest.raises(SnapshotError, match=r"weights do not match its config.json .*missing_keys"):
         load_snapshot(path)
 
 
@@ -228,7 +228,7 @@ def test_snapshot_refuses_non_finite_weights(tmp_path):
     broken = build_tiny()
     with torch.no_grad():
         broken.model.lm_head.weight[0, 0] = float("nan")
-    with pytest.raises(FloatingPointError, match="refusing non-finite weights.*lm_head.weight"):
+    with pytest.raises(FloatingPointError, match=r"refusing non-finite weights.*lm_head.weight"):
         save_snapshot(broken, tmp_path / "snap")
     assert not (tmp_path / "snap").exists()
 
@@ -266,7 +266,7 @@ def test_sampling_is_reproducible_from_its_seed_and_varies_with_it(tiny):
     state = torch.random.get_rng_state()
     assert sample(0) == sample(0) != sample(1)
     assert torch.equal(state, torch.random.get_rng_state())  # the training RNG did not move
-    with pytest.raises(ValueError, match="model.generation.mode='nucleus'"):
+    with pytest.raises(ValueError, match=r"model.generation.mode='nucleus'"):
         LlavaGeneration(mode="nucleus")
     with pytest.raises(ValueError, match=r"unknown keys \['beams'\]"):
         LlavaGeneration.from_dict({"beams": 3})
