@@ -179,6 +179,11 @@ class LlavaFineTuning(GenerativeEvaluation, L.LightningModule):
             manifest.save(path / "poison_manifest.json")
         return path
 
+    @property
+    def image_size(self) -> int:
+        """Side of the vision tower's square input (a data module renders or resizes to it)."""
+        return int(self.model.config.vision_config.image_size)
+
     # ----------------------------------------------------------------------------------- training
     def pixel_values(self, batch: dict) -> torch.Tensor:
         """The batch's ``[0, 1]`` images normalised with the snapshot's statistics, in the model's dtype."""
