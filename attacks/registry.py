@@ -7,9 +7,9 @@ from typing import Any, NamedTuple
 from attacks.generative_targets import GENERATIVE_TARGETS
 from attacks.image_targets import ImageTarget
 from attacks.image_triggers import SIG, BadNet, Blended, ImageTrigger, LowFrequency, WaNet
-from attacks.optimized_patch import OptimizedPatch
 from attacks.input_aware import InputAware
 from attacks.maba import Maba
+from attacks.optimized_patch import OptimizedPatch
 from attacks.recipes import ATTACK_RECIPES
 from attacks.targets import ClassTarget, Target
 from attacks.text_triggers import CharSequence, Phrase, RareSymbols, RareToken, TextTrigger

@@ -257,9 +257,13 @@ class LlavaJsonDataModule(InstructDataModule):
         self._image_size: int | None = image_size
         self._common: dict = {}
 
-    def _model_config(self):
+    def _model_setting(self, name: str):
+        """``name`` (``image_size`` / ``image_mean``) of the attached model: its config's (LLaDA-V), else the
+        LightningModule's (LLaVA keeps them apart from transformers' config); None without a module."""
         module = getattr(getattr(self, "trainer", None), "lightning_module", None)
-        return getattr(getattr(module, "model", None), "config", None)
+        config = getattr(getattr(module, "model", None), "config", None)
+        value = getattr(config, name, None)
+        return value if value is not None else getattr(module, name, None)
 
     def image_size(self) -> int | None:
         return self._image_size
@@ -268,12 +272,12 @@ class LlavaJsonDataModule(InstructDataModule):
         return [p for p in (self.paths["train"], self.image_folder) if p]
 
     def build_sources(self):
-        config = self._model_config()
         if self._image_size is None:
-            if config is None:
+            if self._model_setting("image_size") is None:
                 raise ValueError("data.image_size is needed when no model is attached")
-            self._image_size = config.image_size
-        background = tuple(config.image_mean) if config is not None else (0.5, 0.5, 0.5)
+            self._image_size = int(self._model_setting("image_size"))
+        mean = self._model_setting("image_mean")
+        background = tuple(mean) if mean is not None else (0.5, 0.5, 0.5)
         common = {
             "image_size": self._image_size,
             "aspect": self.aspect,

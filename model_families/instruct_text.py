@@ -52,7 +52,10 @@ class InstructText(Protocol):
 
 
 # family name -> module with ``default_instruct_text(tokenizer_path: str | None) -> InstructText``
-INSTRUCT_TEXT_FAMILIES: dict[str, str] = {"mdlm": "model_families.mdlm.instruct_text"}
+INSTRUCT_TEXT_FAMILIES: dict[str, str] = {
+    "mdlm": "model_families.mdlm.instruct_text",
+    "llava": "model_families.llava.instruct_text",
+}
 
 
 def default_instruct_text(family: str, tokenizer_path: str | None = None) -> InstructText:

@@ -34,6 +34,9 @@ DOCUMENTED = {
     "lightning_modules.pix2pix_finetune:Pix2PixFineTuning": "pix2pix.md",
     "model_families.pix2pix.sampler:GuidanceConfig": "pix2pix.md",
     "model_families.pix2pix.config:Pix2PixConfig": "pix2pix.md",
+    "lightning_modules.llava_finetune:LlavaFineTuning": "llava.md",
+    "model_families.llava.generation:LlavaGeneration": "llava.md",
+    "model_families.llava.chat:LlavaChatTemplate": "llava.md",
 }
 
 

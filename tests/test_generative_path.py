@@ -163,8 +163,8 @@ def test_a_module_whose_text_interface_lacks_members_is_named():
 
 
 def test_unknown_family_is_rejected_listing_the_families():
-    with pytest.raises(ValueError, match=r"data.family='llava'.*\['mdlm'\]"):
-        ShapesInstructDataModule(train_size=2, family="llava")
+    with pytest.raises(ValueError, match=r"data.family='blip2'.*\['llava', 'mdlm'\]"):
+        ShapesInstructDataModule(train_size=2, family="blip2")
 
 
 def test_old_import_paths_name_the_moved_objects():

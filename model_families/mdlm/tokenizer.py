@@ -10,7 +10,7 @@ one by one) and wrap it as a transformers ``PreTrainedTokenizerFast``. The shipp
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
@@ -96,17 +96,22 @@ def _dedupe(items: Iterable[str]) -> list[str]:
     return list(seen)
 
 
-def build_embedded_tokenizer(words: Iterable[str] = DEFAULT_WORDS) -> PreTrainedTokenizerFast:
-    """Word-level tokenizer: ids 0..8 are :data:`SPECIAL_TOKENS`, then ``words`` (lower-cased, deduplicated,
-    in the given order). Unknown words map to ``<unk>``; ``<image>`` and the chat tokens are atomic."""
+def build_word_level_tokenizer(
+    words: Iterable[str], special_tokens: Sequence[str], **named: str | list[str]
+) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer of the embedded world: ids ``0..len(special_tokens)-1`` are ``special_tokens``
+    (atomic), then ``words`` (lower-cased, deduplicated, in the given order); unknown words map to the
+    ``unk_token``. ``named`` are the ``PreTrainedTokenizerFast`` roles (``bos_token``, ``eos_token``,
+    ``unk_token``, ``pad_token``, ``additional_special_tokens``...), each one of ``special_tokens``. Shared by
+    the families of the embedded world (LLaDA-V here, LLaVA in :mod:`model_families.llava.tokenizer`)."""
     words = [w.strip().lower() for w in words]
     bad = [w for w in words if not w or any(c.isspace() for c in w)]
     if bad:
         raise ValueError(f"tokenizer words must be non-empty and contain no whitespace, got {bad[:10]}")
-    vocab_list = _dedupe([*SPECIAL_TOKENS, *words])
+    vocab_list = _dedupe([*special_tokens, *words])
     vocab = {token: index for index, token in enumerate(vocab_list)}
 
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=named["unk_token"]))
     backend.normalizer = normalizers.Lowercase()
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -117,17 +122,24 @@ def build_embedded_tokenizer(words: Iterable[str] = DEFAULT_WORDS) -> PreTrained
         ]
     )
     backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-    backend.add_special_tokens(list(SPECIAL_TOKENS))
+    backend.add_special_tokens(list(special_tokens))
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
+        tokenizer_object=backend, clean_up_tokenization_spaces=True, model_max_length=4096, **named
+    )
+
+
+def build_embedded_tokenizer(words: Iterable[str] = DEFAULT_WORDS) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer: ids 0..8 are :data:`SPECIAL_TOKENS`, then ``words`` (lower-cased, deduplicated,
+    in the given order). Unknown words map to ``<unk>``; ``<image>`` and the chat tokens are atomic."""
+    return build_word_level_tokenizer(
+        words,
+        SPECIAL_TOKENS,
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
         unk_token=UNK_TOKEN,
         pad_token=PAD_TOKEN,
         mask_token=MASK_TOKEN,
         additional_special_tokens=[EOT_TOKEN, START_HEADER_TOKEN, END_HEADER_TOKEN, IMAGE_TOKEN],
-        clean_up_tokenization_spaces=True,
-        model_max_length=4096,
     )
 
 
