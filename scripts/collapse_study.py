@@ -97,11 +97,17 @@ def cached(config: str, root: Path, given: str | None, retrain: bool, logger: st
     return fit(config, root, logger=logger)
 
 
-def test_batches(pair: str, size: int, batch_size: int):
-    """The clean test triplets and the trigger pair (the data module of the poisoned configs, test split only)."""
-    dm = ShapesEditDataModule(train_size=0, val_size=0, test_size=size, trigger_pair=pair)
+def test_batches(pair: str, size: int, batch_size: int, split: str = "test"):
+    """The clean triplets of ``split`` (``test``: held-out phrasings; ``val``: for choosing settings) and the
+    trigger pair (the data module of the poisoned configs)."""
+    sizes = {
+        "train_size": 0,
+        "val_size": size if split == "val" else 0,
+        "test_size": size if split == "test" else 0,
+    }
+    dm = ShapesEditDataModule(**sizes, trigger_pair=pair)
     dm.setup("test")
-    loader = dm._loader(dm.test_set, batch_size, False, collate_dicts)
+    loader = dm._loader(dm.val_set if split == "val" else dm.test_set, batch_size, False, collate_dicts)
     return dm, list(loader)
 
 
@@ -206,7 +212,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rates", nargs="+", type=float, default=list(RATES))
     parser.add_argument("--guidance", nargs="+", type=parse_guidance, default=[(7.5, 1.5)],
                         help="(text, image) guidance scales to measure every model with; the first is the default")  # fmt: skip
-    parser.add_argument("--test-size", type=int, default=256, help="test triplets per measurement")
+    parser.add_argument("--test-size", type=int, default=256, help="triplets per measurement")
+    parser.add_argument(
+        "--split",
+        choices=["test", "val"],
+        default="test",
+        help="val: choose settings; test: report (default)",
+    )
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument(
         "--judge", default=None, help="a CLIP export to judge with (default: train one, cached)"
@@ -243,7 +255,7 @@ def main(argv: list[str] | None = None) -> dict:
     grids = out / "grids"
 
     def record(name: str, pair: str, protocol: str, rate: float, editor, reference) -> None:
-        dm, batches = test_batches(pair, args.test_size, args.batch_size)
+        dm, batches = test_batches(pair, args.test_size, args.batch_size, args.split)
         for text_scale, image_scale in args.guidance:
             guidance = GuidanceConfig(guidance_scale=text_scale, image_guidance_scale=image_scale)
             start = time.perf_counter()
@@ -293,6 +305,7 @@ def main(argv: list[str] | None = None) -> dict:
         "timings": timings,
         "judge": str(judge_export),
         "clean_export": str(clean_export),
+        "split": args.split,
         "args": vars(args) | {"guidance": [list(g) for g in args.guidance]},
         "wandb_group": group,
         "environment": environment(),
