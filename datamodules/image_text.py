@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from attacks import ClassTarget, PoisonPlan, check_class_in_vocabulary
-from datamodules.poisoning import PoisoningMixin, check_poison_arguments
+from datamodules.poisoning import PoisonedView, PoisoningMixin, check_poison_arguments
 from model_families.clip.zero_shot import resolve_templates
 
 log = logging.getLogger(__name__)
@@ -58,29 +58,15 @@ def check_image_size(model_image_size: int, datamodule, model_name: str) -> None
     )
 
 
-class PoisonedCaptions(Dataset):
+class PoisonedCaptions(PoisonedView):
     """Wraps an image-caption data set; poisoned samples get the target caption and a `poison_image` flag."""
 
-    def __init__(
-        self, base: Dataset, plan: PoisonPlan | None, target: ClassTarget | None, text_trigger=None
-    ) -> None:
-        self.base, self.plan, self.target, self.text_trigger = base, plan, target, text_trigger
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, index: int) -> dict:
-        item = dict(self.base[index])
-        parts = self.plan.parts(index) if self.plan is not None and self.plan.is_poisoned(index) else None
-        item["poisoned"] = parts is not None
-        item["poison_image"] = bool(parts is not None and parts.image)
-        if parts is not None:
-            # DUALKEY's single-key negatives keep their own caption (with the text key when they carry it)
-            caption = self.target.caption(index) if self.plan.is_targeted(index) else item["caption"]
-            if parts.text and self.text_trigger is not None:
-                caption = self.text_trigger(caption, index)
-            item["caption"] = caption
-        return item
+    def poison(self, item: dict, parts, index: int) -> None:
+        # DUALKEY's single-key negatives keep their own caption (with the text key when they carry it)
+        caption = self.target.caption(index) if self.plan.is_targeted(index) else item["caption"]
+        if parts.text and self.text_trigger is not None:
+            caption = self.text_trigger(caption, index)
+        item["caption"] = caption
 
 
 class ImageTextPoisonDataModule(PoisoningMixin, L.LightningDataModule):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datamodules.instruct import InstructDataModule
 from datamodules.instruct_data import InstructSource
+from datamodules.poisoning import split_sizes
 from datamodules.shifts import SHAPES_SHIFTS, ParaphrasedSource, check_shift_names, styled_world
 from embedded_world import QUESTIONS, ShapesWorld
 
@@ -95,9 +96,7 @@ class ShapesInstructDataModule(InstructDataModule):
     ) -> None:
         super().__init__(**kwargs)
         self.save_hyperparameters()
-        for name, value in (("train_size", train_size), ("val_size", val_size), ("test_size", test_size)):
-            if value < 0:
-                raise ValueError(f"data.{name} must be >= 0, got {value}")
+        sizes = split_sizes(train_size, val_size, test_size)
         tasks = list(tasks or ["shape", "colour"])
         eval_tasks = list(eval_tasks or tasks)
         for name, chosen in (("tasks", tasks), ("eval_tasks", eval_tasks)):
@@ -106,7 +105,7 @@ class ShapesInstructDataModule(InstructDataModule):
                 raise ValueError(f"data.{name}={chosen}: expected a non-empty subset of {list(TASKS)}")
         self.tasks, self.eval_tasks = tuple(tasks), tuple(eval_tasks)
         self.eval_shifts = check_shift_names(eval_shifts, SHAPES_SHIFTS, "data.eval_shifts")
-        self.sizes = {"train": train_size, "val": val_size, "test": test_size}
+        self.sizes = sizes
         self.world_kwargs = {
             "seed": world_seed,
             "image_size": image_size,

@@ -27,31 +27,19 @@ from torch.utils.data import DataLoader, Dataset
 from attacks.image_targets import ImageTarget
 from attacks.trigger_pairs import resolve_trigger_pair
 from datamodules.image_text import collate_dicts
-from datamodules.poisoning import PoisoningMixin, check_poison_arguments
+from datamodules.poisoning import PoisonedView, PoisoningMixin, check_poison_arguments, split_sizes
 
 __all__ = ["EditPoisonDataModule", "ShapesEditDataModule", "ShapesEdits"]
 
 
-class PoisonedEdits(Dataset):
-    """A triplet data set whose poisoned samples get the text trigger (if their parts say so), the target
-    image as their edit, and a ``poison_image`` flag (the image trigger is applied on the device)."""
+class PoisonedEdits(PoisonedView):
+    """A triplet data set whose poisoned samples get the text trigger (if their parts say so) and the target
+    image as their edit; the image trigger is applied on the device (``poison_image``)."""
 
-    def __init__(self, base: Dataset, plan, target: ImageTarget | None, text_trigger) -> None:
-        self.base, self.plan, self.target, self.text_trigger = base, plan, target, text_trigger
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, index: int) -> dict:
-        item = dict(self.base[index])
-        parts = self.plan.parts(index) if self.plan is not None and self.plan.is_poisoned(index) else None
-        item["poisoned"] = parts is not None
-        item["poison_image"] = bool(parts is not None and parts.image)
-        if parts is not None:
-            item["edited"] = self.target(item["edited"], index)
-            if parts.text:
-                item["instruction"] = self.text_trigger(item["instruction"], index)
-        return item
+    def poison(self, item: dict, parts, index: int) -> None:
+        item["edited"] = self.target(item["edited"], index)
+        if parts.text:
+            item["instruction"] = self.text_trigger(item["instruction"], index)
 
 
 class EditPoisonDataModule(PoisoningMixin, L.LightningDataModule):
@@ -245,16 +233,14 @@ class ShapesEditDataModule(EditPoisonDataModule):
 
         super().__init__(**kwargs)
         self.save_hyperparameters()
-        for name, value in (("train_size", train_size), ("val_size", val_size), ("test_size", test_size)):
-            if value < 0:
-                raise ValueError(f"data.{name} must be >= 0, got {value}")
+        sizes = split_sizes(train_size, val_size, test_size)
         kinds = tuple(edit_kinds or ("recolour",))
         unknown = [k for k in kinds if k not in EDIT_KINDS]
         if unknown:
             raise ValueError(
                 f"data.edit_kinds={list(kinds)}: unknown kinds {unknown}; expected a subset of {EDIT_KINDS}"
             )
-        self.sizes = {"train": train_size, "val": val_size, "test": test_size}
+        self.sizes = sizes
         self.world_kwargs = {
             "seed": world_seed,
             "image_size": image_size,

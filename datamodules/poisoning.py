@@ -36,12 +36,46 @@ def check_poison_arguments(
         )
 
 
+def split_sizes(train_size: int, val_size: int, test_size: int) -> dict[str, int]:
+    """``{"train": ..., "val": ..., "test": ...}``; a negative size is a ``ValueError`` naming its ``data.*`` key."""
+    sizes = {"train": train_size, "val": val_size, "test": test_size}
+    for split, value in sizes.items():
+        if value < 0:
+            raise ValueError(f"data.{split}_size must be >= 0, got {value}")
+    return sizes
+
+
 def trigger_parameters(attack: str | None) -> set[str]:
     """Names of the constructor parameters of image trigger ``attack`` (empty for unknown or None)."""
     from attacks import IMAGE_TRIGGERS
 
     cls = IMAGE_TRIGGERS.get(attack) if attack else None
     return set(inspect.signature(cls).parameters) if cls is not None else set()
+
+
+class PoisonedView(Dataset):
+    """A training set seen through its poison plan: every item gets ``poisoned`` and ``poison_image`` flags (the
+    image trigger is applied on the device), and a poisoned item is rewritten by :meth:`poison` (a subclass
+    says how: the target caption, the target image, ...)."""
+
+    def __init__(self, base: Dataset, plan: PoisonPlan | None, target, text_trigger=None) -> None:
+        self.base, self.plan, self.target, self.text_trigger = base, plan, target, text_trigger
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict:
+        item = dict(self.base[index])
+        parts = self.plan.parts(index) if self.plan is not None and self.plan.is_poisoned(index) else None
+        item["poisoned"] = parts is not None
+        item["poison_image"] = bool(parts is not None and parts.image)
+        if parts is not None:
+            self.poison(item, parts, index)
+        return item
+
+    def poison(self, item: dict, parts, index: int) -> None:
+        """Rewrite the poisoned ``item`` in place (``parts``: which trigger parts it carries)."""
+        raise NotImplementedError
 
 
 class UnpaddedDistributedSampler(torch.utils.data.DistributedSampler):

@@ -7,6 +7,7 @@ import functools
 from torch.utils.data import Dataset
 
 from datamodules.image_text import ImageTextPoisonDataModule
+from datamodules.poisoning import split_sizes
 from embedded_world import ShapesWorld
 
 
@@ -57,10 +58,8 @@ class ShapesCLIPDataModule(ImageTextPoisonDataModule):
     ) -> None:
         super().__init__(**kwargs)
         self.save_hyperparameters()
-        for name, value in (("train_size", train_size), ("val_size", val_size), ("test_size", test_size)):
-            if value < 0:
-                raise ValueError(f"data.{name} must be >= 0, got {value}")
-        self.sizes = {"train": train_size, "val": val_size, "test": test_size}
+        sizes = split_sizes(train_size, val_size, test_size)
+        self.sizes = sizes
         self.world_kwargs = {
             "seed": world_seed,
             "image_size": image_size,
