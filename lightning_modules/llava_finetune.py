@@ -28,6 +28,7 @@ import torch
 from lightning_modules.generative_eval import GenerativeEvaluation
 from lightning_modules.mdlm_finetune import unwrapped_name
 from lightning_modules.schedules import warmup_cosine
+from lightning_modules.vision_aux import VisionAuxHeads
 from model_families.llava.build import load_for_finetuning
 from model_families.llava.config import check_image_tokens
 from model_families.llava.generation import LlavaGeneration, generate_answers
@@ -70,6 +71,10 @@ class LlavaFineTuning(GenerativeEvaluation, L.LightningModule):
             temperature, top_k, top_p, num_beams, length_penalty, seed).
         num_logged_samples: generations kept per evaluation set for the sample table.
         cpu_threads: ``torch.set_num_threads`` for CPU runs; None leaves torch's default.
+        vision_aux / vision_aux_weight / vision_aux_pooling: embedded world only, a stand-in for the vision
+            tower's pretraining: auxiliary classifiers of the samples' ``attributes`` on the projected image
+            tokens, their loss added with this weight (:class:`~lightning_modules.vision_aux.VisionAuxHeads`, the
+            same option as LLaDA-V's); never exported. Off by default (weight 0).
     """
 
     def __init__(
@@ -91,6 +96,9 @@ class LlavaFineTuning(GenerativeEvaluation, L.LightningModule):
         generation: dict | None = None,
         num_logged_samples: int = 16,
         cpu_threads: int | None = None,
+        vision_aux: dict[str, list[str]] | None = None,
+        vision_aux_weight: float = 0.0,
+        vision_aux_pooling: str = "mean",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -121,6 +129,9 @@ class LlavaFineTuning(GenerativeEvaluation, L.LightningModule):
             self.model.gradient_checkpointing_enable()
         self._lora_config = None
         self._configure_trainable(trainable, lora)
+        self.vision_aux_heads = VisionAuxHeads.from_options(
+            vision_aux, vision_aux_weight, int(self.model.config.text_config.hidden_size), vision_aux_pooling
+        )
         self.evaluator = None  # built from the datamodule at setup (GenerativeEvaluation)
 
     # ----------------------------------------------------------------------------------- model
@@ -194,6 +205,11 @@ class LlavaFineTuning(GenerativeEvaluation, L.LightningModule):
 
     def loss(self, batch: dict) -> torch.Tensor:
         """Mean next-token cross-entropy over the response tokens (answer + ``</s>``) of the batch."""
+        return self.losses(batch)[0]
+
+    def losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The response loss (:meth:`loss`) and the auxiliary heads' loss of the same forward's projected image
+        tokens (None without ``vision_aux`` or when no sample has attributes)."""
         ids, mask, response = expand_image_tokens(
             batch["input_ids"],
             self.text.image_token_index,
@@ -210,22 +226,37 @@ class LlavaFineTuning(GenerativeEvaluation, L.LightningModule):
             labels=labels,
             use_cache=False,
         )
-        return out.loss
+        if self.vision_aux_heads is None:
+            return out.loss, None
+        vision = torch.stack(list(out.image_outputs.pooler_output))  # (B, N, D) projected image tokens
+        size = batch["input_ids"].shape[0]
+        return out.loss, self.vision_aux_heads.loss(vision, batch.get("attributes") or [{}] * size)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        size = batch["input_ids"].shape[0]
+        loss, aux = self.losses(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        if aux is not None:
+            self.log("train/vision_aux", aux, batch_size=size)
+            loss = loss + self.hparams.vision_aux_weight * aux
         return loss
+
+    def _named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """The model's parameters and the auxiliary heads' (``vision_aux_heads.*``), which the optimizer trains."""
+        named = list(self.model.named_parameters())
+        if self.vision_aux_heads is not None:
+            named += [(f"vision_aux_heads.{n}", p) for n, p in self.vision_aux_heads.named_parameters()]
+        return named
 
     def configure_model(self) -> None:
         """Record every parameter's rank before a strategy (FSDP) flattens it (weight decay on matrices)."""
-        self._param_ndim = {unwrapped_name(n): p.dim() for n, p in self.model.named_parameters()}
+        self._param_ndim = {unwrapped_name(n): p.dim() for n, p in self._named_parameters()}
 
     def configure_optimizers(self):
         hp = self.hparams
         ndim = getattr(self, "_param_ndim", None)
         decay, no_decay = [], []
-        for name, param in self.model.named_parameters():
+        for name, param in self._named_parameters():
             if param.requires_grad:
                 name = unwrapped_name(name)
                 rank = ndim[name] if ndim is not None and name in ndim else param.dim()

@@ -33,6 +33,7 @@ from torch import nn
 from defenses.disp.masking import DiSPMasking, masked_generate_ids
 from lightning_modules.generative_eval import GenerativeEvaluation
 from lightning_modules.schedules import warmup_cosine, warmup_stable_decay
+from lightning_modules.vision_aux import VisionAuxHeads
 from model_families.loading import inputs_provenance
 from model_families.mdlm.build import build_tiny_model, load_for_finetuning
 from model_families.mdlm.checkpoint import _materialize_buffers, save_snapshot
@@ -97,9 +98,9 @@ class MDLMFineTuning(GenerativeEvaluation, L.LightningModule):
             model on a shared 2-core machine); None leaves torch's default.
         vision_aux / vision_aux_weight: embedded world only, a stand-in for SigLIP's pretraining: auxiliary
             linear classifiers of the samples' ``attributes`` (e.g. ``{"shape": [circle, ...], "colour": [red,
-            ...]}``) on the mean projected vision token, added to the loss with this weight. Classifying from the
-            mean spreads object information over all vision tokens, as a pretrained tower's contextual features
-            do. The heads are not part of the model and are never exported.
+            ...]}``) on the projected vision tokens, added to the loss with this weight
+            (:class:`~lightning_modules.vision_aux.VisionAuxHeads`, shared with LLaVA). The heads are not part of
+            the model and are never exported.
         vision_aux_pooling: ``mean`` (classify the mean vision token) or ``token`` (every vision token classifies
             the attributes on its own, the loss averaged over tokens): each token then carries the scene, as the
             729 contextual tokens of a pretrained SigLIP do, so masking some of them leaves the answer readable.
@@ -142,8 +143,6 @@ class MDLMFineTuning(GenerativeEvaluation, L.LightningModule):
             if cpu_threads < 1:
                 raise ValueError(f"model.cpu_threads must be >= 1, got {cpu_threads}")
             torch.set_num_threads(cpu_threads)
-        if vision_aux_pooling not in ("mean", "token"):
-            raise ValueError(f"model.vision_aux_pooling={vision_aux_pooling!r}; expected 'mean' or 'token'")
         if not 0.0 <= vision_token_dropout < 1.0:
             raise ValueError(f"model.vision_token_dropout must be in [0, 1), got {vision_token_dropout}")
         self.generation = GenerationConfig.from_dict(generation)
@@ -156,17 +155,9 @@ class MDLMFineTuning(GenerativeEvaluation, L.LightningModule):
             self.model.gradient_checkpointing_enable()
         self._lora_applied = False
         self._configure_trainable(trainable, lora)
-        self.vision_aux_heads = None
-        if vision_aux_weight > 0:
-            if not vision_aux:
-                raise ValueError(
-                    "model.vision_aux_weight > 0 needs model.vision_aux ({attribute: [classes]})"
-                )
-            width = self.model.config.text["hidden_size"]
-            self.vision_aux_heads = nn.ModuleDict(
-                {k: nn.Linear(width, len(v)) for k, v in vision_aux.items()}
-            )
-            self._aux_index = {k: {name: i for i, name in enumerate(v)} for k, v in vision_aux.items()}
+        self.vision_aux_heads = VisionAuxHeads.from_options(
+            vision_aux, vision_aux_weight, self.model.config.text["hidden_size"], vision_aux_pooling
+        )
         self.evaluator = None  # built from the datamodule at setup (GenerativeEvaluation)
 
     # ----------------------------------------------------------------------------------- model
@@ -274,24 +265,8 @@ class MDLMFineTuning(GenerativeEvaluation, L.LightningModule):
         return {"vision_token_mask": torch.rand(size, count, device=self.device) < share}
 
     def vision_aux_loss(self, vision: torch.Tensor, attributes: list[dict]) -> torch.Tensor | None:
-        """Mean over the ``vision_aux`` attributes of ``CE(head(v), label)``: ``v`` the mean of the ``(B, N, D)``
-        projected vision tokens (``vision_aux_pooling: mean``) or each token on its own, the CE averaged over
-        the ``B x N`` tokens (``token``). Samples without the attribute are ignored; None if no sample has any."""
-        per_token = self.hparams.vision_aux_pooling == "token"
-        pooled = vision if per_token else vision.mean(dim=1)
-        losses = []
-        for name, head in self.vision_aux_heads.items():
-            index = self._aux_index[name]
-            labels = torch.tensor(
-                [index.get((a or {}).get(name), -100) for a in attributes], device=vision.device
-            )
-            if bool((labels >= 0).any()):
-                logits = head(pooled)  # (B, C), or (B, N, C) per token
-                if per_token:
-                    labels = labels[:, None].expand(logits.shape[:2]).flatten()
-                    logits = logits.flatten(0, 1)
-                losses.append(nn.functional.cross_entropy(logits, labels, ignore_index=-100))
-        return torch.stack(losses).mean() if losses else None
+        """The auxiliary heads' loss of the ``(B, N, D)`` projected vision tokens (:meth:`VisionAuxHeads.loss`)."""
+        return self.vision_aux_heads.loss(vision, attributes)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         size = batch["input_ids"].shape[0]
