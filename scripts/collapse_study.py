@@ -98,17 +98,18 @@ def cached(config: str, root: Path, given: str | None, retrain: bool, logger: st
 
 
 def test_batches(pair: str, size: int, batch_size: int, split: str = "test"):
-    """The clean triplets of ``split`` (``test``: held-out phrasings; ``val``: for choosing settings) and the
-    trigger pair (the data module of the poisoned configs)."""
-    sizes = {
-        "train_size": 0,
-        "val_size": size if split == "val" else 0,
-        "test_size": size if split == "test" else 0,
-    }
-    dm = ShapesEditDataModule(**sizes, trigger_pair=pair)
+    """The clean triplets to measure on and the trigger pair (the data module of the poisoned configs).
+
+    ``test``: the test split (held-out phrasings), for reporting. ``val``: for choosing settings, the same kind of
+    triplets (held-out phrasings, unseen scenes) drawn from another world seed (1), so that nothing chosen on it
+    has seen the reported test split.
+    """
+    world_seed = 1 if split == "val" else 0
+    dm = ShapesEditDataModule(
+        train_size=0, val_size=0, test_size=size, trigger_pair=pair, world_seed=world_seed
+    )
     dm.setup("test")
-    loader = dm._loader(dm.val_set if split == "val" else dm.test_set, batch_size, False, collate_dicts)
-    return dm, list(loader)
+    return dm, list(dm._loader(dm.test_set, batch_size, False, collate_dicts))
 
 
 @torch.no_grad()
