@@ -124,15 +124,20 @@ def input_aware_overrides(config: str, judge: Path, folder: Path, extra: list[st
     return [f"--data.init_args.attack_kwargs={json.dumps(kwargs)}"], done
 
 
-def maba_overrides(config: str, family: str, attack: str, run_dir: Path) -> list[str]:
-    """For a MABA attack: the training run's placement table (clean model's attributions) for measuring."""
+def maba_overrides(attack: str, export: Path) -> list[str]:
+    """For a MABA attack: the image trigger exactly as the poisoned run built it (its poison manifest's config,
+    with the placement table the clean model's attributions gave), for measuring; [] for other attacks."""
     if attack not in MABA_BASE:
         return []
-    placements = run_dir / "maba_placements.json"
-    if not placements.is_file():
-        raise FileNotFoundError(f"{attack}: the poisoned run wrote no MABA placements at {placements}")
-    kwargs = {**(data_args(f"configs/llava_shapes_{attack}.yaml").get("attack_kwargs") or {})}
-    return [f"--data.init_args.attack_kwargs={json.dumps({**kwargs, 'placements': str(placements)})}"]
+    from model_families.loading import read_json_file
+
+    manifest = read_json_file(export / "poison_manifest.json", ["image_trigger"], what="poison manifest")
+    config = dict(manifest["image_trigger"]["config"])
+    if config.pop("name", None) != "maba" or not config.get("placements"):
+        raise ValueError(
+            f"{export}/poison_manifest.json: {attack} run without a placed MABA trigger: {config}"
+        )
+    return [f"--data.init_args.attack_kwargs={json.dumps(config)}"]
 
 
 def shift_ks_values(judge: Path, config: str, family: str, shifts: list[str], size: int) -> dict[str, float]:
@@ -236,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
         timings[f"{attack}_train_s"] = seconds
         metrics, timings[f"{attack}_measure_s"] = measure(
             config, run.export, out / "measure" / attack, *trigger, *artifact,
-            *maba_overrides(config, args.family, attack, run_dir), *measured,
+            *maba_overrides(attack, run.export), *measured,
         )  # fmt: skip
         for row in shift_rows(attack, MABA_BASE.get(attack), metrics, clean_metrics, ks, args.shifts):
             rows.append({**row, "export": str(run.export)})

@@ -90,3 +90,43 @@ def test_a_shift_name_that_does_not_exist_is_an_error_naming_it(capsys) -> None:
         study.main(["--shifts", "palette", "watercolour"])
     err = capsys.readouterr().err
     assert "--shifts" in err and "watercolour" in err and "posterise" in err
+
+
+def test_maba_is_measured_with_its_training_placements_and_input_aware_gets_a_cached_artifact(
+    tmp_path, monkeypatch
+) -> None:
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    judge = save_clip_export(create_clip("tiny-vit-shapes"), tmp_path / "judge")
+    clean = LlavaFineTuning(generation={"max_new_tokens": 4}).export(tmp_path / "clean")
+    study = _load()
+    out = tmp_path / "study"
+    results = study.main(
+        [
+            "--attacks", "maba", "input_aware", "--shifts", "palette", "--out", str(out),
+            "--judge", str(judge), "--clean-export", str(clean), "--test-size", "3",
+            "--poison-override=--trainer.max_steps=1", "--poison-override=--data.init_args.train_size=8",
+            "--poison-override=--data.init_args.val_size=0", "--input-aware-override=--mask-steps=1",
+            "--input-aware-override=--generator-steps=1", "--input-aware-override=--train-size=8",
+            '--eval-override=--model.init_args.generation={"max_new_tokens": 3}',
+        ]
+    )  # fmt: skip
+    assert [(r["attack"], r["base"], r["shift"]) for r in results["rows"]] == [
+        ("maba", "badnet", "none"), ("maba", "badnet", "palette"),
+        ("input_aware", "-", "none"), ("input_aware", "-", "palette"),
+    ]  # fmt: skip
+    # the measurement rebuilt MABA from the poisoned run's manifest: the placements of the clean model
+    export = Path(results["rows"][0]["export"])
+    manifest = json.loads((export / "poison_manifest.json").read_text())
+    placements = json.loads(Path(manifest["image_trigger"]["config"]["placements"]).read_text())
+    assert len(placements) >= 3 * 2 + 8  # test images, their palette copies and the training images
+    measured = json.loads(study.maba_overrides("maba", export)[0].split("=", 1)[1])
+    assert measured == {k: v for k, v in manifest["image_trigger"]["config"].items() if k != "name"}
+    artifact = out / "input_aware"
+    config = "configs/llava_shapes_input_aware.yaml"
+    overrides, done = study.input_aware_overrides(config, judge, artifact, [])
+    assert done.startswith("reused") and json.loads(overrides[0].split("=", 1)[1])["artifact"] == str(
+        artifact
+    )
+    other = save_clip_export(create_clip("tiny-vit-shapes"), tmp_path / "other")
+    with pytest.raises(ValueError, match=r"trained on surrogate .* not on the judge"):
+        study.input_aware_overrides(config, other, artifact, [])
