@@ -130,3 +130,6 @@ def test_maba_is_measured_with_its_training_placements_and_input_aware_gets_a_ca
     other = save_clip_export(create_clip("tiny-vit-shapes"), tmp_path / "other")
     with pytest.raises(ValueError, match=r"trained on surrogate .* not on the judge"):
         study.input_aware_overrides(config, other, artifact, [])
+    with pytest.raises(SystemExit):
+        study.main(["--shifts", "palette", "palette"])
+    assert "named twice" in capsys.readouterr().err
