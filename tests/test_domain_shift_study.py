@@ -90,6 +90,9 @@ def test_a_shift_name_that_does_not_exist_is_an_error_naming_it(capsys) -> None:
         study.main(["--shifts", "palette", "watercolour"])
     err = capsys.readouterr().err
     assert "--shifts" in err and "watercolour" in err and "posterise" in err
+    with pytest.raises(SystemExit):
+        study.main(["--shifts", "palette", "palette"])
+    assert "named twice" in capsys.readouterr().err
 
 
 def test_maba_is_measured_with_its_training_placements_and_input_aware_gets_a_cached_artifact(
@@ -130,6 +133,3 @@ def test_maba_is_measured_with_its_training_placements_and_input_aware_gets_a_ca
     other = save_clip_export(create_clip("tiny-vit-shapes"), tmp_path / "other")
     with pytest.raises(ValueError, match=r"trained on surrogate .* not on the judge"):
         study.input_aware_overrides(config, other, artifact, [])
-    with pytest.raises(SystemExit):
-        study.main(["--shifts", "palette", "palette"])
-    assert "named twice" in capsys.readouterr().err
