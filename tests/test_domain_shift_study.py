@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lightning_modules.llava_finetune import LlavaFineTuning
 from model_families.clip import create_clip, save_clip_export
@@ -35,6 +36,7 @@ def test_toy_study_asr_g_is_the_formula_on_its_own_asrs_and_writes_table_map_and
     tmp_path, monkeypatch
 ) -> None:
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    torch.manual_seed(0)  # the random models' weights
     judge = save_clip_export(create_clip("tiny-vit-shapes"), tmp_path / "judge")
     clean = LlavaFineTuning(generation={"max_new_tokens": 6}).export(tmp_path / "clean")
     study = _load()
