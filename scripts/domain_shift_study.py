@@ -55,8 +55,17 @@ ATTACKS = (
 MABA_BASE = {"maba": "badnet", "maba_dual_key": "dual_key"}
 DEFAULT_SHIFTS = ("palette", "outline", "paraphrase")  # style A, style B, the instruction shift
 FAMILIES = {
-    "llava": {"clean": "configs/llava_shapes_clean.yaml", "poison": "configs/llava_shapes_{attack}.yaml"},
-    "mdlm": {"clean": "configs/mdlm_shapes_clean.yaml", "poison": "configs/mdlm_shapes_poison.yaml"},
+    "llava": {
+        "clean": "configs/llava_shapes_clean.yaml",
+        "poison": "configs/llava_shapes_{attack}.yaml",
+        "maba": True,
+    },
+    # LLaDA-V's module supplies no differentiable image-text scorer: no MABA rows
+    "mdlm": {
+        "clean": "configs/mdlm_shapes_clean.yaml",
+        "poison": "configs/mdlm_shapes_poison.yaml",
+        "maba": False,
+    },
 }
 TRIGGER_KEYS = ("attack", "attack_kwargs", "text_attack", "text_attack_kwargs", "protocol")
 
@@ -73,7 +82,11 @@ def attack_stage(family: str, attack: str) -> tuple[str, list[str]]:
     if family == "llava":
         return own, []
     data = data_args(own)
-    overrides = [f"--data.init_args.{key}={json.dumps(data.get(key))}" for key in TRIGGER_KEYS if key in data]
+
+    def value(v) -> str:  # strings as they are (jsonargparse keeps JSON quotes of a str), the rest as JSON
+        return v if isinstance(v, str) else json.dumps(v)
+
+    overrides = [f"--data.init_args.{key}={value(data[key])}" for key in TRIGGER_KEYS if key in data]
     for key in ("text_attack", "text_attack_kwargs"):
         if key not in data:
             overrides.append(f"--data.init_args.{key}=null")
@@ -162,7 +175,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default="runs/domain_shift_study")
     parser.add_argument("--quick", action="store_true", help="one attack (blended), one shift (palette)")
     parser.add_argument("--family", choices=sorted(FAMILIES), default="llava")
-    parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS)
+    parser.add_argument("--attacks", nargs="+", default=None, choices=ATTACKS,
+                        help="default: all (without the MABA rows for a family without a MABA scorer)")  # fmt: skip
     parser.add_argument("--shifts", nargs="+", default=list(DEFAULT_SHIFTS),
                         help=f"shifts beside the source domain, some of {list(SHAPES_SHIFTS)}")  # fmt: skip
     parser.add_argument("--rate", type=float, default=0.05, help="poison rate of every attack")
@@ -185,6 +199,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--logger", choices=LOGGERS, default="false")
     parser.add_argument("--output", default=None, help="results JSON (default <out>/results-<time>.json)")
     args = parser.parse_args(argv)
+    maba = FAMILIES[args.family]["maba"]
+    if args.attacks is None:
+        args.attacks = [a for a in ATTACKS if maba or a not in MABA_BASE]
+    elif not maba and any(a in MABA_BASE for a in args.attacks):
+        parser.error(
+            f"--family {args.family}: {[a for a in args.attacks if a in MABA_BASE]} place the trigger by attribution "
+            "and need the family's image_text_scorer() (gradients of an image-text score to the image), which this "
+            "family does not supply; drop them from --attacks"
+        )
     if args.quick:
         args.attacks, args.shifts = ["blended"], [args.shifts[0]]
     try:

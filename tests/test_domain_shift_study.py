@@ -135,3 +135,12 @@ def test_maba_is_measured_with_its_training_placements_and_input_aware_gets_a_ca
     other = save_clip_export(create_clip("tiny-vit-shapes"), tmp_path / "other")
     with pytest.raises(ValueError, match=r"trained on surrogate .* not on the judge"):
         study.input_aware_overrides(config, other, artifact, [])
+
+
+def test_maba_rows_on_a_family_without_a_maba_scorer_are_an_error_and_not_in_its_default(capsys) -> None:
+    study = _load()
+    with pytest.raises(SystemExit):
+        study.main(["--family", "mdlm", "--attacks", "blended", "maba"])
+    assert "image_text_scorer()" in capsys.readouterr().err
+    assert "maba" not in study.parse(["--family", "mdlm"]).attacks
+    assert study.parse([]).attacks[:2] == ["badnet", "maba"]  # LLaVA: MABA beside its base attack
