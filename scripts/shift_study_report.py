@@ -96,7 +96,8 @@ def heat_map(rows: list[dict], shifts: list[str], path: Path) -> None:
         for i in range(len(attacks)):
             for j in range(len(columns)):
                 text = "nan" if np.isnan(grid[i, j]) else f"{grid[i, j]:.2f}"
-                ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white")
+                dark = np.isnan(grid[i, j]) or grid[i, j] > 0.6  # light cells (yellow, grey) get black text
+                ax.text(j, i, text, ha="center", va="center", fontsize=8, color="black" if dark else "white")
         ax.set_xticks(range(len(columns)), columns, fontsize=8)
         ax.set_yticks(range(len(attacks)), attacks, fontsize=8)
         ax.set_title(title, fontsize=9)
