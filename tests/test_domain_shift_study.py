@@ -76,7 +76,7 @@ def test_toy_study_asr_g_is_the_formula_on_its_own_asrs_and_writes_table_map_and
     assert rows[1]["ks"] == results["ks"]["palette"]
     out = tmp_path / "study"
     table = (out / "study.md").read_text()
-    assert "| blended | - | palette |" in table
+    assert "| blended | - | palette |" in table and "| 0.99 / 0.98 |" in table  # beside the paper's Table 1
     assert (out / "asr_g.png").stat().st_size > 0
     saved = json.loads(next(out.glob("results-*.json")).read_text())
     assert [r["asr_g"] for r in saved["rows"]] == [
