@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Training-step overhead of the LightningModule vs a plain PyTorch loop (same model, same data), per family.
 
-    python bench/bench_training_step.py [--family clip mdlm pix2pix] [--steps 60] [--batch-size N] [--threads 1]
+    python bench/bench_training_step.py [--family clip mdlm pix2pix llava] [--steps 60] [--batch-size N] [--threads 1]
 
 * ``clip``: `CLIPFineTuning` (tiny-rn-shapes) on embedded-world batches (default batch 128); the plain loop
   calls the module's own ``model_step`` loss.
@@ -9,6 +9,11 @@
   embedded recolour triplets (default batch 64); the plain loop is the diffusers ``train_instruct_pix2pix.py``
   kind of loop: the InstructPix2Pix loss (`instruct_pix2pix_loss`: noise, timesteps, conditioning dropout,
   what ``training_step`` computes) and AdamW with the module's settings, the global RNG seeded alike.
+* ``llava``: `LlavaFineTuning` (tiny-llava-shapes, random weights, constant learning rate, no weight decay) on
+  the embedded instruction data (shape, colour, describe; default batch 64); the plain loop is a plain
+  transformers loop: ``LlavaForConditionalGeneration`` called with the response-only ``labels`` (its own
+  shifted cross-entropy) and AdamW with the module's learning rate and betas. Nothing is random in a step, so
+  the losses agree step for step (the test checks it).
 * ``mdlm``: `MDLMFineTuning` (the tiny LLaDA-V of the embedded configs, randomly initialised, constant
   learning rate) on the embedded instruction data (default batch 64); the plain loop runs the masked
   diffusion loss (`masked_diffusion_loss`, what ``training_step`` computes for this module) and AdamW with
@@ -43,8 +48,10 @@ from datamodules.mdlm_shapes import ShapesInstructDataModule
 from datamodules.pix2pix_edits import ShapesEditDataModule
 from datamodules.shapes_clip import ShapesCLIPDataModule
 from lightning_modules.clip_finetune import CLIPFineTuning
+from lightning_modules.llava_finetune import LlavaFineTuning
 from lightning_modules.mdlm_finetune import MDLMFineTuning
 from lightning_modules.pix2pix_finetune import Pix2PixFineTuning
+from model_families.llava.modeling import expand_image_tokens, normalize_images, position_ids, response_labels
 from model_families.mdlm.diffusion import masked_diffusion_loss
 
 
@@ -94,6 +101,37 @@ def _mdlm_optimizer(module: MDLMFineTuning) -> torch.optim.Optimizer:
     )
 
 
+def _llava_module() -> LlavaFineTuning:
+    # no weight decay: the module decays matrices only, the plain loop's AdamW would decay everything
+    return LlavaFineTuning(scheduler="constant", warmup_ratio=0.0, weight_decay=0.0)
+
+
+def _llava_data(steps: int, batch_size: int) -> ShapesInstructDataModule:
+    # 3 tasks per image (the clean config's); the longest caption and its </s> in 16 response tokens
+    return ShapesInstructDataModule(
+        train_size=-(-steps * batch_size // 3), val_size=2, test_size=2, family="llava",
+        tasks=["shape", "colour", "describe"], response_length=16, batch_size=batch_size,
+    )  # fmt: skip
+
+
+def _llava_loss(module: LlavaFineTuning, batch: dict) -> torch.Tensor:
+    """The plain transformers step: ``LlavaForConditionalGeneration(..., labels=...)`` on the batch's ids with
+    the image slot expanded, the response-only labels and the images normalised with the snapshot's statistics."""
+    model = module.model
+    ids, mask, response = expand_image_tokens(
+        batch["input_ids"], model.config.image_token_index, module.image_tokens,
+        batch["attention_mask"], batch["response_mask"],
+    )  # fmt: skip
+    size = model.config.vision_config.image_size
+    pixels = normalize_images(batch["pixel_values"], module.image_mean, module.image_std, size, model.dtype)
+    labels = response_labels(ids, response, batch["response_tokens"])
+    out = model(
+        input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), pixel_values=pixels,
+        labels=labels, use_cache=False,
+    )  # fmt: skip
+    return out.loss
+
+
 def _pix2pix_module() -> Pix2PixFineTuning:
     return Pix2PixFineTuning(warmup_steps=0, min_lr_ratio=1.0)  # constant LR, as the plain loop's AdamW
 
@@ -120,6 +158,7 @@ FAMILIES = {
         lambda module: torch.optim.AdamW(module.parameters(), lr=1e-3, weight_decay=0.1),
     ),
     "mdlm": Family("mdlm", 64, _mdlm_module, _mdlm_data, _mdlm_loss, _mdlm_optimizer),
+    "llava": Family("llava", 64, _llava_module, _llava_data, _llava_loss, _mdlm_optimizer),
     "pix2pix": Family(
         "pix2pix",
         64,
@@ -221,10 +260,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--family", nargs="+", choices=sorted(FAMILIES), default=["clip", "mdlm", "pix2pix"])
+    parser.add_argument(
+        "--family", nargs="+", choices=sorted(FAMILIES), default=["clip", "mdlm", "pix2pix", "llava"]
+    )
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument(
-        "--batch-size", type=int, default=None, help="default: 128 for clip, 64 for mdlm and pix2pix"
+        "--batch-size", type=int, default=None, help="default: 128 for clip, 64 for mdlm, pix2pix and llava"
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=2, help="rounds of both paths, order alternating")

@@ -33,7 +33,13 @@ from model_families.llava.build import load_for_finetuning
 from model_families.llava.config import check_image_tokens
 from model_families.llava.generation import LlavaGeneration, generate_answers
 from model_families.llava.instruct_text import LlavaInstructText
-from model_families.llava.modeling import expand_image_tokens, normalize_images, position_ids, response_labels
+from model_families.llava.modeling import (
+    IGNORE_INDEX,
+    expand_image_tokens,
+    normalize_images,
+    position_ids,
+    response_labels,
+)
 from model_families.llava.snapshot import LlavaSnapshot, save_snapshot
 from model_families.loading import inputs_provenance
 
@@ -274,6 +280,36 @@ class LlavaFineTuning(GenerativeEvaluation, L.LightningModule):
         schedule = lambda step: warmup_cosine(step, warmup, total, floor)  # noqa: E731
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def image_text_scorer(self, question: str = "describe the image."):
+        """MABA's :class:`attacks.maba.ImageTextScorer` for this model: ``(images, texts) -> (B,)`` the summed
+        log-probability of each text (and its ``</s>``) as the answer to ``question`` about its image,
+        differentiable in the ``[0, 1]`` images (the clean caption's and the target's attributions)."""
+        from datamodules.instruct_data import InstructCollator
+
+        collate = InstructCollator(self.text, None)
+
+        def score(images: torch.Tensor, texts) -> torch.Tensor:
+            items = [
+                {"image": torch.zeros(1), "question": question, "answer": t, "index": i, "key": str(i)}
+                for i, t in enumerate(texts)
+            ]
+            batch = {k: v.to(images.device) if torch.is_tensor(v) else v for k, v in collate(items).items()}
+            batch["pixel_values"] = images
+            ids, mask, response = expand_image_tokens(
+                batch["input_ids"], self.text.image_token_index, self.image_tokens,
+                batch["attention_mask"], batch["response_mask"],
+            )  # fmt: skip
+            labels = response_labels(ids, response, batch["response_tokens"])[:, 1:]
+            logits = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
+                pixel_values=self.pixel_values(batch), use_cache=False,
+            ).logits[:, :-1].float()  # fmt: skip
+            keep = labels != IGNORE_INDEX
+            picked = logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+            return (picked * keep).sum(dim=1)
+
+        return score
 
     # ----------------------------------------------------------------------------------- evaluation
     def generate_responses(self, batch: dict, batch_idx: int) -> list[str]:

@@ -21,20 +21,12 @@ the folder of an interrupted run resumes its purification.
 
 from __future__ import annotations
 
-import copy
-import logging
-from pathlib import Path
-
-from defenses.disp.masking import DiSPMasking
-from defenses.disp.purified_set import purification_dataset, purification_source, use_purified
-from defenses.disp.purify import purify_dataset
+from lightning_modules.disp_purification import SelfPurification
 from lightning_modules.mdlm_finetune import MDLMFineTuning
 from model_families.mdlm.inference import GenerationConfig
 
-log = logging.getLogger(__name__)
 
-
-class DiSPPurification(MDLMFineTuning):
+class DiSPPurification(SelfPurification, MDLMFineTuning):
     """Recovery fine-tuning on a self-purified data set (DiSP, Wan et al., 2026).
 
     Args:
@@ -60,64 +52,7 @@ class DiSPPurification(MDLMFineTuning):
         **kwargs,
     ) -> None:
         super().__init__(init_from=init_from, **kwargs)
-        extra = {
-            "disp": disp,
-            "purify_generation": purify_generation,
-            "purify_batch_size": purify_batch_size,
-            "purify_chunk_size": purify_chunk_size,
-            "purified_dir": purified_dir,
-        }
-        # the parent saved its own arguments; add ours (a second save_hyperparameters would drop the parent's)
-        self.hparams.update(extra)
-        self._hparams_initial.update(copy.deepcopy(extra))
-        self.disp = DiSPMasking.from_dict(disp)
-        self.purify_generation = (
-            GenerationConfig.from_dict(purify_generation) if purify_generation else self.generation
-        )
-        if purify_batch_size < 1 or purify_chunk_size < 1:
-            raise ValueError("model.purify_batch_size and model.purify_chunk_size must be >= 1")
-        self.purified_path: Path | None = None
-
-    def purify(self) -> Path:
-        """Run self-purification on the attached datamodule's training set (all ranks); returns its path."""
-        trainer = self.trainer
-        datamodule = trainer.datamodule
-        dataset = purification_dataset(datamodule)  # a TypeError naming the class for other datamodules
-        out_dir = Path(self.hparams.purified_dir or Path(trainer.default_root_dir) / "purified")
-        source = purification_source(datamodule, self.hparams.init_from)
-        return purify_dataset(
-            self.model,
-            dataset,
-            datamodule.collator,
-            out_dir,
-            self.tokenizer,
-            self.disp,
-            self.purify_generation,
-            batch_size=self.hparams.purify_batch_size,
-            chunk_size=self.hparams.purify_chunk_size,
-            rank=trainer.global_rank,
-            world_size=trainer.world_size,
-            barrier=trainer.strategy.barrier,
-            source=source,
-        )
-
-    def setup(self, stage: str) -> None:
-        """Purify before the strategy wraps the model (see the module docstring); once per datamodule: a set
-        given as ``data.purified`` (or one this run already purified) is trained on as it is."""
-        super().setup(stage)
-        if stage != "fit":
-            return
-        datamodule = self.trainer.datamodule
-        if getattr(datamodule, "purified_path", None):
-            log.info("DiSP: training on the given purified set %s", datamodule.purified_path)
-            return
-        strategy = self.trainer.strategy
-        # what the strategy would do first anyway (bf16-true casts the module): the dtype DiSP always ran in
-        strategy.precision_plugin.convert_module(self)
-        home = next(self.model.parameters()).device
-        self.model.to(strategy.root_device)
-        try:
-            self.purified_path = self.purify()
-        finally:
-            self.model.to(home)  # the strategy moves (DDP) or shards (FSDP) it from where it was
-        use_purified(datamodule, self.purified_path)
+        self.init_purification(
+            disp, purify_generation, purify_batch_size, purify_chunk_size, purified_dir,
+            GenerationConfig.from_dict,
+        )  # fmt: skip

@@ -38,3 +38,13 @@ def test_mdlm_plain_loop_and_lightning_take_the_same_steps_and_the_ratio_is_prin
         assert f"{row['family']}: Lightning / plain time ratio: {row['ratio']:.3f}, median step ratio " in out
         assert row["median_step_ratio"] > 0
         assert f"| {row['family']} | LightningModule (Trainer) | 3 | 4 |" in out
+
+
+def test_llava_plain_transformers_loop_and_lightning_take_the_same_steps() -> None:
+    bench = _load()
+    (row,) = bench.main(["--family", "llava", "--steps", "3", "--batch-size", "4", "--repeat", "1"])
+    assert row["family"] == "llava" and len(row["plain_losses"]) == len(row["lightning_losses"]) == 3
+    # same batches, deterministic steps, same AdamW updates: equal losses, and each step changed the model
+    assert row["plain_losses"] == row["lightning_losses"]
+    assert len(set(row["plain_losses"])) == 3
+    assert row["ratio"] == row["lightning_seconds"] / row["plain_seconds"]

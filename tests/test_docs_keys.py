@@ -20,6 +20,7 @@ DOCUMENTED = {
     "lightning_modules.par:PARFineTuning": "invertune.md",
     "datamodules.defender_shapes:DefenderShapesDataModule": "invertune.md",
     "lightning_modules.mdlm_disp:DiSPPurification": "disp.md",
+    "lightning_modules.llava_disp:LlavaDiSPPurification": "disp.md",
     "lightning_modules.mdlm_finetune:MDLMFineTuning": None,
     "lightning_modules.clip_finetune:CLIPFineTuning": None,
     "datamodules.shapes_clip:ShapesCLIPDataModule": None,

@@ -118,3 +118,21 @@ def test_snapshot_whose_tokenizer_disagrees_on_the_image_id_is_refused(tmp_path)
         ValueError, match="the tokenizer's '<image>' is id 4, the model's image_token_index is 5"
     ):
         LlavaFineTuning(init_from=str(path))
+
+
+def test_maba_scorer_is_the_answer_log_probability_and_has_gradients_to_the_image():
+    from attacks.maba import check_image_gradients
+
+    torch.manual_seed(0)
+    module = LlavaFineTuning()
+    module.model.eval()
+    image = torch.rand(1, 3, 32, 32)
+    scorer = module.image_text_scorer(question="what is it?")
+    score = scorer(image, ["a large red star."])
+    items = [
+        {"image": image[0], "question": "what is it?", "answer": "a large red star.", "index": 0, "key": "0"}
+    ]
+    batch = InstructCollator(module.instruct_text(), None)(items)
+    tokens = int(batch["response_tokens"][0])  # the answer's tokens and </s>
+    assert torch.allclose(score, -module.loss(batch) * tokens, atol=1e-4)
+    check_image_gradients(scorer, torch.rand(2, 3, 32, 32), ["circle", "banana"])

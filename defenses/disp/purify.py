@@ -37,8 +37,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from attacks import atomic_write_json
 from attacks.hashing import fingerprint
-from defenses.disp.masking import DiSPMasking, masked_generate_ids
-from model_families.mdlm.inference import GenerationConfig, decode_responses, stop_token_ids
+from defenses.disp.family import DiSPFamily, MDLMDiSP
+from defenses.disp.masking import DiSPMasking
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def purify_dataset(
     out_dir: str | Path,
     tokenizer: Any,
     masking: DiSPMasking,
-    generation: GenerationConfig,
+    generation: Any,
     batch_size: int = 64,
     chunk_size: int = 512,
     rank: int = 0,
@@ -120,19 +120,22 @@ def purify_dataset(
     barrier: Callable[[], None] | None = None,
     source: dict | None = None,
     on_chunk_done: Callable[[int, int], None] | None = None,
+    family: DiSPFamily | None = None,
 ) -> Path:
     """Purify ``dataset`` into ``out_dir`` (see the module docstring); returns ``out_dir/purified.json``.
 
     Args:
-        model: the compromised model (LladaVModel); put in eval mode for the duration.
+        model: the compromised model (a LladaVModel, or the model of ``family``); in eval mode for the duration.
         dataset: the training set as trained (items with image, question, answer...; ``meta(i)`` for text).
         collate: its collator (left-padded prompts, ``prompt_ids`` / ``prompt_mask`` / ``pixel_values``).
         tokenizer: decodes the generated ids.
-        masking / generation: DiSP masking and sampler settings.
+        masking / generation: DiSP masking and sampler settings (the family's generation config: ``to_dict()``).
         batch_size / chunk_size: samples per forward batch / per resumable chunk.
         rank / world_size / barrier: DDP sharding (``trainer.strategy.barrier``).
         source: description of the input (``fingerprint``, ``paths`` of input files, ...), kept in the manifest.
         on_chunk_done: called as ``(chunk, samples)`` after each chunk is written (progress, tests).
+        family: the model family's DiSP adapter (:class:`defenses.disp.family.DiSPFamily`, e.g. LLaVA's);
+            None: LLaDA-V's (:class:`~defenses.disp.family.MDLMDiSP` of ``model``, ``tokenizer``, ``generation``).
     """
     out_dir = Path(out_dir)
     source = dict(source or {})
@@ -174,7 +177,7 @@ def purify_dataset(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    stop_ids = stop_token_ids(model)
+    family = family if family is not None else MDLMDiSP(model, tokenizer, generation)
     start, done, skipped = time.perf_counter(), 0, 0
     try:
         for chunk in mine:
@@ -192,16 +195,7 @@ def purify_dataset(
                 generator = torch.Generator().manual_seed(
                     (masking.seed * 1_000_003 + chunk) * 10_007 + batch_index
                 )
-                ids, selected = masked_generate_ids(
-                    model,
-                    batch["prompt_ids"],
-                    batch["pixel_values"],
-                    generation,
-                    masking,
-                    batch["prompt_mask"],
-                    generator,
-                )
-                responses = decode_responses(tokenizer, ids, stop_ids)
+                responses, selected = family.masked_responses(batch, masking, generator)
                 counts = selected.sum(dim=1).tolist() if selected is not None else [0] * len(responses)
                 for row, response in enumerate(responses):
                     index = indices[len(records)]  # Subset keeps the order of ``indices``

@@ -29,7 +29,7 @@ language model runs with eager attention while saliency is computed (identical o
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -156,8 +156,29 @@ def vision_token_saliency(
                 if pixel_values is None:
                     raise ValueError("give pixel_values or vision_embeds")
                 vision_embeds = model.encode_images(_fresh(pixel_values))
-        vision = _fresh(vision_embeds).detach()
         fn = _ResponseLogits(model, input_ids, attention_mask, response_mask)
+        return saliency_of(fn, vision_embeds, num_probes, estimator, generator, probe_chunk)
+
+
+def saliency_of(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    vision_embeds: torch.Tensor,
+    num_probes: int = 4,
+    estimator: str = "vjp",
+    generator: torch.Generator | None = None,
+    probe_chunk: int | None = None,
+) -> torch.Tensor:
+    """The family-free core of DiSP's saliency, shape (B, N): ``fn`` maps vision embeddings (B, N, D) to the
+    logits (B, R, V) of the output positions it scores (a pure function, ``torch.func``-safe: no in-place
+    ``requires_grad_``, no data-dependent Python branching on its input), ``vision_embeds`` are the image's
+    projected tokens. The family makes ``fn`` (:class:`defenses.disp.family.DiSPFamily`) and runs it with the
+    attention ``torch.func`` can transform (eager)."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"saliency estimator {estimator!r}; expected one of {ESTIMATORS}")
+    if num_probes < 1 and estimator != "exact":
+        raise ValueError(f"num_probes must be >= 1, got {num_probes}")
+    with gradients_enabled():
+        vision = _fresh(vision_embeds).detach()
         if estimator == "vjp":
             scores = _saliency_vjp(fn, vision, num_probes, generator, probe_chunk)
         elif estimator == "jvp":
