@@ -23,6 +23,7 @@ from model_families.llava import (
     num_image_tokens,
     save_snapshot,
 )
+from model_families.llava.config import CLIP_MEAN, CLIP_STD
 from model_families.llava.modeling import (
     IGNORE_INDEX,
     expand_image_tokens,
@@ -88,6 +89,16 @@ def test_tiny_size_is_the_tiny_lladav_scale_and_counts_its_image_tokens(tiny):
     assert siglip.vision_feature_select_strategy == "full" and siglip.image_seq_length == 16
     with pytest.raises(ValueError, match="unknown LLaVA architecture 'llava-13b'"):
         llava_config("llava-13b")
+
+
+def test_tiny_siglip_tower_uses_siglip_image_statistics_and_its_snapshot_keeps_them(tiny, tmp_path):
+    assert (tiny.image_mean, tiny.image_std) == (CLIP_MEAN, CLIP_STD)  # the CLIP tower: LLaVA-1.5's
+    siglip = build_tiny(overrides={"vision_tower": "siglip"})
+    assert siglip.image_mean == (0.5, 0.5, 0.5) == siglip.image_std  # [0, 1] -> [-1, 1], as the tiny LLaDA-V
+    stored = json.loads((save_snapshot(siglip, tmp_path / "snap") / "preprocessor_config.json").read_text())
+    assert stored["image_mean"] == [0.5, 0.5, 0.5] == stored["image_std"]
+    loaded = load_snapshot(tmp_path / "snap")
+    assert (loaded.image_mean, loaded.image_std) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
 def test_image_token_count_that_does_not_match_the_vision_tower_is_refused():

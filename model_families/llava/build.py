@@ -11,7 +11,7 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from model_families.llava.chat import LlavaChatTemplate
-from model_families.llava.config import llava_config
+from model_families.llava.config import image_statistics, llava_config
 from model_families.llava.snapshot import LlavaSnapshot, load_snapshot
 from model_families.llava.tokenizer import load_embedded_tokenizer, load_tokenizer
 
@@ -23,7 +23,8 @@ def build_tiny(
 ) -> LlavaSnapshot:
     """A randomly initialised ``tiny-llava-shapes`` model for ``tokenizer`` (default: the embedded one), with
     ``overrides`` of :func:`model_families.llava.config.tiny_shapes` (``vision`` / ``text`` dicts, LlavaConfig
-    keys, ``vision_tower``)."""
+    keys, ``vision_tower``); the image statistics follow the tower (:func:`~model_families.llava.config.
+    image_statistics`: SigLIP's ``[-1, 1]`` for ``vision_tower: siglip``, CLIP's otherwise)."""
     tokenizer = tokenizer if tokenizer is not None else load_embedded_tokenizer()
     template = template or LlavaChatTemplate()
     vocab = tokenizer.get_vocab()
@@ -41,7 +42,8 @@ def build_tiny(
         config = llava_config("tiny-llava-shapes", **ids, **(overrides or {}))
     except TypeError as error:
         raise ValueError(f"model.tiny_config: {error}") from None
-    return LlavaSnapshot(LlavaForConditionalGeneration(config), tokenizer, template)
+    mean, std = image_statistics(config)
+    return LlavaSnapshot(LlavaForConditionalGeneration(config), tokenizer, template, mean, std)
 
 
 def load_for_finetuning(
