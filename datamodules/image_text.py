@@ -167,12 +167,8 @@ class ImageTextPoisonDataModule(PoisoningMixin, L.LightningDataModule):
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         trainer = getattr(self, "trainer", None)
         training = trainer is not None and trainer.training
-        if training and "poison_image" in batch and self.image_trigger is not None:
-            rows = batch["poison_image"].bool()
-            if rows.any():
-                images = batch["image"].clone()
-                images[rows] = self.apply_trigger(images[rows], batch["index"][rows])
-                batch["image"] = images
-        elif not training and self.image_trigger is not None:
+        if training:
+            return self.trigger_poisoned_rows(batch, "image")
+        if self.image_trigger is not None:
             batch["image_triggered"] = self.apply_trigger(batch["image"], batch["index"])
         return batch

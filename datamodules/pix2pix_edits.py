@@ -133,13 +133,7 @@ class EditPoisonDataModule(PoisoningMixin, L.LightningDataModule):
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         trainer = getattr(self, "trainer", None)
         training = trainer is not None and trainer.training
-        if training and "poison_image" in batch and self.image_trigger is not None:
-            rows = batch["poison_image"].bool()
-            if rows.any():
-                images = batch["source"].clone()
-                images[rows] = self.apply_trigger(images[rows], batch["index"][rows])
-                batch["source"] = images
-        return batch
+        return self.trigger_poisoned_rows(batch, "source") if training else batch
 
 
 class ShapesEdits(Dataset):

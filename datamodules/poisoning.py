@@ -216,6 +216,17 @@ class PoisoningMixin:
         """Restored by Lightning before the loaders are built: the next training loader continues from it."""
         self._train_position_to_load = state if state.get("train_loader") is not None else None
 
+    def trigger_poisoned_rows(self, batch: dict, key: str) -> dict:
+        """A training batch with the image trigger applied to ``batch[key]`` on the rows flagged
+        ``poison_image`` (on the device, after the transfer)."""
+        if "poison_image" in batch and self.image_trigger is not None:
+            rows = batch["poison_image"].bool()
+            if rows.any():
+                images = batch[key].clone()
+                images[rows] = self.apply_trigger(images[rows], batch["index"][rows])
+                batch[key] = images
+        return batch
+
     def apply_trigger(self, images: torch.Tensor, sample_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The image trigger on a batch already on its device (identity without an image trigger)."""
         if self.image_trigger is None:
