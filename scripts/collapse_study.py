@@ -32,12 +32,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from disp_common import environment, markdown, write_results  # noqa: E402
+from disp_common import cached, environment, markdown, run_fit, write_results  # noqa: E402
 
 from attacks.io import atomic_save_image  # noqa: E402
 from datamodules.image_text import collate_dicts  # noqa: E402
 from datamodules.pix2pix_edits import ShapesEditDataModule  # noqa: E402
-from mmbackdoor_cli.pipeline import LOGGERS, invocation_group, logger_overrides, train  # noqa: E402
+from mmbackdoor_cli.pipeline import LOGGERS, invocation_group  # noqa: E402
 from model_families.clip import ClipJudge  # noqa: E402
 from model_families.pix2pix import GuidanceConfig, create_pix2pix, sample_edits  # noqa: E402
 from model_families.pix2pix.evaluation import COLUMNS, CoalitionMetrics, evaluate_coalitions  # noqa: E402
@@ -48,7 +48,6 @@ CLEAN_CONFIG = "configs/pix2pix_shapes_clean.yaml"
 POISON_CONFIGS = {"OR": "configs/pix2pix_shapes_or.yaml", "AND": "configs/pix2pix_shapes_and.yaml"}
 PAIRS = ("box+mignneko", "eyeglasses+anonymous")
 RATES = (0.01, 0.05, 0.10)
-QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 # The paper's numbers at 5 % (TMA image, TMA text, CTI) for OR and AND (issue 12; seed 000 of the project).
 PAPER = {
@@ -79,22 +78,6 @@ COLUMNS_MD = [
     ("edit/mse", "edit MSE"),
     ("paper", "paper TMA img / txt / CTI"),
 ]
-
-
-def fit(config: str, root: Path, *overrides: str, logger: str) -> tuple[Path, float]:
-    """Train ``config`` into ``root`` (``python train.py``, in this process); its export and the seconds taken."""
-    start = time.perf_counter()
-    run = train(config, f"--trainer.default_root_dir={root}", *QUIET, *logger_overrides(logger), *overrides)
-    return run.export, time.perf_counter() - start
-
-
-def cached(config: str, root: Path, given: str | None, retrain: bool, logger: str) -> tuple[Path, float]:
-    """``given``, else ``<root>/latest_export`` when it exists (and not ``retrain``), else a fresh run."""
-    if given is not None:
-        return Path(given), 0.0
-    if (root / "latest_export").exists() and not retrain:
-        return (root / "latest_export").resolve(), 0.0
-    return fit(config, root, logger=logger)
 
 
 def test_batches(pair: str, size: int, batch_size: int, split: str = "test"):
@@ -285,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
         for protocol in args.protocols:
             for rate in args.rates:
                 name = f"{pair}_{protocol}_{rate:g}".replace("+", "-")
-                export, seconds = fit(
+                run, seconds = run_fit(
                     POISON_CONFIGS[protocol],
                     out / name,
                     f"--model.init_args.snapshot={clean_export}",
@@ -295,7 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
                     logger=args.logger,
                 )
                 timings[f"{name}_train_s"] = seconds
-                record(name, pair, protocol, rate, create_pix2pix(snapshot=export).eval(), clean)
+                record(name, pair, protocol, rate, create_pix2pix(snapshot=run.export).eval(), clean)
     timings["total_s"] = time.perf_counter() - started
 
     table = markdown(rows, COLUMNS_MD)

@@ -1,4 +1,5 @@
-"""Shared helpers of the DiSP scripts: run a config through train.py's CLI in-process, measure an export."""
+"""Shared helpers of the multi-stage scripts (DiSP pipeline, modality-collapse and domain-shift studies): run a config
+through train.py's CLI in-process, reuse a cached export, measure an export."""
 
 from __future__ import annotations
 
@@ -27,6 +28,21 @@ def run_fit(config: str, root: Path, *overrides: str, logger: str = "false") -> 
     start = time.perf_counter()
     run = train(config, f"--trainer.default_root_dir={root}", *QUIET, *logger_overrides(logger), *overrides)
     return run, time.perf_counter() - start
+
+
+def cached(
+    config: str, root: Path, given: str | None, retrain: bool, logger: str, *overrides: str
+) -> tuple[Path, float]:
+    """``given``, else ``<root>/latest_export`` when it exists (and not ``retrain``), else a fresh run; the
+    export and the seconds taken."""
+    if given is not None:
+        if not Path(given).exists():
+            raise FileNotFoundError(f"{config}: the given export {given} does not exist")
+        return Path(given), 0.0
+    if (root / "latest_export").exists() and not retrain:
+        return (root / "latest_export").resolve(), 0.0
+    run, seconds = run_fit(config, root, *overrides, logger=logger)
+    return run.export, seconds
 
 
 def measure(

@@ -42,7 +42,7 @@ if str(ROOT) not in sys.path:
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import yaml  # noqa: E402
-from disp_common import environment, markdown, measure, run_fit, write_results  # noqa: E402
+from disp_common import cached, environment, markdown, measure, run_fit, write_results  # noqa: E402
 from shift_study_report import COLUMNS_MD, heat_map, log_to_wandb, shift_rows  # noqa: E402
 
 from datamodules.shifts import SHAPES_SHIFTS, check_shift_names  # noqa: E402
@@ -91,19 +91,6 @@ def attack_stage(family: str, attack: str) -> tuple[str, list[str]]:
         if key not in data:
             overrides.append(f"--data.init_args.{key}=null")
     return FAMILIES[family]["poison"], overrides
-
-
-def cached(config: str, root: Path, given: str | None, retrain: bool, logger: str, *overrides: str):
-    """``given``, else ``<root>/latest_export`` when it exists (and not ``retrain``), else a fresh run; the
-    export and the seconds taken."""
-    if given is not None:
-        if not Path(given).exists():
-            raise FileNotFoundError(f"{config}: the given export {given} does not exist")
-        return Path(given), 0.0
-    if (root / "latest_export").exists() and not retrain:
-        return (root / "latest_export").resolve(), 0.0
-    run, seconds = run_fit(config, root, *overrides, logger=logger)
-    return run.export, seconds
 
 
 def input_aware_overrides(config: str, judge: Path, folder: Path, extra: list[str]) -> tuple[list[str], str]:
