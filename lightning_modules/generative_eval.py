@@ -13,7 +13,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from evaluation.generative import GenerativeEvaluator
+
+
+def set_cpu_threads(cpu_threads: int | None) -> None:
+    """``model.cpu_threads``: torch's intra-op threads (None: leave torch's default); < 1 is a ``ValueError``."""
+    if cpu_threads is None:
+        return
+    if cpu_threads < 1:
+        raise ValueError(f"model.cpu_threads must be >= 1, got {cpu_threads}")
+    torch.set_num_threads(cpu_threads)
 
 
 class GenerativeEvaluation:

@@ -25,7 +25,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from lightning_modules.generative_eval import GenerativeEvaluation
+from lightning_modules.generative_eval import GenerativeEvaluation, set_cpu_threads
 from lightning_modules.mdlm_finetune import unwrapped_name
 from lightning_modules.schedules import warmup_cosine
 from lightning_modules.vision_aux import VisionAuxHeads
@@ -112,10 +112,7 @@ class LlavaFineTuning(GenerativeEvaluation, L.LightningModule):
             raise ValueError(f"model.trainable={trainable!r}; expected one of {TRAINABLE}")
         if scheduler not in SCHEDULERS:
             raise ValueError(f"model.scheduler={scheduler!r}; expected one of {SCHEDULERS}")
-        if cpu_threads is not None:
-            if cpu_threads < 1:
-                raise ValueError(f"model.cpu_threads must be >= 1, got {cpu_threads}")
-            torch.set_num_threads(cpu_threads)
+        set_cpu_threads(cpu_threads)
         self.generation = LlavaGeneration.from_dict(generation)
         snapshot = load_for_finetuning(init_from, tiny_config, tokenizer, load_dtype, chat_template)
         self.inputs = inputs_provenance({"model.init_from": init_from})  # before `latest_export` can move

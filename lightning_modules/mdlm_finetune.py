@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from defenses.disp.masking import DiSPMasking, masked_generate_ids
-from lightning_modules.generative_eval import GenerativeEvaluation
+from lightning_modules.generative_eval import GenerativeEvaluation, set_cpu_threads
 from lightning_modules.schedules import warmup_cosine, warmup_stable_decay
 from lightning_modules.vision_aux import VisionAuxHeads
 from model_families.loading import inputs_provenance
@@ -139,10 +139,7 @@ class MDLMFineTuning(GenerativeEvaluation, L.LightningModule):
             raise ValueError(f"model.scheduler={scheduler!r}; expected one of {SCHEDULERS}")
         if trainable not in TRAINABLE:
             raise ValueError(f"model.trainable={trainable!r}; expected one of {TRAINABLE}")
-        if cpu_threads is not None:
-            if cpu_threads < 1:
-                raise ValueError(f"model.cpu_threads must be >= 1, got {cpu_threads}")
-            torch.set_num_threads(cpu_threads)
+        set_cpu_threads(cpu_threads)
         if not 0.0 <= vision_token_dropout < 1.0:
             raise ValueError(f"model.vision_token_dropout must be in [0, 1), got {vision_token_dropout}")
         self.generation = GenerationConfig.from_dict(generation)

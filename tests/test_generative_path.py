@@ -286,3 +286,15 @@ def test_metrics_reject_responses_that_are_not_strings():
         caption_scores([torch.tensor([1, 2])], ["a circle"])
     with pytest.raises(ValueError, match="2 candidates but 1 references"):
         CaptionScores().update(["a", "b"], ["a"])
+
+
+def test_cpu_threads_below_one_are_an_error_naming_the_key_and_none_leaves_torch_alone():
+    import torch
+
+    from lightning_modules.generative_eval import set_cpu_threads
+
+    before = torch.get_num_threads()
+    set_cpu_threads(None)
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match=r"model.cpu_threads must be >= 1, got 0"):
+        set_cpu_threads(0)
