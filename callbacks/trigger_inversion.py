@@ -86,11 +86,14 @@ class TriggerInversion(L.Callback):
     Args:
         target: a class name to use instead of identifying one (oracle-target ablation); it must be in
             the vocabulary.
-        uap: ``"patch"`` (AdvCLIP corner patch, ``uap_area_fraction`` of the image) or ``"linf"``
-            (additive, ``||delta||_inf <= uap_eps``).
+        uap: ``"patch"`` (AdvCLIP corner patch, ``uap_area_fraction`` of the image; the paper),
+            ``"anywhere"`` (the same patch at a random position of every image), ``"linf"`` (additive,
+            ``||delta||_inf <= uap_eps``) or ``"union"`` (``anywhere`` and ``linf`` fitted separately,
+            each class ranked by its larger rise: :mod:`defenses.invertune.location_free`).
         uap_epochs, uap_lr, uap_temperature, uap_text_weight: the UAP optimisation
             (:meth:`defenses.invertune.UniversalPerturbation.fit`; ``uap_lr`` None: the UAP's default).
-        uap_area_fraction, uap_margin: corner-patch geometry (margin None: 14 px scaled from 224).
+        uap_area_fraction, uap_margin: patch area (``patch``, ``anywhere``) and the corner patch's margin
+            (None: 14 px scaled from 224).
         uap_eps: L-inf budget.
         epochs, lr, temperature, align_weight, embedding_weight, similarity_weight, mask_weight,
             reference_mode, parameterization, steps_per_batch, mask_channels, noise_std: trigger inversion

@@ -16,6 +16,7 @@ Algorithm notes: ``/work/shared/spec/invertune.md`` in the project workspace.
 """
 
 from defenses.invertune.capture import ActivationRecorder, capture_activations
+from defenses.invertune.location_free import AnywherePatchUAP, UnionUAP, identify_union, union_increase
 from defenses.invertune.losses import activation_loss, preserve_loss
 from defenses.invertune.masks import neuron_parameter_masks
 from defenses.invertune.pipeline import (
@@ -72,6 +73,7 @@ __all__ = [
     "ActivationRecorder",
     "ActivationTuner",
     "ActivationTuningResult",
+    "AnywherePatchUAP",
     "CornerPatchUAP",
     "Identified",
     "IdentifyConfig",
@@ -86,6 +88,7 @@ __all__ = [
     "TuneConfig",
     "TuneSettings",
     "TuningSession",
+    "UnionUAP",
     "UniversalPerturbation",
     "activation_loss",
     "align_loss",
@@ -96,6 +99,7 @@ __all__ = [
     "encode_images",
     "identify",
     "identify_target",
+    "identify_union",
     "invert",
     "invert_trigger",
     "inverted_trigger_asr",
@@ -113,5 +117,6 @@ __all__ = [
     "true_target_check",
     "tune",
     "uap_objective",
+    "union_increase",
     "zero_shot_predict",
 ]

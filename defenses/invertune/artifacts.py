@@ -86,6 +86,12 @@ class InversionOutcome:
                 p_clean={name: float(ident.p_clean[i]) for i, name in enumerate(class_names)},
                 p_adv={name: float(ident.p_adv[i]) for i, name in enumerate(class_names)},
             )
+            if ident.members is not None:
+                out["uap_members"] = {
+                    member: {class_names[i]: float(rise[i]) for i in ident.ranking}
+                    for member, rise in ident.members.items()
+                }
+                out["uap_source"] = ident.source
         if self.trigger.history:
             out["inversion_final"] = self.trigger.history[-1]
         if self.warp is not None:

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from defenses.invertune.clean_images import CleanImages, ReferenceSource, reference_images
+from defenses.invertune.location_free import AnywherePatchUAP, UnionUAP, identify_union
 from defenses.invertune.target_confidence import (
     DEFAULT_MIN_MARGIN,
     TargetConfidence,
@@ -31,6 +32,7 @@ from defenses.invertune.target_identification import (
     CornerPatchUAP,
     LinfUAP,
     TargetIdentification,
+    UniversalPerturbation,
     identify_target,
 )
 from defenses.invertune.trigger_inversion import InvertedTrigger, invert_trigger, inverted_trigger_asr
@@ -57,7 +59,10 @@ __all__ = [
     "tune",
 ]
 
-UAPKind = Literal["patch", "linf"]
+UAPKind = Literal["patch", "anywhere", "linf", "union"]
+UAP_KINDS = ("patch", "anywhere", "linf", "union")
+UNION_MEMBERS = ("anywhere", "linf")
+"""The members of ``uap: union``: the patch at random positions and the L-inf perturbation."""
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -94,8 +99,8 @@ class IdentifyConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.uap not in ("patch", "linf"):
-            raise ValueError(f"uap must be 'patch' or 'linf', got {self.uap!r}")
+        if self.uap not in UAP_KINDS:
+            raise ValueError(f"uap must be one of {UAP_KINDS}, got {self.uap!r}")
         object.__setattr__(self, "min_margin", check_min_margin(self.min_margin))
 
     @classmethod
@@ -114,13 +119,20 @@ class IdentifyConfig:
             "text_weight": self.text_weight,
         }
 
-    def build_uap(self, image_size: tuple[int, int], kind: UAPKind | None = None) -> CornerPatchUAP | LinfUAP:
+    def build_uap(self, image_size: tuple[int, int], kind: UAPKind | None = None) -> UniversalPerturbation:
         """A fresh UAP of ``kind`` (default: ``uap``) with this geometry."""
-        if (kind or self.uap) == "patch":
+        kind = kind or self.uap
+        if kind == "patch":
             return CornerPatchUAP(
                 image_size, area_fraction=self.area_fraction, margin=self.margin, seed=self.seed
             )
-        return LinfUAP(image_size, eps=self.eps, seed=self.seed)
+        if kind == "anywhere":
+            return AnywherePatchUAP(image_size, area_fraction=self.area_fraction, seed=self.seed)
+        if kind == "linf":
+            return LinfUAP(image_size, eps=self.eps, seed=self.seed)
+        if kind == "union":
+            return UnionUAP({name: self.build_uap(image_size, name) for name in UNION_MEMBERS})
+        raise ValueError(f"uap must be one of {UAP_KINDS}, got {kind!r}")
 
 
 @dataclass
@@ -147,7 +159,10 @@ def identify(
     uap = config.build_uap(image_size)
     uap.fit(model, clean, class_text_embeds, normalize, seed=config.seed, **config.fit_kwargs())
     uap.eval().requires_grad_(False)
-    identification = identify_target(model, clean, class_text_embeds, uap, normalize)
+    if isinstance(uap, UnionUAP):
+        identification = identify_union(model, clean, class_text_embeds, uap, normalize)
+    else:
+        identification = identify_target(model, clean, class_text_embeds, uap, normalize)
     target = identification.target
     log.info(
         "target identification: %s (margin %.3f), ranking %s",

@@ -242,6 +242,10 @@ class TargetIdentification:
     p_adv: Tensor
     """Top-1 prediction histogram of the perturbed images (``C``, sums to 1)."""
     num_images: int
+    members: dict[str, Tensor] | None = None
+    """With a :class:`~defenses.invertune.location_free.UnionUAP`: every member's own ``increase``."""
+    source: str | None = None
+    """With a union: the member whose rise ranked the target first."""
 
 
 @torch.no_grad()
