@@ -1,21 +1,21 @@
 #!/usr/bin/env python
-"""Attack x defense table on the embedded world: CA and ASR of each poisoned model before and after
+"""Attack x defense table of one world (``--world shapes``, the embedded world, or ``fmnist``): CA and ASR of each poisoned model before and after
 CleanCLIP, PAR and InverTune, whether target identification found the true target, and the ASR of the
 inverted trigger on the poisoned model.
 
-    python scripts/defense_table.py [--attacks badnet blended sig wanet badclip] \\
+    python scripts/defense_table.py [--world shapes|fmnist] [--attacks badnet blended sig wanet badclip] \\
         [--defenses cleanclip par invertune] [--root runs/defense_table] [--threads 2] [--logger wandb]
 
-For each attack ``A`` the poisoned model is ``runs/clip_shapes_A/latest_export`` (made by
-``configs/clip_shapes_A.yaml``; ``badclip``'s optimised patch is the config's ``attack_kwargs.patch``
+For world ``W`` and each attack ``A`` the poisoned model is ``runs/clip_W_A/latest_export`` (made by
+``configs/clip_W_A.yaml``; the fmnist attacks are badnet, blended, sig and badclip; ``badclip``'s optimised patch is the config's ``attack_kwargs.patch``
 folder, which ``scripts/attack_table.py`` makes from the clean model). Each defense runs through
-``train.py``'s CLI in this process with ``configs/<defense>_clip_shapes.yaml``; its data block gets the attack's trigger settings, which the
+``train.py``'s CLI in this process with ``configs/<defense>_clip_W.yaml``; its data block gets the attack's trigger settings, which the
 defender datamodule uses only to *report* ASR. Every model (``none`` = the poisoned one) is then scored
 by ``evaluate.py``'s :func:`evaluate_checkpoint` with the attack's own config on the test split, so all
 numbers come from the same evaluation code. "InverTune clean→target" is the tuned model's rate of clean
 non-target test images predicted as the target: the floor under its ASR (a model that confuses circles
 with stars shows that confusion on triggered images too). Prints a markdown table and writes JSON
-(``<root>/table.json``) with every metric, the InverTune reports and the wall times. With ``--logger wandb``
+(``<root>/table.json``; default root ``runs/defense_table``, ``runs/defense_table_fmnist`` for fmnist) with every metric, the InverTune reports and the wall times. With ``--logger wandb``
 each defense run is its own W&B run named ``<attack>/<defense>``, all in the group
 ``defense_table-<date>-<time>`` (or ``$MMBACKDOOR_WANDB_GROUP``).
 """
@@ -41,6 +41,11 @@ from mmbackdoor_cli.evaluate import evaluate_checkpoint, format_metric  # noqa: 
 from mmbackdoor_cli.pipeline import LOGGERS, invocation_group, logger_overrides  # noqa: E402
 
 ATTACKS = ("badnet", "blended", "sig", "wanet", "badclip")
+WORLD_ATTACKS = {"shapes": ATTACKS, "fmnist": ("badnet", "blended", "sig", "badclip")}
+WORLD_TITLES = {
+    "shapes": "Defenses on the embedded world (tiny-rn-shapes, test split)",
+    "fmnist": "Defenses on the Fashion-MNIST world (tiny-rn-shapes, test split)",
+}
 DEFENSES = ("cleanclip", "par", "invertune")
 DEFENSE_NAMES = {"none": "none", "cleanclip": "CleanCLIP", "par": "PAR", "invertune": "InverTune"}
 REPORT_KEYS = ("attack", "attack_kwargs", "target_class", "poison_seed", "target_templates", "world_seed")
@@ -144,7 +149,7 @@ def removed(asr_after: float, ca_drop: float) -> bool:
 
 
 def acceptance(results: dict) -> dict:
-    """The issue's acceptance counts over the attacks (embedded world)."""
+    """The issue's acceptance counts over the attacks (of one world)."""
     rows = [r for r in results.values() if "invertune" in r and "none" in r["scores"]]
     found = sum(r["invertune"]["target_found"] for r in rows)
     removed_count = sum(
@@ -167,11 +172,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--attacks", nargs="+", default=list(ATTACKS))
+    parser.add_argument("--world", default="shapes", choices=sorted(WORLD_ATTACKS))
+    parser.add_argument("--attacks", nargs="+", default=None, help="default: the world's attack list")
     parser.add_argument("--defenses", nargs="+", default=list(DEFENSES), choices=DEFENSES)
-    parser.add_argument("--models", default="runs", help="folder holding clip_shapes_<attack>/latest_export")
+    parser.add_argument("--models", default="runs", help="folder holding clip_<world>_<attack>/latest_export")
     parser.add_argument("--configs", default="configs")
-    parser.add_argument("--root", default="runs/defense_table", help="where defense runs and table.json go")
+    parser.add_argument(
+        "--root",
+        default=None,
+        help="where defense runs and table.json go (default: runs/defense_table[_<world>])",
+    )
     parser.add_argument("--output", default=None, help="JSON file (default: <root>/table.json)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument(
@@ -186,7 +196,10 @@ def main(argv: list[str] | None = None) -> dict:
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    configs, root = Path(args.configs), Path(args.root)
+    world = args.world
+    attacks = args.attacks or list(WORLD_ATTACKS[world])
+    default_root = "runs/defense_table" if world == "shapes" else f"runs/defense_table_{world}"
+    configs, root = Path(args.configs), Path(args.root or default_root)
     extra: dict[str, list[str]] = {}
     for item in args.extra:
         defense, sep, override = item.partition(":")
@@ -196,18 +209,19 @@ def main(argv: list[str] | None = None) -> dict:
 
     # fail before any work when an input is missing
     jobs = []
-    for attack in args.attacks:
-        attack_config = configs / f"clip_shapes_{attack}.yaml"
-        victim = Path(args.models) / f"clip_shapes_{attack}" / "latest_export"
+    for attack in attacks:
+        attack_config = configs / f"clip_{world}_{attack}.yaml"
+        victim = Path(args.models) / f"clip_{world}_{attack}" / "latest_export"
         for path, what in ((attack_config, "attack config"), (victim, "poisoned model")):
             if not path.exists():
                 raise FileNotFoundError(
-                    f"{what} not found: {path} (train it with configs/clip_shapes_{attack}.yaml)"
+                    f"{what} not found: {path} (train it with configs/clip_{world}_{attack}.yaml, or "
+                    f"python scripts/attack_table.py --world {world})"
                 )
         for defense in args.defenses:
-            if not (configs / f"{defense}_clip_shapes.yaml").is_file():
+            if not (configs / f"{defense}_clip_{world}.yaml").is_file():
                 raise FileNotFoundError(
-                    f"defense config not found: {configs / f'{defense}_clip_shapes.yaml'}"
+                    f"defense config not found: {configs / f'{defense}_clip_{world}.yaml'}"
                 )
         data = yaml.safe_load(attack_config.read_text()).get("data", {}).get("init_args", {})
         if data.get("attack") == "patch_optimized":
@@ -227,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
         for defense in args.defenses:
             run_root = root / attack / defense
             export, module, seconds = run_defense(
-                configs / f"{defense}_clip_shapes.yaml",
+                configs / f"{defense}_clip_{world}.yaml",
                 victim,
                 run_root,
                 overrides + extra.get(defense, []),
@@ -257,13 +271,14 @@ def main(argv: list[str] | None = None) -> dict:
     total = time.perf_counter() - started
     table = markdown(results, args.defenses)
     summary = acceptance(results)
-    print("\n" + table)
+    print(f"\n## {WORLD_TITLES[world]}\n\n" + table)
     print(f"\nacceptance counts: {summary}")
     print(f"total wall time: {total / 60:.1f} min ({args.threads} threads)")
     output = Path(args.output or root / "table.json")
     atomic_write_json(
         output,
         {
+            "world": world,
             "command": " ".join(["python", "scripts/defense_table.py", *(argv or sys.argv[1:])]),
             "results": results,
             "table": table,

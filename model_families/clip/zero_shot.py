@@ -21,8 +21,18 @@ TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
     "embedded": ZERO_SHOT_TEMPLATES,
     "imagenet80": tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES),
     "simple": ("a photo of a {}.",),
+    "product": (
+        "a photo of a {}.",
+        "a black and white product photo of a {}.",
+        "{}, studio shot on a plain background.",
+        "a grayscale picture of a {}.",
+        "a small image of a {} from a fashion catalogue.",
+        "a low resolution photo of a {}.",
+    ),
 }
-"""Named prompt-template sets: ``embedded`` for the shapes world, ``imagenet80`` = CLIP's 80 ImageNet ones."""
+"""Named prompt-template sets: ``embedded`` for the shapes world, ``product`` for the Fashion-MNIST world (its
+training captions use the same templates, :mod:`datamodules.fashion_mnist`), ``imagenet80`` = CLIP's 80
+ImageNet ones."""
 
 
 Normalize = Callable[[Tensor], Tensor]
