@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all lint attack-table defense-table bench gpu-suite clean
+.PHONY: install demo test test-all lint attack-table defense-table fmnist-data bench gpu-suite clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ attack-table: $(STAMP)
 
 defense-table: $(STAMP)  # needs the poisoned models of attack-table
 	$(PY) scripts/defense_table.py --threads 1
+
+FMNIST_SOURCE ?= /usr/share/datasets/fashion-mnist
+fmnist-data: $(STAMP)  # the Fashion-MNIST world (apt-get install dataset-fashion-mnist; docs/invertune.md)
+	$(PY) scripts/build_fashion_mnist.py --source $(FMNIST_SOURCE) --out data/fashion_mnist
+	$(PY) scripts/clean_folder_from_captions.py --csv data/fashion_mnist/defender.csv \
+		--class-names data/fashion_mnist/class_names.txt --out data/fashion_mnist/defender
 
 bench: $(STAMP)
 	$(PY) bench/bench_triggers.py && $(PY) bench/bench_training_step.py && $(PY) bench/bench_generation.py --threads 1

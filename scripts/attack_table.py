@@ -46,7 +46,7 @@ WORLDS = {
     "fmnist": {
         "attacks": ("badnet", "blended", "sig", "badclip"),
         "title": "Attacks on the Fashion-MNIST world (tiny-rn-shapes from scratch, target 'bag', 10% poison "
-        "(badclip 5%), badnet at a random location, 4 epochs (badclip 6), test split, exclude-target ASR)",
+        "(badclip 5%), badnet 6 px at a random location, 4 epochs (badnet, badclip 6), test split, exclude-target ASR)",
     },
 }
 """The worlds: their attack lists and table titles (configs ``configs/clip_<world>_<attack>.yaml``)."""
