@@ -95,6 +95,10 @@ class TriggerInversion(L.Callback):
         uap_area_fraction, uap_margin: patch area (``patch``, ``anywhere``) and the corner patch's margin
             (None: 14 px scaled from 224).
         uap_eps: L-inf budget.
+        uap_score: how the classes are ranked: ``"rise"`` (their rise in top-1 frequency under the UAP;
+            the paper) or ``"breadth"`` (the median over the other classes of the fraction of their images
+            that the UAP sends to the class: a backdoor target draws from every class, a natural
+            adversarial sink only from its neighbours; :func:`defenses.invertune.breadth_of`).
         epochs, lr, temperature, align_weight, embedding_weight, similarity_weight, mask_weight,
             reference_mode, parameterization, steps_per_batch, mask_channels, noise_std: trigger inversion
             (:func:`defenses.invertune.invert_trigger`; batches come from the datamodule).
@@ -134,6 +138,7 @@ class TriggerInversion(L.Callback):
         uap_area_fraction: float = 0.03,
         uap_margin: int | None = None,
         uap_eps: float = 8 / 255,
+        uap_score: Literal["rise", "breadth"] = "rise",
         epochs: int = 10,
         lr: float = 0.01,
         temperature: float = 0.07,
@@ -346,6 +351,7 @@ class TriggerInversion(L.Callback):
         """The settings written under ``config`` in ``report.json``."""
         return {
             "uap": self.identify_config.uap,
+            "uap_score": self.identify_config.score,
             "uap_fit": self.identify_config.fit_kwargs(),
             "inversion": self.invert_config.trigger_kwargs(),
             "reference_source": self.invert_config.reference_source,

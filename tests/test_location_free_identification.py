@@ -13,10 +13,11 @@ from defenses.invertune import (
     IdentifyConfig,
     LinfUAP,
     UnionUAP,
+    breadth_of,
     identify,
     identify_target,
     identify_union,
-    union_increase,
+    union_max,
 )
 from tests.conftest import ToyLinearBackdoor
 
@@ -109,9 +110,9 @@ def test_fitting_the_anywhere_patch_finds_the_target_and_keeps_it_in_range(clean
     assert identify_target(model, clean_images, text, uap.eval(), identity).target == TARGET
 
 
-def test_union_increase_is_the_elementwise_maximum_and_names_its_member():
+def test_union_max_is_the_elementwise_maximum_and_names_its_member():
     rises = {"anywhere": torch.tensor([0.1, -0.2, 0.3, 0.0]), "linf": torch.tensor([0.2, -0.1, 0.3, -0.5])}
-    best, source = union_increase(rises)
+    best, source = union_max(rises)
     torch.testing.assert_close(best, torch.maximum(rises["anywhere"], rises["linf"]).double())
     assert source == ["linf", "linf", "anywhere", "anywhere"]  # a tie goes to the first member
 
@@ -178,3 +179,54 @@ def test_identify_with_the_union_reports_every_member_and_the_source(clean_image
     assert set(summary["uap_members"]) == {"anywhere", "linf"}
     rise = found.identification.members["anywhere"][TARGET]
     assert summary["uap_members"]["anywhere"]["star"] == pytest.approx(float(rise))
+
+
+def test_breadth_is_the_median_over_other_source_classes_of_the_flow_into_a_class():
+    # rows: clean prediction, columns: prediction under the UAP
+    transitions = torch.tensor(
+        [
+            [10, 0, 10, 0],  # class 0: half of its images go to 2
+            [0, 0, 20, 0],  # class 1: all go to 2
+            [0, 0, 20, 0],
+            [12, 0, 4, 4],  # class 3: 60 % fall into 0 (a neighbour), 20 % into 2
+        ]
+    )
+    breadth = breadth_of(transitions)
+    rates = transitions.double() / transitions.sum(dim=1, keepdim=True)
+    for y in range(4):
+        others = torch.cat([rates[:y, y], rates[y + 1 :, y]])
+        assert breadth[y] == pytest.approx(float(others.median()))  # torch's lower median
+    assert breadth.argmax() == 2
+    # a class nobody predicts on clean images does not count as a source
+    empty_source = torch.tensor([[5, 5, 0], [0, 0, 0], [0, 10, 0]])
+    assert breadth_of(empty_source)[1] == pytest.approx(0.5)  # the lower median of {0.5, 1.0}
+    assert breadth_of(torch.zeros(2, 2, dtype=torch.long)).tolist() == [0.0, 0.0]
+
+
+def test_breadth_passes_over_a_natural_sink_that_the_rise_picks(clean_images):
+    # class 2 fires on a bright top-left spot, which reaches an eighth of the images of every class (a
+    # backdoor); every image of class 1 (green) turns red (a natural sink fed by one neighbour): the rise
+    # favours red, the breadth the backdoor's class
+    model, text = ToyTopLeftSpotModel(), torch.eye(NUM_CLASSES)
+
+    def perturb(x: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        green = x.mean(dim=(2, 3)).argmax(dim=1) == 1
+        out[green, 0] = 1.0
+        keep = torch.arange(len(x)) % 8 == 0
+        out[keep, :, 2:7, 2:7] = 1.0
+        return out
+
+    rise = identify_target(model, clean_images, text, perturb, identity, score="rise")
+    breadth = identify_target(model, clean_images, text, perturb, identity, score="breadth")
+    assert rise.target == 0 and breadth.target == TARGET
+    assert breadth.score == "breadth" and breadth.ranked_by is breadth.breadth
+    assert breadth.margin == pytest.approx(float(breadth.breadth[TARGET] - breadth.breadth.sort().values[-2]))
+    torch.testing.assert_close(breadth.breadth, breadth_of(breadth.transitions))
+    assert int(breadth.transitions.sum()) == 128
+    torch.testing.assert_close(breadth.p_clean, breadth.transitions.sum(dim=1).double() / 128)
+    torch.testing.assert_close(breadth.p_adv, breadth.transitions.sum(dim=0).double() / 128)
+    with pytest.raises(ValueError, match="score must be one of"):
+        identify_target(model, clean_images, text, perturb, identity, score="median")
+    with pytest.raises(ValueError, match="uap_score must be one of"):
+        IdentifyConfig(score="median")

@@ -16,7 +16,7 @@ Algorithm notes: ``/work/shared/spec/invertune.md`` in the project workspace.
 """
 
 from defenses.invertune.capture import ActivationRecorder, capture_activations
-from defenses.invertune.location_free import AnywherePatchUAP, UnionUAP, identify_union, union_increase
+from defenses.invertune.location_free import AnywherePatchUAP, UnionUAP, identify_union, union_max
 from defenses.invertune.losses import activation_loss, preserve_loss
 from defenses.invertune.masks import neuron_parameter_masks
 from defenses.invertune.pipeline import (
@@ -51,6 +51,7 @@ from defenses.invertune.target_identification import (
     LinfUAP,
     TargetIdentification,
     UniversalPerturbation,
+    breadth_of,
     identify_target,
     uap_objective,
 )
@@ -93,6 +94,7 @@ __all__ = [
     "activation_loss",
     "align_loss",
     "begin_tuning",
+    "breadth_of",
     "candidate_layers",
     "capture_activations",
     "embedding_loss",
@@ -117,6 +119,6 @@ __all__ = [
     "true_target_check",
     "tune",
     "uap_objective",
-    "union_increase",
+    "union_max",
     "zero_shot_predict",
 ]

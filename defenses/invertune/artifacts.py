@@ -86,6 +86,9 @@ class InversionOutcome:
                 p_clean={name: float(ident.p_clean[i]) for i, name in enumerate(class_names)},
                 p_adv={name: float(ident.p_adv[i]) for i, name in enumerate(class_names)},
             )
+            out["score"] = ident.score
+            if ident.breadth is not None:
+                out["breadth"] = {class_names[i]: float(ident.breadth[i]) for i in ident.ranking}
             if ident.members is not None:
                 out["uap_members"] = {
                     member: {class_names[i]: float(rise[i]) for i in ident.ranking}

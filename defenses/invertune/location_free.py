@@ -11,8 +11,9 @@ class for a BadNet patch at random positions. Two perturbations here remove the 
   any position, or at one position the patch visits often enough, is what it converges to). Evaluation
   (``eval()``) draws the positions from the UAP's seed, so identification is deterministic.
 - :class:`UnionUAP`: several perturbations fitted independently (by default the anywhere-patch and the
-  L-inf one), and a class's rise in top-1 frequency is its largest rise under any member
-  (:func:`union_increase`); the member that produced the target's rise is reported.
+  L-inf one), and a class's ranking statistic (its rise in top-1 frequency, or its breadth) is its
+  largest under any member (:func:`identify_union`); the member that produced the target's value is
+  reported.
 """
 
 from __future__ import annotations
@@ -133,11 +134,11 @@ class UnionUAP(UniversalPerturbation):
         return history
 
 
-def union_increase(increases: dict[str, Tensor]) -> tuple[Tensor, list[str]]:
-    """Each class's largest rise over the members (``C``) and, per class, the member that gave it
+def union_max(values: dict[str, Tensor]) -> tuple[Tensor, list[str]]:
+    """Each class's largest value over the members (``C``) and, per class, the member that gave it
     (ties: the first member in order)."""
-    names = list(increases)
-    stacked = torch.stack([increases[name].double() for name in names])
+    names = list(values)
+    stacked = torch.stack([values[name].double() for name in names])
     best, which = stacked.max(dim=0)
     return best, [names[int(i)] for i in which]
 
@@ -150,17 +151,20 @@ def identify_union(
     union: UnionUAP,
     normalize,
     batch_size: int = 256,
+    score: str = "rise",
 ) -> TargetIdentification:
-    """Rank the classes by their largest rise in top-1 frequency under any member of ``union`` (each
-    member already fitted): ``increase(y) = max_k [P_k(y) - P_clean(y)]``. The result's ``members`` holds
-    every member's own rises, ``source`` the member of the target's rise (``union`` then applies it), and
-    ``p_adv`` that member's histogram."""
+    """Rank the classes by their largest ``score`` statistic under any member of ``union`` (each member
+    already fitted), e.g. ``increase(y) = max_k [P_k(y) - P_clean(y)]``; ``breadth`` likewise. The result's
+    ``members`` holds every member's own statistic, ``source`` the member of the target's value (``union``
+    then applies it), and ``p_adv`` / ``transitions`` are that member's."""
     results = {
-        name: identify_target(model, images, class_text_embeds, member, normalize, batch_size)
+        name: identify_target(model, images, class_text_embeds, member, normalize, batch_size, score)
         for name, member in union.members.items()
     }
-    increase, source = union_increase({name: r.increase for name, r in results.items()})
-    ranking = torch.sort(increase, descending=True, stable=True).indices.tolist()
+    ranked_by, source = union_max({name: r.ranked_by for name, r in results.items()})
+    increase, _ = union_max({name: r.increase for name, r in results.items()})
+    breadth, _ = union_max({name: r.breadth for name, r in results.items()})
+    ranking = torch.sort(ranked_by, descending=True, stable=True).indices.tolist()
     chosen = source[ranking[0]]
     union.select(chosen)
     first = results[chosen]
@@ -168,10 +172,13 @@ def identify_union(
         target=ranking[0],
         ranking=ranking,
         increase=increase,
-        margin=float(increase[ranking[0]] - increase[ranking[1]]),
+        margin=float(ranked_by[ranking[0]] - ranked_by[ranking[1]]),
         p_clean=first.p_clean,
         p_adv=first.p_adv,
         num_images=first.num_images,
-        members={name: r.increase for name, r in results.items()},
+        transitions=first.transitions,
+        breadth=breadth,
+        score=score,
+        members={name: r.ranked_by for name, r in results.items()},
         source=chosen,
     )

@@ -29,6 +29,7 @@ from defenses.invertune.target_confidence import (
     target_confidence,
 )
 from defenses.invertune.target_identification import (
+    SCORES,
     CornerPatchUAP,
     LinfUAP,
     TargetIdentification,
@@ -95,12 +96,15 @@ class IdentifyConfig:
     area_fraction: float = 0.03
     margin: int | None = None
     eps: float = 8 / 255
+    score: Literal["rise", "breadth"] = "rise"
     min_margin: float = DEFAULT_MIN_MARGIN
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.uap not in UAP_KINDS:
             raise ValueError(f"uap must be one of {UAP_KINDS}, got {self.uap!r}")
+        if self.score not in SCORES:
+            raise ValueError(f"uap_score must be one of {SCORES}, got {self.score!r}")
         object.__setattr__(self, "min_margin", check_min_margin(self.min_margin))
 
     @classmethod
@@ -154,15 +158,16 @@ def identify(
     image_size: tuple[int, int],
     config: IdentifyConfig,
 ) -> Identified:
-    """Fit the UAP on the clean images and rank the classes by their rise in top-1 frequency under it
-    (:func:`defenses.invertune.identify_target`); the margin is judged against ``config.min_margin``."""
+    """Fit the UAP on the clean images and rank the classes by ``config.score`` under it (their rise in
+    top-1 frequency, or its breadth over source classes: :func:`defenses.invertune.identify_target`); the
+    margin is judged against ``config.min_margin``."""
     uap = config.build_uap(image_size)
     uap.fit(model, clean, class_text_embeds, normalize, seed=config.seed, **config.fit_kwargs())
     uap.eval().requires_grad_(False)
     if isinstance(uap, UnionUAP):
-        identification = identify_union(model, clean, class_text_embeds, uap, normalize)
+        identification = identify_union(model, clean, class_text_embeds, uap, normalize, score=config.score)
     else:
-        identification = identify_target(model, clean, class_text_embeds, uap, normalize)
+        identification = identify_target(model, clean, class_text_embeds, uap, normalize, score=config.score)
     target = identification.target
     log.info(
         "target identification: %s (margin %.3f), ranking %s",
@@ -171,7 +176,7 @@ def identify(
         [class_names[i] for i in identification.ranking],
     )
     confidence = target_confidence(
-        identification.increase, identification.ranking, class_names, config.min_margin
+        identification.ranked_by, identification.ranking, class_names, config.min_margin
     )
     return Identified(target, identification, uap, confidence)
 

@@ -230,22 +230,38 @@ class TargetIdentification:
     """Result of :func:`identify_target`. Histograms are fractions of the clean image set."""
 
     target: int
-    """``argmax_y [P_adv(y) - P_clean(y)]`` (ties: lowest class index)."""
+    """The class ranked first by ``score`` (``rise``: ``argmax_y [P_adv(y) - P_clean(y)]``; ties: lowest
+    class index)."""
     ranking: list[int]
-    """All classes sorted by ``increase``, largest first (stable)."""
+    """All classes sorted by the ``score`` statistic, largest first (stable)."""
     increase: Tensor
     """``P_adv - P_clean`` per class (``C``)."""
     margin: float
-    """``increase[target] - increase[runner-up]``."""
+    """The ranking statistic (``score``) of the target minus the runner-up's."""
     p_clean: Tensor
     """Top-1 prediction histogram of the clean images (``C``, sums to 1)."""
     p_adv: Tensor
     """Top-1 prediction histogram of the perturbed images (``C``, sums to 1)."""
     num_images: int
+    transitions: Tensor | None = None
+    """``C x C`` counts: row ``s`` = clean prediction, column ``y`` = prediction under the UAP."""
+    breadth: Tensor | None = None
+    """Per class ``y``: the median over source classes ``s != y`` (with clean images) of the fraction of
+    ``s``-predicted images that the UAP sends to ``y`` (:func:`breadth_of`)."""
+    score: str = "rise"
+    """Which statistic ranked the classes: ``rise`` (``increase``, the paper) or ``breadth``."""
     members: dict[str, Tensor] | None = None
-    """With a :class:`~defenses.invertune.location_free.UnionUAP`: every member's own ``increase``."""
+    """With a :class:`~defenses.invertune.location_free.UnionUAP`: every member's own ranking statistic."""
     source: str | None = None
-    """With a union: the member whose rise ranked the target first."""
+    """With a union: the member whose statistic ranked the target first."""
+
+    @property
+    def ranked_by(self) -> Tensor:
+        """The statistic behind ``ranking`` and ``margin``: ``increase`` or ``breadth``."""
+        if self.score == "breadth":
+            assert self.breadth is not None
+            return self.breadth
+        return self.increase
 
 
 @torch.no_grad()
@@ -256,39 +272,75 @@ def identify_target(
     uap: UniversalPerturbation | Callable[[Tensor], Tensor],
     normalize: Normalize,
     batch_size: int = 256,
+    score: str = "rise",
 ) -> TargetIdentification:
-    """Zero-shot classify the clean and the ``uap``-perturbed images and rank classes by
-    ``P_adv(y) - P_clean(y)``; the top class is the suspected backdoor target.
+    """Zero-shot classify the clean and the ``uap``-perturbed images and rank classes by ``score``:
+    ``rise`` = ``P_adv(y) - P_clean(y)`` (the paper) or ``breadth`` (:func:`breadth_of`: how evenly the
+    UAP pulls images of *every* other class into ``y``); the top class is the suspected backdoor target.
 
     ``uap`` should already be fitted (:meth:`UniversalPerturbation.fit`); any callable mapping [0, 1]
     images to perturbed [0, 1] images works. Zero-shot prediction is ``argmax_c cos(f(x), t_c)``.
     """
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     num_classes = check_class_text_embeds(class_text_embeds)
     if num_classes < 2:
         raise ValueError(f"class_text_embeds needs at least 2 classes to rank, got {num_classes}")
     device = model_device(model, class_text_embeds)
     text = class_text_embeds.to(device)
-    counts_clean = torch.zeros(num_classes, dtype=torch.long, device=device)
-    counts_adv = torch.zeros(num_classes, dtype=torch.long, device=device)
+    transitions = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)
     total = 0
     with eval_mode(model):
         for batch in iter_image_batches(images, batch_size, name="images"):
             x = batch.to(device)
             clean = zero_shot_logits(encode_images(model, x, normalize), text).argmax(dim=-1)
             adv = zero_shot_logits(encode_images(model, uap(x), normalize), text).argmax(dim=-1)
-            counts_clean += torch.bincount(clean, minlength=num_classes)
-            counts_adv += torch.bincount(adv, minlength=num_classes)
+            transitions += torch.bincount(clean * num_classes + adv, minlength=num_classes**2)
             total += x.shape[0]
-    p_clean = (counts_clean.double() / total).cpu()
-    p_adv = (counts_adv.double() / total).cpu()
+    counts = transitions.view(num_classes, num_classes).cpu()
+    p_clean = counts.sum(dim=1).double() / total
+    p_adv = counts.sum(dim=0).double() / total
     increase = p_adv - p_clean
-    ranking = torch.sort(increase, descending=True, stable=True).indices.tolist()
+    breadth = breadth_of(counts)
+    ranked_by = increase if score == "rise" else breadth
+    ranking = torch.sort(ranked_by, descending=True, stable=True).indices.tolist()
     return TargetIdentification(
         target=ranking[0],
         ranking=ranking,
         increase=increase,
-        margin=float(increase[ranking[0]] - increase[ranking[1]]),
+        margin=float(ranked_by[ranking[0]] - ranked_by[ranking[1]]),
         p_clean=p_clean,
         p_adv=p_adv,
         num_images=total,
+        transitions=counts,
+        breadth=breadth,
+        score=score,
     )
+
+
+SCORES = ("rise", "breadth")
+"""The ranking statistics of :func:`identify_target`."""
+
+
+def breadth_of(transitions: Tensor) -> Tensor:
+    """Per class ``y``: the (lower) median over the source classes ``s != y`` that have clean images of
+    ``transitions[s, y] / sum_y' transitions[s, y']``, the fraction of the images predicted ``s`` that the
+    UAP sends to ``y``; 0 where no other class has images.
+
+    A backdoor's trigger works on images of every class, so its target draws from all of them; a natural
+    adversarial direction of the model (a class that similar-looking classes fall into) draws from its
+    neighbours only. The rise in top-1 frequency cannot tell the two apart; the median over source
+    classes can (a majority of the classes must flow into ``y``).
+    """
+    counts = transitions.double()
+    per_source = counts.sum(dim=1, keepdim=True)
+    rates = counts / per_source.clamp(min=1)
+    num_classes = counts.shape[0]
+    out = torch.zeros(num_classes, dtype=torch.float64)
+    has_images = per_source[:, 0] > 0
+    for y in range(num_classes):
+        sources = has_images.clone()
+        sources[y] = False
+        if sources.any():
+            out[y] = rates[sources, y].median()
+    return out
