@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from defense_table import ATTACKS, attack_data_overrides, removed, run_defense  # noqa: E402
+from defense_table import WORLD_ATTACKS, attack_data_overrides, removed, run_defense  # noqa: E402
 
 from attacks.io import atomic_write_json  # noqa: E402
 from mmbackdoor_cli.pipeline import LOGGERS, invocation_group  # noqa: E402
@@ -49,10 +49,14 @@ def parse_setting(text: str) -> tuple[str, dict, dict]:
     return name, model, callback
 
 
-def data_overrides(attack: str, val_size: int | None = None) -> list[str]:
+def data_overrides(attack: str, val_size: int | None = None, world: str = "shapes") -> list[str]:
     """The CLI overrides of one attack's reporting trigger (and of the validation size, when given)."""
-    overrides = attack_data_overrides(ROOT / "configs" / f"clip_shapes_{attack}.yaml")
+    overrides = attack_data_overrides(ROOT / "configs" / f"clip_{world}_{attack}.yaml")
     if val_size is not None:
+        if world != "shapes":
+            raise ValueError(
+                f"--val-size needs the embedded world (its validation stream); {world} has a fixed val folder"
+            )
         if val_size < 1:
             raise ValueError(f"--val-size must be >= 1, got {val_size}")
         overrides.append(f"--data.init_args.val_size={val_size}")
@@ -77,13 +81,18 @@ def main(argv: list[str] | None = None) -> dict:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--inversions", required=True, help="a defense_table root: <A>/invertune/version_0/..."
+        "--inversions",
+        default=None,
+        help="a defense_table root (<A>/invertune/version_N/...) or an earlier setting of a sweep "
+        "(<root>/<name>, holding <A>/version_N/...): steps 1-2 are reused; without it every run "
+        "identifies and inverts again",
     )
     parser.add_argument("--setting", action="append", required=True, help="NAME[:key=value;...]")
-    parser.add_argument("--attacks", nargs="+", default=list(ATTACKS))
-    parser.add_argument("--models", default="runs", help="folder holding clip_shapes_<attack>/latest_export")
-    parser.add_argument("--config", default="configs/invertune_clip_shapes.yaml")
-    parser.add_argument("--root", default="runs/invertune_sweep")
+    parser.add_argument("--world", default="shapes", choices=sorted(WORLD_ATTACKS))
+    parser.add_argument("--attacks", nargs="+", default=None, help="default: the world's attack list")
+    parser.add_argument("--models", default="runs", help="folder holding clip_<world>_<attack>/latest_export")
+    parser.add_argument("--config", default=None, help="default: configs/invertune_clip_<world>.yaml")
+    parser.add_argument("--root", default=None, help="default: runs/invertune_sweep[_<world>]")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--logger",
@@ -100,24 +109,33 @@ def main(argv: list[str] | None = None) -> dict:
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    base = yaml.safe_load(Path(args.config).read_text())
-    root = Path(args.root)
+    world = args.world
+    attacks = args.attacks or list(WORLD_ATTACKS[world])
+    base = yaml.safe_load(Path(args.config or f"configs/invertune_clip_{world}.yaml").read_text())
+    root = Path(
+        args.root or ("runs/invertune_sweep" if world == "shapes" else f"runs/invertune_sweep_{world}")
+    )
     invocation_group("invertune_sweep")
     results: dict[str, dict] = {}
     for text in args.setting:
         name, model, callback = parse_setting(text)
         results[name] = {"model": model, "callback": callback, "attacks": {}}
-        for attack in args.attacks:
-            folder = latest_inversion(Path(args.inversions) / attack / "invertune")
+        for attack in attacks:
             config = copy.deepcopy(base)
-            config["trainer"]["callbacks"][0]["init_args"].update({"load_from": str(folder), **callback})
+            if args.inversions is not None:
+                runs = Path(args.inversions) / attack
+                folder = latest_inversion(runs / "invertune" if (runs / "invertune").is_dir() else runs)
+                config["trainer"]["callbacks"][0]["init_args"]["load_from"] = str(folder)
+            config["trainer"]["callbacks"][0]["init_args"].update(callback)
             config["model"]["init_args"].update(model)
             path = root / f"{name}_{attack}.yaml"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(yaml.safe_dump(config))
             start = time.perf_counter()
-            victim = (Path(args.models) / f"clip_shapes_{attack}" / "latest_export").resolve()
-            overrides = data_overrides(attack, args.val_size)
+            victim = (Path(args.models) / f"clip_{world}_{attack}" / "latest_export").resolve()
+            overrides = data_overrides(attack, args.val_size, world)
+            attack_config = ROOT / "configs" / f"clip_{world}_{attack}.yaml"
+            true_target = yaml.safe_load(attack_config.read_text())["data"]["init_args"]["target_class"]
             _, module, _ = run_defense(path, victim, root / name / attack, overrides, args.logger)
             metrics = {k: float(v) for k, v in module.trainer.callback_metrics.items()}
             row = {
@@ -127,20 +145,27 @@ def main(argv: list[str] | None = None) -> dict:
                 "before_ca": metrics["before/ca"],
                 "inverted_asr": metrics.get("val/inverted_asr"),
                 "best_iteration": module.tuning_result.best_iteration,
+                "identified_target": module.report()["inversion"]["target"],
+                "true_target": true_target,
                 "seconds": time.perf_counter() - start,
             }
             results[name]["attacks"][attack] = row
             print(f"[{name}] {attack}: ASR {row['asr']:.3f}, CA drop {row['ca_drop']:+.3f}", flush=True)
             del module
-    header = "| setting | " + " | ".join(args.attacks) + " | removed |"
-    lines = [header, "|" + "---|" * (len(args.attacks) + 2)]
+    header = "| setting | " + " | ".join(attacks) + " | removed |"
+    lines = [header, "|" + "---|" * (len(attacks) + 2)]
     for name, result in results.items():
         cells, count = [], 0
-        for attack in args.attacks:
+        for attack in attacks:
             row = result["attacks"][attack]
             ok = removed(row["asr"], row["ca_drop"])
             count += ok
-            cells.append(f"{row['asr']:.3f} / {row['ca_drop']:+.3f}{' ✓' if ok else ''}")
+            wrong = (
+                ""
+                if row["identified_target"] == row["true_target"]
+                else f" (target {row['identified_target']}!)"
+            )
+            cells.append(f"{row['asr']:.3f} / {row['ca_drop']:+.3f}{' ✓' if ok else ''}{wrong}")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {count} |")
     print("\n" + "\n".join(lines))
     atomic_write_json(root / "sweep.json", {"command": " ".join(sys.argv), "results": results})

@@ -74,3 +74,11 @@ def test_val_size_is_passed_to_the_data_block(sweep) -> None:
     assert sweep.data_overrides("sig", 5000) == [*plain, "--data.init_args.val_size=5000"]
     with pytest.raises(ValueError, match="--val-size must be >= 1, got 0"):
         sweep.data_overrides("sig", 0)
+
+
+def test_the_fmnist_world_reads_its_own_attack_configs_and_has_no_val_size(sweep) -> None:
+    overrides = sweep.data_overrides("badnet", world="fmnist")
+    assert "--data.init_args.target_class=bag" in overrides
+    assert any("location" in o and "random" in o for o in overrides)
+    with pytest.raises(ValueError, match="fixed val folder"):
+        sweep.data_overrides("badnet", 5000, world="fmnist")
