@@ -427,7 +427,9 @@ def test_saved_trigger_is_reused_with_load_from(victim, tmp_path) -> None:
     assert report["target_confidence"] == saved_report["target_confidence"] is not None
     assert second.model.tuner.augment is not None
     # the identification UAP is saved and reloaded bit-exactly, and tuning used it as a second trigger
-    assert torch.equal(new.uap.delta.cpu(), old.uap.delta.cpu())
+    old_state, new_state = old.uap.state_dict(), new.uap.state_dict()
+    assert old_state.keys() == new_state.keys()
+    assert all(torch.equal(new_state[k].cpu(), old_state[k].cpu()) for k in old_state)
     assert len(second.model.session.extra_triggers) == 1
 
 
