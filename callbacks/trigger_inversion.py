@@ -3,10 +3,9 @@
 At ``on_fit_start`` (before any tuning step) the callback reads the defender's clean images from the
 datamodule's ``train_dataloader()``, and on the suspect model
 
-1. fits a universal adversarial perturbation (the 3%-area corner patch, or an L-inf UAP) and ranks the
-   classes by ``P_adv(y) - P_clean(y)`` (:func:`defenses.invertune.identify_target`); the top class is
-   the suspected target (or ``target`` when given: the oracle-target ablation); a margin to the
-   runner-up below ``min_margin`` is a warning (:mod:`defenses.invertune.target_confidence`);
+1. fits universal adversarial perturbations (``uap``) and ranks the classes by ``uap_score``
+   (:func:`defenses.invertune.identify`); the top class is the suspected target (or ``target``: the
+   oracle-target ablation); a margin below ``min_margin`` is a warning;
 2. inverts a mask/pattern trigger for that class on the clean non-target images with the four losses of
    the spec (:func:`defenses.invertune.invert_trigger`), and measures its ASR on the clean images.
 
@@ -95,10 +94,8 @@ class TriggerInversion(L.Callback):
         uap_area_fraction, uap_margin: patch area (``patch``, ``anywhere``) and the corner patch's margin
             (None: 14 px scaled from 224).
         uap_eps: L-inf budget.
-        uap_score: how the classes are ranked: ``"rise"`` (their rise in top-1 frequency under the UAP;
-            the paper) or ``"breadth"`` (the median over the other classes of the fraction of their images
-            that the UAP sends to the class: a backdoor target draws from every class, a natural
-            adversarial sink only from its neighbours; :func:`defenses.invertune.breadth_of`).
+        uap_score: ``"rise"`` (the paper) or ``"breadth"`` (:func:`defenses.invertune.breadth_of`): how
+            the classes are ranked.
         epochs, lr, temperature, align_weight, embedding_weight, similarity_weight, mask_weight,
             reference_mode, parameterization, steps_per_batch, mask_channels, noise_std: trigger inversion
             (:func:`defenses.invertune.invert_trigger`; batches come from the datamodule).
@@ -173,6 +170,7 @@ class TriggerInversion(L.Callback):
         self.load_from = load_from
         self.oracle_trigger = oracle_trigger
         self.outcome: InversionOutcome | None = None
+        self.loaded_geometry: dict | None = None
 
     @property
     def min_margin(self) -> float:
@@ -249,10 +247,11 @@ class TriggerInversion(L.Callback):
         warn_if_unsure(confidence, f"loaded from {saved.report_path}")
         uap = None
         if saved.uap_state is not None:
-            kind = report.get("config", {}).get("uap", self.identify_config.uap)
-            uap = self.identify_config.build_uap(image_shape[-2:], kind)
-            uap.load_state_dict(saved.uap_state)
+            uap, built = self.identify_config.load_uap(
+                saved.uap_state, report.get("config", {}), tuple(image_shape[-2:]), str(saved.folder)
+            )
             uap.to(device).eval().requires_grad_(False)
+            self.loaded_geometry = built.geometry()
         asr = inverted_trigger_asr(model, clean, trigger, target, text, normalize)
         log.info(
             "trigger loaded from %s: target %s, ASR %.3f on the suspect model",
@@ -348,10 +347,12 @@ class TriggerInversion(L.Callback):
 
     # --- artefacts ----------------------------------------------------------------------------------
     def report_config(self) -> dict:
-        """The settings written under ``config`` in ``report.json``."""
+        """The settings written under ``config`` in ``report.json`` (a loaded UAP's own kind and geometry)."""
+        geometry = self.loaded_geometry or self.identify_config.geometry()
         return {
-            "uap": self.identify_config.uap,
+            "uap": geometry["uap"],
             "uap_score": self.identify_config.score,
+            "uap_geometry": geometry,
             "uap_fit": self.identify_config.fit_kwargs(),
             "inversion": self.invert_config.trigger_kwargs(),
             "reference_source": self.invert_config.reference_source,

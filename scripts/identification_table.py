@@ -80,7 +80,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--attacks", nargs="+", default=None, help="default: the world's attack list")
     parser.add_argument("--models", default="runs", help="folder holding clip_<world>_<attack>/latest_export")
     parser.add_argument("--no-clean", action="store_true", help="skip the clean model (clip_<world>_clean)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="global seed and the UAPs' seed (unless the config or a setting sets seed)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", default=None, help="default: runs/identification_<world>.json")
     args = parser.parse_args(argv)
@@ -113,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict[str, dict] = {}
     for text in args.setting or ["shipped"]:
         name, overrides, callback_overrides = parse_setting(text)
-        settings = {**callback, **overrides, **callback_overrides}
+        settings = {"seed": args.seed, **callback, **overrides, **callback_overrides}
         identify_config = IdentifyConfig.from_callback_args(settings)
         results[name] = {"settings": {k: v for k, v in settings.items() if k.startswith("uap")}, "models": {}}
         for model_name, path in models.items():

@@ -248,6 +248,7 @@ def test_identification_reports_the_target_by_name_margin_and_rises_and_flags_lo
         "runner_up": ranking[1],
         "target_increase": pytest.approx(summary["increase"][ranking[0]]),
         "runner_up_increase": pytest.approx(summary["increase"][ranking[1]]),
+        "statistic": "rise",
     }
     (message,) = unsure_messages(caught.list)
     assert repr(summary["target"]) in message and repr(ranking[1]) in message

@@ -184,6 +184,7 @@ def test_a_margin_below_min_margin_is_low_confidence_and_names_the_top_two() -> 
         "runner_up": "star",
         "target_increase": pytest.approx(0.42),
         "runner_up_increase": pytest.approx(0.41),
+        "statistic": "rise",
     }
     text = confidence.describe()
     assert "0.010" in text and "'square'" in text and "'star'" in text

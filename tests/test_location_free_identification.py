@@ -230,3 +230,18 @@ def test_breadth_passes_over_a_natural_sink_that_the_rise_picks(clean_images):
         identify_target(model, clean_images, text, perturb, identity, score="median")
     with pytest.raises(ValueError, match="uap_score must be one of"):
         IdentifyConfig(score="median")
+
+
+def test_a_saved_uap_is_rebuilt_with_its_own_kind_geometry_and_seed(clean_images):
+    fitted = IdentifyConfig(uap="union", area_fraction=0.03, eps=8 / 255, seed=5)
+    union = fitted.build_uap((32, 32))
+    union.select("anywhere")
+    state = union.state_dict()
+    saved = {"uap": "union", "uap_geometry": fitted.geometry()}
+    now = IdentifyConfig(uap="linf", area_fraction=0.05, eps=16 / 255, seed=0)  # this run's (other) settings
+    loaded, built = now.load_uap(state, saved, (32, 32), "run/trigger_inversion")
+    assert built.geometry() == fitted.geometry() and loaded.selected == "anywhere"
+    torch.testing.assert_close(loaded.eval().apply(clean_images), union.eval().apply(clean_images))
+    # an older report without the geometry: its kind and this run's geometry; a misfit names the file
+    with pytest.raises(ValueError, match=r"run/trigger_inversion/uap.safetensors does not fit a 'union' UAP"):
+        now.load_uap(state, {"uap": "union"}, (32, 32), "run/trigger_inversion")

@@ -114,6 +114,36 @@ class IdentifyConfig:
         names.update(uap="uap", min_margin="min_margin", seed="seed")
         return cls(**{name: args[key] for name, key in names.items() if key in args})
 
+    def geometry(self) -> dict:
+        """What :meth:`build_uap` needs besides the image size (``uap_geometry`` in the report), so that a
+        saved UAP is rebuilt as it was fitted."""
+        return {
+            "uap": self.uap,
+            "area_fraction": self.area_fraction,
+            "margin": self.margin,
+            "eps": self.eps,
+            "seed": self.seed,
+        }
+
+    def load_uap(
+        self, state: Mapping[str, Tensor], saved_config: Mapping, image_size: tuple[int, int], where: str
+    ) -> tuple[nn.Module, IdentifyConfig]:
+        """A saved run's UAP (``uap.safetensors`` in ``where``), rebuilt with the kind, geometry and seed it
+        was fitted with (its report's ``config.uap_geometry``; an older report without it: its
+        ``config.uap`` and this config's geometry). A state that does not fit is a ``ValueError``."""
+        geometry = saved_config.get("uap_geometry") or {"uap": saved_config.get("uap", self.uap)}
+        known = {k: geometry[k] for k in ("uap", "area_fraction", "margin", "eps", "seed") if k in geometry}
+        built = dataclasses.replace(self, **known)
+        uap = built.build_uap(image_size)
+        try:
+            uap.load_state_dict(state)
+        except RuntimeError as error:
+            raise ValueError(
+                f"{where}/uap.safetensors does not fit a {built.uap!r} UAP with {built.geometry()} (from the "
+                f"report's config.uap_geometry, or this run's uap_* keys for an older report): {error}"
+            ) from None
+        return uap, built
+
     def fit_kwargs(self) -> dict:
         """The UAP optimisation settings (``UniversalPerturbation.fit``; ``uap_fit`` in the report)."""
         return {
@@ -176,7 +206,11 @@ def identify(
         [class_names[i] for i in identification.ranking],
     )
     confidence = target_confidence(
-        identification.ranked_by, identification.ranking, class_names, config.min_margin
+        identification.ranked_by,
+        identification.ranking,
+        class_names,
+        config.min_margin,
+        statistic=identification.score,
     )
     return Identified(target, identification, uap, confidence)
 

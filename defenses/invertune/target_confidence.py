@@ -37,6 +37,8 @@ class TargetConfidence:
     """``target_increase - runner_up_increase`` (>= 0)."""
     threshold: float
     """``min_margin``: a smaller margin is low confidence."""
+    statistic: str = "rise"
+    """The ranking statistic that the values and the margin are in (``rise`` or ``breadth``)."""
 
     @property
     def low_confidence(self) -> bool:
@@ -53,6 +55,7 @@ class TargetConfidence:
             "runner_up": self.runner_up,
             "target_increase": self.target_increase,
             "runner_up_increase": self.runner_up_increase,
+            "statistic": self.statistic,
         }
 
     @classmethod
@@ -64,16 +67,17 @@ class TargetConfidence:
             runner_up=str(saved["runner_up"]),
             target_increase=float(saved["target_increase"]),
             runner_up_increase=float(saved["runner_up_increase"]),
+            statistic=str(saved.get("statistic", "rise")),
             margin=float(saved["margin"]),
             threshold=threshold,
         )
 
     def describe(self) -> str:
-        """The margin and the top two classes with their rises, in words."""
+        """The margin and the top two classes with their values (rises or breadths), in words."""
         return (
             f"margin {self.margin:.3f} between the identified target {self.target!r} "
-            f"(rise {self.target_increase:+.3f}) and the runner-up {self.runner_up!r} "
-            f"(rise {self.runner_up_increase:+.3f})"
+            f"({self.statistic} {self.target_increase:+.3f}) and the runner-up {self.runner_up!r} "
+            f"({self.statistic} {self.runner_up_increase:+.3f})"
         )
 
 
@@ -90,6 +94,7 @@ def target_confidence(
     ranking: Sequence[int],
     class_names: Sequence[str],
     min_margin: float = DEFAULT_MIN_MARGIN,
+    statistic: str = "rise",
 ) -> TargetConfidence:
     """The :class:`TargetConfidence` of a ranking of per-class rises ``increase`` (``C``), largest first.
 
@@ -112,6 +117,7 @@ def target_confidence(
         runner_up_increase=values[second],
         margin=values[top] - values[second],
         threshold=check_min_margin(min_margin),
+        statistic=statistic,
     )
 
 
