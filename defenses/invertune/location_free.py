@@ -18,20 +18,18 @@ class for a BadNet patch at random positions. Two perturbations here remove the 
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
 from defenses.invertune.target_identification import (
+    SquarePatchUAP,
     TargetIdentification,
     UniversalPerturbation,
-    _image_hw,
     identify_target,
 )
 
 
-class AnywherePatchUAP(UniversalPerturbation):
+class AnywherePatchUAP(SquarePatchUAP):
     """A square patch (``area_fraction`` of the image) pasted by replacement at a uniformly random
     position of each image: ``x_adv = M_p * u + (1 - M_p) * x`` with a new top-left corner ``p`` per
     image and per call in training mode; in ``eval()`` the positions come from a generator re-seeded with
@@ -46,18 +44,11 @@ class AnywherePatchUAP(UniversalPerturbation):
     def __init__(
         self, image_size: int | tuple[int, int], *, area_fraction: float = 0.03, seed: int = 0
     ) -> None:
-        super().__init__()
-        height, width = _image_hw(image_size)
-        if not 0.0 < area_fraction < 1.0:
-            raise ValueError(f"area_fraction must be in (0, 1), got {area_fraction}")
-        side = int(math.sqrt(area_fraction * height * width))
-        if not 1 <= side <= min(height, width):
-            raise ValueError(f"a {side} px patch does not fit a {height} x {width} image")
-        self.image_size = (height, width)
-        self.side = side
+        super().__init__(image_size, area_fraction, seed)
+        height, width = self.image_size
+        if not 1 <= self.side <= min(height, width):
+            raise ValueError(f"a {self.side} px patch does not fit a {height} x {width} image")
         self.seed = int(seed)
-        generator = torch.Generator().manual_seed(seed)
-        self.patch = nn.Parameter(torch.rand(3, side, side, generator=generator))
         self._train_generator = torch.Generator().manual_seed(seed + 1)
 
     def positions(self, count: int) -> Tensor:
@@ -69,20 +60,13 @@ class AnywherePatchUAP(UniversalPerturbation):
         return torch.stack([rows, cols], dim=1)
 
     def apply(self, images: Tensor) -> Tensor:
-        if tuple(images.shape[-2:]) != self.image_size:
-            raise ValueError(
-                f"images are {tuple(images.shape[-2:])}, the patch was built for {self.image_size}"
-            )
+        self.check_images(images)
         out = images.clone()
         patch = self.patch.to(images)
         side = self.side
         for i, (top, left) in enumerate(self.positions(images.shape[0]).tolist()):
             out[i, :, top : top + side, left : left + side] = patch
         return out
-
-    @torch.no_grad()
-    def project_(self) -> None:
-        self.patch.clamp_(0.0, 1.0)
 
 
 class UnionUAP(UniversalPerturbation):

@@ -145,7 +145,34 @@ class UniversalPerturbation(nn.Module):
         return history
 
 
-class CornerPatchUAP(UniversalPerturbation):
+class SquarePatchUAP(UniversalPerturbation):
+    """Base of the universal patches pasted by replacement: a square ``u`` (3 x s x s, kept in [0, 1]) of
+    side ``s = floor(sqrt(area_fraction * H * W))`` that starts from U[0, 1] drawn with ``seed``; subclasses
+    say where it goes (:meth:`apply`)."""
+
+    def __init__(self, image_size: int | tuple[int, int], area_fraction: float, seed: int) -> None:
+        super().__init__()
+        height, width = _image_hw(image_size)
+        if not 0.0 < area_fraction < 1.0:
+            raise ValueError(f"area_fraction must be in (0, 1), got {area_fraction}")
+        self.image_size = (height, width)
+        self.side = int(math.sqrt(area_fraction * height * width))
+        generator = torch.Generator().manual_seed(seed)
+        self.patch = nn.Parameter(torch.rand(3, self.side, self.side, generator=generator))
+
+    def check_images(self, images: Tensor) -> None:
+        """Images of another size than the patch was built for are a ``ValueError`` naming both."""
+        if tuple(images.shape[-2:]) != self.image_size:
+            raise ValueError(
+                f"images are {tuple(images.shape[-2:])}, the patch was built for {self.image_size}"
+            )
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        self.patch.clamp_(0.0, 1.0)
+
+
+class CornerPatchUAP(SquarePatchUAP):
     """AdvCLIP square patch pasted by replacement at the bottom-right corner.
 
     ``x_adv = M * u + (1 - M) * x`` where ``M`` is a square of side ``floor(sqrt(area_fraction * H * W))``
@@ -164,23 +191,17 @@ class CornerPatchUAP(UniversalPerturbation):
         margin: int | None = None,
         seed: int = 0,
     ) -> None:
-        super().__init__()
-        height, width = _image_hw(image_size)
-        if not 0.0 < area_fraction < 1.0:
-            raise ValueError(f"area_fraction must be in (0, 1), got {area_fraction}")
-        side = int(math.sqrt(area_fraction * height * width))
+        super().__init__(image_size, area_fraction, seed)
+        height, width = self.image_size
+        side = self.side
         margin = round(14 * height / 224) if margin is None else int(margin)
         if side < 1 or side + margin > min(height, width):
             raise ValueError(
                 f"a {side} px patch with a {margin} px margin does not fit a {height} x {width} image"
             )
-        self.image_size = (height, width)
-        self.side = side
         self.margin = margin
         self.top = height - margin - side
         self.left = width - margin - side
-        generator = torch.Generator().manual_seed(seed)
-        self.patch = nn.Parameter(torch.rand(3, side, side, generator=generator))
 
     def mask(self) -> Tensor:
         """The binary ``1 x H x W`` placement mask ``M``."""
@@ -189,17 +210,10 @@ class CornerPatchUAP(UniversalPerturbation):
         return mask
 
     def apply(self, images: Tensor) -> Tensor:
-        if tuple(images.shape[-2:]) != self.image_size:
-            raise ValueError(
-                f"images are {tuple(images.shape[-2:])}, the patch was built for {self.image_size}"
-            )
+        self.check_images(images)
         out = images.clone()
         out[..., self.top : self.top + self.side, self.left : self.left + self.side] = self.patch.to(images)
         return out
-
-    @torch.no_grad()
-    def project_(self) -> None:
-        self.patch.clamp_(0.0, 1.0)
 
 
 class LinfUAP(UniversalPerturbation):
