@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +21,25 @@ def _few_threads():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name: str):
+    """``scripts/<name>.py`` as a module (scripts are not a package; their folder goes on ``sys.path`` so
+    that they can import each other, as when run from the command line)."""
+    if str(SCRIPTS) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS))
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def identity(x: torch.Tensor) -> torch.Tensor:
+    """A normalisation that does nothing (the toy InverTune models take [0, 1] images as they are)."""
+    return x
 
 
 def tiny_overrides(root, train_size=256, val_size=128, test_size=128, epochs=1) -> list[str]:

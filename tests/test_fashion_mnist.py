@@ -6,11 +6,9 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
-import importlib.util
 import io
 import json
 import struct
-import sys
 import tarfile
 from pathlib import Path
 
@@ -21,17 +19,10 @@ from PIL import Image
 from datamodules.caption_labels import NO_CLASS, SEVERAL_CLASSES, CaptionLabeler
 from datamodules.fashion_mnist import CLASS_NAMES, FILES, IMAGE_MAGIC, LABEL_MAGIC
 from datamodules.formats import CaptionCSV, ImageFolderClassification
+from tests.conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 PER_CLASS = {"train": 3, "defender": 1, "val": 2}
-
-
-def _script(name: str):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def idx_bytes(array: np.ndarray, magic: int) -> bytes:
@@ -82,7 +73,7 @@ def write_deb(path: Path, files: dict[str, bytes]) -> Path:
 
 def build(source, out, **kwargs):
     counts = {f"{k}_per_class": v for k, v in PER_CLASS.items()}
-    return _script("build_fashion_mnist").build(source, out, test_per_class=2, **counts, **kwargs)
+    return load_script("build_fashion_mnist").build(source, out, test_per_class=2, **counts, **kwargs)
 
 
 def image_ids(paths) -> set[tuple[str, int]]:
@@ -201,7 +192,7 @@ def _caption_set(tmp_path: Path, captions: list[str]) -> tuple[Path, Path]:
 
 
 def test_clean_folder_from_captions_skips_ambiguous_rows_and_copies_files(tmp_path):
-    script = _script("clean_folder_from_captions")
+    script = load_script("clean_folder_from_captions")
     captions = ["a coat.", "a bag.", "a coat and a bag.", "a hat.", "two bags"]
     csv_path, names = _caption_set(tmp_path, captions)
     before = {p: p.read_bytes() for p in (tmp_path / "images").iterdir()}
@@ -221,14 +212,14 @@ def test_clean_folder_from_captions_skips_ambiguous_rows_and_copies_files(tmp_pa
 
 
 def test_clean_folder_from_captions_errors_on_a_class_without_images(tmp_path):
-    script = _script("clean_folder_from_captions")
+    script = load_script("clean_folder_from_captions")
     csv_path, names = _caption_set(tmp_path, ["a coat.", "a coat and a bag."])
     with pytest.raises(ValueError, match=r"no image labelled \['bag'\]"):
         script.make_clean_folder(csv_path, names, tmp_path / "clean")
 
 
 def test_clean_folder_zero_shot_labels_follow_the_model_not_the_captions(tmp_path, monkeypatch):
-    script = _script("clean_folder_from_captions")
+    script = load_script("clean_folder_from_captions")
     csv_path, names = _caption_set(tmp_path, ["a coat.", "a bag.", "a coat.", "a hat."])
     monkeypatch.setattr(script, "zero_shot_labels", lambda export, images, classes, templates: [1, 1, 0, 0])
     summary = script.make_clean_folder(csv_path, names, tmp_path / "clean", zero_shot="export")
@@ -238,7 +229,7 @@ def test_clean_folder_zero_shot_labels_follow_the_model_not_the_captions(tmp_pat
 
 
 def test_badclip_images_from_a_caption_csv_carry_their_caption_labels(tmp_path):
-    script = _script("optimize_patch")
+    script = load_script("optimize_patch")
     csv_path, names = _caption_set(tmp_path, ["a coat.", "a hat.", "two bags", "a bag."])
     images, labels, classes = script.caption_csv_images(csv_path, names, 2, image_size=32)
     assert classes == ["coat", "bag"] and labels.tolist() == [0, 1] and images.shape == (2, 3, 32, 32)
@@ -248,7 +239,7 @@ def test_badclip_images_from_a_caption_csv_carry_their_caption_labels(tmp_path):
 def test_attack_table_prepares_the_fmnist_patch_from_the_worlds_captions(tmp_path, monkeypatch):
     import yaml
 
-    table = _script("attack_table")
+    table = load_script("attack_table")
     assert list(table.WORLDS["fmnist"]["attacks"]) == ["badnet", "blended", "sig", "badclip"]
     config = yaml.safe_load((ROOT / "configs" / "clip_fmnist_badclip.yaml").read_text())
     config["data"]["init_args"]["attack_kwargs"]["patch"] = str(tmp_path / "patch")
@@ -265,7 +256,7 @@ def test_attack_table_prepares_the_fmnist_patch_from_the_worlds_captions(tmp_pat
 
 
 def test_defense_table_world_picks_the_worlds_configs_and_models(tmp_path):
-    table = _script("defense_table")
+    table = load_script("defense_table")
     with pytest.raises(FileNotFoundError, match=r"clip_fmnist_badnet.*--world fmnist"):
         table.main(["--world", "fmnist", "--models", str(tmp_path), "--root", str(tmp_path / "out")])
     with pytest.raises(FileNotFoundError, match=r"clip_shapes_badnet"):

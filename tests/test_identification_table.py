@@ -3,20 +3,14 @@ table itself is measured in docs/invertune.md)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "identification_table.py"
+from tests.conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def table():
-    spec = importlib.util.spec_from_file_location("identification_table", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("identification_table")
 
 
 def test_a_missing_model_is_named_with_the_command_that_makes_it(table, tmp_path) -> None:

@@ -28,7 +28,7 @@ from defenses.invertune import (
     uap_objective,
 )
 from defenses.invertune.target_confidence import check_min_margin
-from tests.conftest import ToyLinearBackdoor
+from tests.conftest import ToyLinearBackdoor, identity
 
 NUM_CLASSES = 4
 TARGET = 2
@@ -40,10 +40,6 @@ class ToyCornerModel(ToyLinearBackdoor):
 
     def backdoor_feature(self, x: torch.Tensor) -> torch.Tensor:
         return x[:, :, -8:, -8:].mean(dim=(1, 2, 3)) - x.mean(dim=(1, 2, 3))
-
-
-def identity(x: torch.Tensor) -> torch.Tensor:
-    return x
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -19,7 +19,7 @@ from defenses.invertune import (
     identify_union,
     union_max,
 )
-from tests.conftest import ToyLinearBackdoor
+from tests.conftest import ToyLinearBackdoor, identity
 
 NUM_CLASSES = 4
 TARGET = 2
@@ -41,18 +41,6 @@ class ToyBlendModel(ToyLinearBackdoor):
 
     def backdoor_feature(self, x: torch.Tensor) -> torch.Tensor:
         return 4 * (x[..., 1:] - x[..., :-1]).abs().mean(dim=(1, 2, 3)) - 0.2
-
-
-def identity(x: torch.Tensor) -> torch.Tensor:
-    return x
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
