@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from defense_table import WORLD_ATTACKS  # noqa: E402
-from invertune_sweep import parse_setting  # noqa: E402
+from invertune_sweep import parse_setting, settings_table  # noqa: E402
 
 from attacks.io import atomic_write_json  # noqa: E402
 from defenses.invertune import IdentifyConfig, identify  # noqa: E402
@@ -129,19 +129,14 @@ def main(argv: list[str] | None = None) -> dict:
                 f"[{name}] {model_name}: {row['target']} (margin {row['margin']:.3f}, {row['source']})",
                 flush=True,
             )
-    header = "| setting | " + " | ".join(models) + " | found |"
-    lines = [header, "|" + "---|" * (len(models) + 2)]
-    for name, result in results.items():
-        cells, found = [], 0
-        for model_name in models:
-            row = result["models"][model_name]
-            hit = row["true_target"] is not None and row["target"] == row["true_target"]
-            found += hit
-            mark = " ✓" if hit else ""
-            low = ", low" if row["low_confidence"] else ""
-            cells.append(f"{row['target']} ({row['margin']:.3f}{low}){mark}")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {found}/{len(targets)} |")
-    table = "\n".join(lines)
+
+    def cell(row: dict) -> tuple[str, bool]:
+        hit = row["true_target"] is not None and row["target"] == row["true_target"]
+        low = ", low" if row["low_confidence"] else ""
+        return f"{row['target']} ({row['margin']:.3f}{low}){' ✓' if hit else ''}", hit
+
+    by_setting = {name: result["models"] for name, result in results.items()}
+    table = settings_table(by_setting, list(models), cell, "found", of=len(targets))
     print("\n" + table)
     output = Path(args.output or f"runs/identification_{world}.json")
     atomic_write_json(

@@ -21,6 +21,7 @@ import argparse
 import copy
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -61,6 +62,25 @@ def data_overrides(attack: str, val_size: int | None = None, world: str = "shape
             raise ValueError(f"--val-size must be >= 1, got {val_size}")
         overrides.append(f"--data.init_args.val_size={val_size}")
     return overrides
+
+
+def settings_table(
+    results: dict[str, dict[str, dict]],
+    columns: list[str],
+    cell: Callable[[dict], tuple[str, bool]],
+    tally: str,
+    of: int | None = None,
+) -> str:
+    """A markdown table with one row per setting (``results``: setting -> column -> row) and one cell per
+    column (``cell(row)`` -> its text and whether it counts); the last column, ``tally``, is the count of
+    counting cells (``count/of`` when ``of`` is given)."""
+    lines = ["| setting | " + " | ".join(columns) + f" | {tally} |", "|" + "---|" * (len(columns) + 2)]
+    for name, rows in results.items():
+        cells = [cell(rows[column]) for column in columns]
+        count = sum(ok for _, ok in cells)
+        total = f"{count}/{of}" if of is not None else f"{count}"
+        lines.append(f"| {name} | " + " | ".join(text for text, _ in cells) + f" | {total} |")
+    return "\n".join(lines)
 
 
 def latest_inversion(runs: Path) -> Path:
@@ -152,22 +172,15 @@ def main(argv: list[str] | None = None) -> dict:
             results[name]["attacks"][attack] = row
             print(f"[{name}] {attack}: ASR {row['asr']:.3f}, CA drop {row['ca_drop']:+.3f}", flush=True)
             del module
-    header = "| setting | " + " | ".join(attacks) + " | removed |"
-    lines = [header, "|" + "---|" * (len(attacks) + 2)]
-    for name, result in results.items():
-        cells, count = [], 0
-        for attack in attacks:
-            row = result["attacks"][attack]
-            ok = removed(row["asr"], row["ca_drop"])
-            count += ok
-            wrong = (
-                ""
-                if row["identified_target"] == row["true_target"]
-                else f" (target {row['identified_target']}!)"
-            )
-            cells.append(f"{row['asr']:.3f} / {row['ca_drop']:+.3f}{' ✓' if ok else ''}{wrong}")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {count} |")
-    print("\n" + "\n".join(lines))
+
+    def cell(row: dict) -> tuple[str, bool]:
+        ok = removed(row["asr"], row["ca_drop"])
+        wrong = (
+            "" if row["identified_target"] == row["true_target"] else f" (target {row['identified_target']}!)"
+        )
+        return f"{row['asr']:.3f} / {row['ca_drop']:+.3f}{' ✓' if ok else ''}{wrong}", ok
+
+    print("\n" + settings_table({n: r["attacks"] for n, r in results.items()}, attacks, cell, "removed"))
     atomic_write_json(root / "sweep.json", {"command": " ".join(sys.argv), "results": results})
     return results
 
