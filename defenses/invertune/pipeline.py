@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -61,7 +61,7 @@ __all__ = [
 ]
 
 UAPKind = Literal["patch", "anywhere", "linf", "union"]
-UAP_KINDS = ("patch", "anywhere", "linf", "union")
+UAP_KINDS = get_args(UAPKind)
 UNION_MEMBERS = ("anywhere", "linf")
 """The members of ``uap: union``: the patch at random positions and the L-inf perturbation."""
 
@@ -132,7 +132,7 @@ class IdentifyConfig:
         was fitted with (its report's ``config.uap_geometry``; an older report without it: its
         ``config.uap`` and this config's geometry). A state that does not fit is a ``ValueError``."""
         geometry = saved_config.get("uap_geometry") or {"uap": saved_config.get("uap", self.uap)}
-        known = {k: geometry[k] for k in ("uap", "area_fraction", "margin", "eps", "seed") if k in geometry}
+        known = {k: geometry[k] for k in self.geometry() if k in geometry}
         built = dataclasses.replace(self, **known)
         uap = built.build_uap(image_size)
         try:
