@@ -53,6 +53,9 @@ def test_toy_study_asr_g_is_the_formula_on_its_own_asrs_and_writes_table_map_and
             "--test-size", "6",
             "--poison-override=--trainer.max_steps=2", "--poison-override=--data.init_args.train_size=16",
             "--poison-override=--data.init_args.val_size=0", f"--poison-override={target}",
+            # two steps of the old recipe (frozen tower, lr 1e-3): the random model's ASRs stay strictly between
+            # 0 and 1 and differ between domains, which the shipped recipe's larger steps do not guarantee
+            "--poison-override=--model.init_args.trainable=projector_lm", "--poison-override=--model.init_args.lr=1e-3",
             f"--eval-override={target}",
             '--eval-override=--model.init_args.generation={"mode": "sample", "max_new_tokens": 6, "seed": 0}',
         ]
