@@ -266,11 +266,12 @@ class PoisonManifest:
 
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write the manifest as JSON atomically. An existing file with the same content is left as
-        it is; one with other content is an error unless ``overwrite=True``."""
+        it is (its ``created_at`` may differ: a re-run of the same poisoning keeps the first time); one
+        with other content is an error unless ``overwrite=True``."""
         path = Path(path)
         text = self.to_json()
         if path.exists():
-            if path.read_text(encoding="utf-8") == text:
+            if self._same_poisoning(path.read_text(encoding="utf-8")):
                 return path
             if not overwrite:
                 raise FileExistsError(
@@ -278,6 +279,19 @@ class PoisonManifest:
                     "pass overwrite=True to replace it"
                 )
         return atomic_write_text(path, text)
+
+    def _same_poisoning(self, text: str) -> bool:
+        """Whether ``text`` (an existing file) holds this manifest, apart from its ``created_at``."""
+        try:
+            existing = json.loads(text)
+        except json.JSONDecodeError:
+            return False
+        if not isinstance(existing, dict):
+            return False
+        ours = self.to_dict()
+        existing.pop("created_at", None)
+        ours.pop("created_at", None)
+        return existing == json.loads(json.dumps(ours))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>") -> PoisonManifest:

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 
@@ -138,6 +139,19 @@ def test_manifest_refuses_to_overwrite(tmp_path):
     _manifest(seed=1).save(path, overwrite=True)
     assert PoisonManifest.load(path).seed == 1
     assert os.listdir(tmp_path) == ["poison.json"]
+
+
+def test_a_rerun_of_the_same_poisoning_keeps_the_existing_manifest(tmp_path):
+    # the same poisoning made again later differs only in created_at: not a conflict, the first file stays
+    path = tmp_path / "poison.json"
+    first = _manifest(seed=0)
+    first.save(path)
+    written = path.read_text()
+    again = dataclasses.replace(_manifest(seed=0), created_at="2030-01-01T00:00:00+00:00")
+    assert again.save(path) == path
+    assert path.read_text() == written
+    with pytest.raises(FileExistsError, match=r"poison\.json.*overwrite=True"):
+        dataclasses.replace(_manifest(seed=1), created_at=first.created_at).save(path)
 
 
 def test_manifest_load_errors(tmp_path):
