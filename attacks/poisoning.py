@@ -271,7 +271,7 @@ class PoisonManifest:
         path = Path(path)
         text = self.to_json()
         if path.exists():
-            if self._same_poisoning(path.read_text(encoding="utf-8")):
+            if _same_poisoning(path.read_text(encoding="utf-8"), text):
                 return path
             if not overwrite:
                 raise FileExistsError(
@@ -279,19 +279,6 @@ class PoisonManifest:
                     "pass overwrite=True to replace it"
                 )
         return atomic_write_text(path, text)
-
-    def _same_poisoning(self, text: str) -> bool:
-        """Whether ``text`` (an existing file) holds this manifest, apart from its ``created_at``."""
-        try:
-            existing = json.loads(text)
-        except json.JSONDecodeError:
-            return False
-        if not isinstance(existing, dict):
-            return False
-        ours = self.to_dict()
-        existing.pop("created_at", None)
-        ours.pop("created_at", None)
-        return existing == json.loads(json.dumps(ours))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>") -> PoisonManifest:
@@ -332,3 +319,18 @@ class PoisonManifest:
         except json.JSONDecodeError as error:
             raise ValueError(f"poison manifest {str(path)!r} is not valid JSON: {error}") from None
         return cls.from_dict(data, source=repr(str(path)))
+
+
+def _same_poisoning(existing_text: str, text: str) -> bool:
+    """Whether an existing manifest file's text holds the manifest serialised as ``text``, apart from
+    ``created_at`` (a re-run of the same poisoning)."""
+    try:
+        existing = json.loads(existing_text)
+    except json.JSONDecodeError:
+        return False
+    if not isinstance(existing, dict):
+        return False
+    ours = json.loads(text)
+    existing.pop("created_at", None)
+    ours.pop("created_at", None)
+    return existing == ours
