@@ -79,12 +79,28 @@ def generation_override(config: str, key: str = "generation", **settings) -> str
     return f"--model.init_args.{key}={{" + ", ".join(f"{k}: {v}" for k, v in merged.items()) + "}"
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere). The embedded DiSP table
+    depends on it: the same code and packages give other numbers on an Intel Xeon than on an AMD EPYC
+    (``docs/disp.md``, Results)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def environment() -> dict[str, str]:
-    """The versions a result depends on (Python, platform and the numerical packages), for results JSON."""
+    """The versions a result depends on (Python, platform, CPU model and the numerical packages), for results
+    JSON."""
     import platform
     from importlib.metadata import PackageNotFoundError, version
 
-    found = {"python": platform.python_version(), "platform": platform.platform()}
+    found = {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu_model()}
     for name in ("torch", "transformers", "lightning", "numpy", "peft", "safetensors"):
         try:
             found[name] = version(name)
