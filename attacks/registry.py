@@ -42,10 +42,8 @@ TARGETS: dict[str, type[Target]] = {
 }
 
 # Named so that asking for them fails loudly instead of silently doing something else.
-PLANNED_ATTACKS: dict[str, str] = {
-}
-_PLANNED_MODALITY: dict[str, str] = {
-}
+PLANNED_ATTACKS: dict[str, str] = {}
+_PLANNED_MODALITY: dict[str, str] = {}
 
 
 class AttackInfo(NamedTuple):

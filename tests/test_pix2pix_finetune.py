@@ -189,7 +189,16 @@ def test_trainer_test_logs_the_coalition_metrics_of_the_evaluator(tmp_path) -> N
     expected.update(evaluation)
     want = expected.compute()
     assert TRIGGER_PAIRS["box+mignneko"]["text"]["token"] == dm.text_trigger.token
-    for key in ("asr/both", "tma/text", "tma/image", "cti", "v/both", "edit/mse", "edit/ssim", "edit/accuracy"):
+    for key in (
+        "asr/both",
+        "tma/text",
+        "tma/image",
+        "cti",
+        "v/both",
+        "edit/mse",
+        "edit/ssim",
+        "edit/accuracy",
+    ):
         assert logged[f"test/{key}"] == pytest.approx(float(want[key]), abs=1e-6), key
     assert logged["test/source/mse"] > 0
 
