@@ -129,8 +129,10 @@ def test_batched_coalitions_equal_four_separate_passes_with_the_same_noise(tiny,
     }
     for coalition, (images, prompts) in inputs.items():
         separate = sample_edits(tiny, images, prompts, guidance, generator=coalition_generators([7, 8]))
-        assert torch.allclose(batched[coalition], separate, atol=1e-5), coalition
-    assert not torch.allclose(batched["none"], batched["both"], atol=1e-4)
+        # float32 kernels differ with the batch size (1.1e-5 after 3 DDIM steps on an AMD EPYC), far below
+        # what the trigger changes (checked next)
+        assert torch.allclose(batched[coalition], separate, atol=5e-5), coalition
+    assert not torch.allclose(batched["none"], batched["both"], atol=1e-2)
 
 
 def test_coalitions_of_a_sample_share_their_noise_and_samples_do_not(tiny) -> None:
