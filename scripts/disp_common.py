@@ -79,14 +79,14 @@ def generation_override(config: str, key: str = "generation", **settings) -> str
     return f"--model.init_args.{key}={{" + ", ".join(f"{k}: {v}" for k, v in merged.items()) + "}"
 
 
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere). The embedded DiSP table
-    depends on it: the same code and packages give other numbers on an Intel Xeon than on an AMD EPYC
-    (``docs/disp.md``, Results)."""
+def cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """The CPU's model name (from ``cpuinfo``; ``platform.processor()`` where that file is missing). The
+    embedded DiSP table depends on it: the same code and packages give other numbers on an Intel Xeon than on
+    an AMD EPYC (``docs/disp.md``, Results)."""
     import platform
 
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path(cpuinfo).read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:

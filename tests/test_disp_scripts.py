@@ -48,15 +48,11 @@ def test_environment_names_the_numerical_packages() -> None:
 
 def test_environment_names_the_cpu_model(tmp_path, monkeypatch) -> None:
     """The embedded DiSP table follows the CPU (docs/disp.md, Results), so the results JSON names it."""
-    import disp_common
+    from disp_common import cpu_model
 
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9654\n")
-    real_path = disp_common.Path
-    monkeypatch.setattr(disp_common, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else real_path(p))
-    assert disp_common.environment()["cpu"] == "AMD EPYC 9654"
-    monkeypatch.setattr(
-        disp_common, "Path", lambda p: tmp_path / "absent" if p == "/proc/cpuinfo" else real_path(p)
-    )
+    assert cpu_model(cpuinfo) == "AMD EPYC 9654"
     monkeypatch.setattr("platform.processor", lambda: "x86_64")
-    assert disp_common.environment()["cpu"] == "x86_64"
+    assert cpu_model(tmp_path / "absent") == "x86_64"
+    assert environment()["cpu"] == cpu_model()
