@@ -32,8 +32,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
+import os
 import sys
 import time
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +45,7 @@ if str(ROOT) not in sys.path:
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import yaml  # noqa: E402
-from disp_common import cached, environment, markdown, measure, run_fit, write_results  # noqa: E402
+from disp_common import cached, environment, fmt, markdown, measure, run_fit, write_results  # noqa: E402
 from shift_study_report import COLUMNS_MD, heat_map, log_to_wandb, shift_rows  # noqa: E402
 
 from datamodules.shifts import SHAPES_SHIFTS, check_shift_names  # noqa: E402
@@ -183,6 +186,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
             f"--{name}-override", dest=f"{name.replace('-', '_')}_overrides", action="append", default=[],
             help=f"an argument of {what}, e.g. --{name}-override=--trainer.max_steps=2 (repeatable)",
         )  # fmt: skip
+    parser.add_argument(
+        "--jobs", type=int, default=min(2, len(os.sched_getaffinity(0))),
+        help="trainings and measurements run at the same time, each in its own process with its share of the "
+        "CPUs (default: 2, or 1 on a single CPU); the results do not depend on it",
+    )  # fmt: skip
     parser.add_argument("--logger", choices=LOGGERS, default="false")
     parser.add_argument("--output", default=None, help="results JSON (default <out>/results-<time>.json)")
     args = parser.parse_args(argv)
@@ -203,9 +211,63 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         parser.error(str(error))
     if not 0 < args.rate <= 1:
         parser.error(f"--rate must be in (0, 1], got {args.rate}")
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
     if args.test_size < 1:
         parser.error(f"--test-size must be >= 1, got {args.test_size}")
     return args
+
+
+class Serial:
+    """The executor of ``--jobs 1``: each job runs in this process when it is submitted (an error is raised
+    there); the result is wrapped in a done :class:`~concurrent.futures.Future`."""
+
+    def submit(self, fn, *args, **kwargs) -> Future:
+        future: Future = Future()
+        future.set_result(fn(*args, **kwargs))
+        return future
+
+    def __enter__(self) -> Serial:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def executor(jobs: int):
+    """``Serial()`` for one job at a time, else a pool of ``jobs`` spawned processes, each used for one job
+    (a fresh interpreter per training, as if each were its own ``train.py`` command; every configuration seeds
+    itself, so the results do not depend on ``jobs``), each with the CPUs divided between the jobs."""
+    if jobs == 1:
+        return Serial()
+    threads = max(1, len(os.sched_getaffinity(0)) // jobs)
+    return ProcessPoolExecutor(
+        jobs, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1,
+        initializer=torch_threads, initargs=(threads,),
+    )  # fmt: skip
+
+
+def torch_threads(threads: int) -> None:
+    """A worker's torch threads: the CPUs shared out between the jobs (a config's ``cpu_threads`` still wins)."""
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def poison_job(job: dict) -> dict:
+    """One attack of the study: its poisoned fine-tune from the clean export, then its measurement on the test
+    split in every domain (MABA with the placements its run made). A worker's job under ``--jobs`` > 1."""
+    run, train_s = run_fit(job["config"], Path(job["run_dir"]), *job["fit"], logger=job["logger"])
+    metrics, measure_s = measure(
+        job["config"], run.export, Path(job["measure_dir"]), *job["trigger"],
+        *maba_overrides(job["attack"], run.export), *job["measured"],
+    )  # fmt: skip
+    return {"export": str(run.export), "metrics": metrics, "train_s": train_s, "measure_s": measure_s}
+
+
+def max_epochs(config: str) -> int:
+    """``trainer.max_epochs`` of a config (the study starts the longest trainings first)."""
+    return int((yaml.safe_load(Path(config).read_text()).get("trainer") or {}).get("max_epochs") or 0)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -214,48 +276,69 @@ def main(argv: list[str] | None = None) -> dict:
     group = invocation_group("domain_shift_study")
     started = time.perf_counter()
     family = FAMILIES[args.family]
-    judge, judge_s = cached(JUDGE_CONFIG, out / "judge", args.judge, args.retrain_clean, args.logger)
-    clean, clean_s = cached(
-        family["clean"], out / "clean", args.clean_export, args.retrain_clean, args.logger,
-        *args.clean_overrides,
-    )  # fmt: skip
-    timings = {"judge_s": judge_s, "clean_s": clean_s}
     first_config, _ = attack_stage(args.family, args.attacks[0])
-    start = time.perf_counter()
-    ks = shift_ks_values(judge, first_config, args.family, args.shifts, args.test_size)
-    timings["ks_s"] = time.perf_counter() - start
     sizes = [f"--data.init_args.test_size={args.test_size}"]
     shifts = f"--data.init_args.eval_shifts=[{', '.join(args.shifts)}]"
     measured = [shifts, *sizes, "--data.init_args.poison_rate=0", "--data.init_args.poison_count=null"]
     measured += args.eval_overrides
-
-    base_config, base_overrides = attack_stage(args.family, "blended")
-    clean_metrics, timings["clean_measure_s"] = measure(
-        base_config, clean, out / "measure" / "clean", *base_overrides, *measured
-    )
+    timings: dict[str, float] = {}
+    with executor(args.jobs) as pool:
+        judge_job = pool.submit(
+            cached, JUDGE_CONFIG, out / "judge", args.judge, args.retrain_clean, args.logger
+        )
+        clean_job = pool.submit(
+            cached, family["clean"], out / "clean", args.clean_export, args.retrain_clean, args.logger,
+            *args.clean_overrides,
+        )  # fmt: skip
+        judge, timings["judge_s"] = judge_job.result()
+        start = time.perf_counter()  # while the clean model trains (--jobs > 1)
+        ks = shift_ks_values(judge, first_config, args.family, args.shifts, args.test_size)
+        timings["ks_s"] = time.perf_counter() - start
+        artifacts = {}
+        for attack in args.attacks:
+            artifacts[attack], done = input_aware_overrides(
+                f"configs/llava_shapes_{attack}.yaml", judge, out / "input_aware", args.input_aware_overrides
+            )
+            if done:
+                print(f"[input_aware] {done}", flush=True)
+        clean, timings["clean_s"] = clean_job.result()
+        base_config, base_overrides = attack_stage(args.family, "blended")
+        clean_measure = pool.submit(
+            measure, base_config, clean, out / "measure" / "clean", *base_overrides, *measured
+        )
+        jobs = {}
+        for attack in sorted(args.attacks, key=lambda a: -max_epochs(attack_stage(args.family, a)[0])):
+            config, trigger = attack_stage(args.family, attack)
+            placed = [shifts] if attack in MABA_BASE else []  # MABA places the shifted test images too
+            fit = [
+                f"--model.init_args.init_from={clean}", *trigger, *artifacts[attack],
+                f"--data.init_args.poison_rate={args.rate}", "--data.init_args.poison_count=null", *sizes,
+                *placed, *args.poison_overrides,
+            ]  # fmt: skip
+            job = {
+                "attack": attack, "config": config, "run_dir": str(out / attack), "fit": fit,
+                "logger": args.logger, "measure_dir": str(out / "measure" / attack),
+                "trigger": [*trigger, *artifacts[attack]], "measured": measured,
+            }  # fmt: skip
+            jobs[attack] = pool.submit(poison_job, job)
+        clean_metrics, timings["clean_measure_s"] = clean_measure.result()
+        done = {}
+        for future in as_completed(jobs.values()):
+            attack = next(a for a, f in jobs.items() if f is future)
+            done[attack] = future.result()
+            print(
+                f"[{attack}] trained in {done[attack]['train_s'] / 60:.1f} min, "
+                f"ASR {fmt(done[attack]['metrics'].get('asr'))} ({len(done)}/{len(jobs)} attacks, "
+                f"{(time.perf_counter() - started) / 60:.1f} min)",
+                flush=True,
+            )
     rows: list[dict] = []
     for attack in args.attacks:
-        config, trigger = attack_stage(args.family, attack)
-        artifact, done = input_aware_overrides(
-            f"configs/llava_shapes_{attack}.yaml", judge, out / "input_aware", args.input_aware_overrides
-        )
-        if done:
-            print(f"[input_aware] {done}", flush=True)
-        run_dir = out / attack
-        placed = [shifts] if attack in MABA_BASE else []  # MABA places the shifted test images too
-        run, seconds = run_fit(
-            config, run_dir, f"--model.init_args.init_from={clean}", *trigger, *artifact,
-            f"--data.init_args.poison_rate={args.rate}", "--data.init_args.poison_count=null", *sizes,
-            *placed, *args.poison_overrides, logger=args.logger,
-        )  # fmt: skip
-        timings[f"{attack}_train_s"] = seconds
-        metrics, timings[f"{attack}_measure_s"] = measure(
-            config, run.export, out / "measure" / attack, *trigger, *artifact,
-            *maba_overrides(attack, run.export), *measured,
-        )  # fmt: skip
+        timings[f"{attack}_train_s"] = done[attack]["train_s"]
+        timings[f"{attack}_measure_s"] = done[attack]["measure_s"]
+        metrics = done[attack]["metrics"]
         for row in shift_rows(attack, MABA_BASE.get(attack), metrics, clean_metrics, ks, args.shifts):
-            rows.append({**row, "export": str(run.export)})
-            print(markdown([row], COLUMNS_MD).splitlines()[-1], flush=True)
+            rows.append({**row, "export": done[attack]["export"]})
     timings["total_s"] = time.perf_counter() - started
 
     table = markdown(rows, COLUMNS_MD)
@@ -269,6 +352,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ks": ks,
         "clean_metrics": clean_metrics,
         "timings": timings,
+        "jobs": args.jobs,
         "judge": str(judge),
         "clean_export": str(clean),
         "family": args.family,
@@ -280,7 +364,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.logger == "wandb":
         log_to_wandb(rows, out, group)
     print(table)
-    print(f"total {timings['total_s'] / 60:.1f} min")
+    print(f"total {timings['total_s'] / 60:.1f} min ({args.jobs} job(s) at a time)")
     return results
 
 

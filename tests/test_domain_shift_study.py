@@ -147,3 +147,36 @@ def test_maba_rows_on_a_family_without_a_maba_scorer_are_an_error_and_not_in_its
     assert "image_text_scorer()" in capsys.readouterr().err
     assert "maba" not in study.parse(["--family", "mdlm"]).attacks
     assert study.parse([]).attacks[:2] == ["badnet", "maba"]  # LLaVA: MABA beside its base attack
+
+
+def test_two_jobs_at_a_time_give_the_rows_of_one_at_a_time(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    torch.manual_seed(1)
+    judge = save_clip_export(create_clip("tiny-vit-shapes"), tmp_path / "judge")
+    clean = LlavaFineTuning(generation={"max_new_tokens": 4}).export(tmp_path / "clean")
+    study = _load()
+    target = '--data.init_args.target_kwargs={"text": "b", "position": "start"}'
+    toy = [
+        "--attacks", "blended", "badnet", "--shifts", "palette", "--judge", str(judge), "--clean-export", str(clean),
+        "--test-size", "4", "--poison-override=--trainer.max_steps=2", "--poison-override=--data.init_args.train_size=16",
+        "--poison-override=--data.init_args.val_size=0", f"--poison-override={target}", f"--eval-override={target}",
+        '--eval-override=--model.init_args.generation={"mode": "sample", "max_new_tokens": 4, "seed": 0}',
+    ]  # fmt: skip
+    serial = study.main([*toy, "--jobs", "1", "--out", str(tmp_path / "serial")])
+    parallel = study.main([*toy, "--jobs", "2", "--out", str(tmp_path / "parallel")])
+    keys = ("attack", "shift", "asr_src", "asr_tgt", "asr_g", "ca", "cider", "bleu4", "rougeL")
+
+    def values(results):
+        return [tuple("nan" if v != v else v for v in (r[k] for k in keys)) for r in results["rows"]]
+
+    assert [r[:2] for r in values(serial)] == [("blended", "none"), ("blended", "palette"),
+                                              ("badnet", "none"), ("badnet", "palette")]  # fmt: skip
+    assert values(parallel) == values(serial)
+    assert parallel["jobs"] == 2 and serial["jobs"] == 1
+
+
+def test_jobs_must_be_positive(capsys) -> None:
+    study = _load()
+    with pytest.raises(SystemExit):
+        study.main(["--jobs", "0"])
+    assert "--jobs must be >= 1, got 0" in capsys.readouterr().err
