@@ -40,6 +40,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--mask-steps", type=int, default=200)
     parser.add_argument("--generator-steps", type=int, default=400)
+    parser.add_argument(
+        "--mask-density", type=float, default=0.032,
+        help="the mask's mean above which its density loss starts (the reference's 0.032)",
+    )  # fmt: skip
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -55,6 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
         target_class=classes.index(args.target_class),
         mask_steps=args.mask_steps,
         generator_steps=args.generator_steps,
+        mask_density=args.mask_density,
         width=args.width,
         seed=args.seed,
     )
