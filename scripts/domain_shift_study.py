@@ -296,11 +296,11 @@ def main(argv: list[str] | None = None) -> dict:
         timings["ks_s"] = time.perf_counter() - start
         artifacts = {}
         for attack in args.attacks:
-            artifacts[attack], done = input_aware_overrides(
+            artifacts[attack], made = input_aware_overrides(
                 f"configs/llava_shapes_{attack}.yaml", judge, out / "input_aware", args.input_aware_overrides
             )
-            if done:
-                print(f"[input_aware] {done}", flush=True)
+            if made:
+                print(f"[input_aware] {made}", flush=True)
         clean, timings["clean_s"] = clean_job.result()
         base_config, base_overrides = attack_stage(args.family, "blended")
         clean_measure = pool.submit(
