@@ -20,7 +20,8 @@ export at ``--rate``. InputAware's generator is trained first on the CLIP (``scr
 (they are computed when the poisoned run starts, for the training, test and shifted test images) and are read
 back for the measurement.
 
-The CLIP and the clean model are cached: a later call reuses ``<out>/judge/latest_export`` and
+``--jobs N`` (default 2) runs N trainings or measurements at a time, each in a spawned process with its share of the
+CPUs; every run seeds itself, so the table does not depend on N. The CLIP and the clean model are cached: a later call reuses ``<out>/judge/latest_export`` and
 ``<out>/clean/latest_export`` (or ``--judge`` / ``--clean-export``) unless ``--retrain-clean``. Writes
 ``<out>/study.md``, ``<out>/results-<time>.json`` (rows, KS, clean-model metrics, timings, environment),
 ``<out>/asr_g.png`` (heat maps of ASR-G and ASR_tgt, attack x shift); with ``--logger wandb`` every training is a
