@@ -20,9 +20,10 @@ export at ``--rate``. InputAware's generator is trained first on the CLIP (``scr
 (they are computed when the poisoned run starts, for the training, test and shifted test images) and are read
 back for the measurement.
 
-``--jobs N`` (default 2) runs N trainings or measurements at a time, each in a spawned process with its share of the
-CPUs; every run seeds itself, so the table does not depend on N. The CLIP and the clean model are cached: a later call reuses ``<out>/judge/latest_export`` and
-``<out>/clean/latest_export`` (or ``--judge`` / ``--clean-export``) unless ``--retrain-clean``. Writes
+``--jobs N`` (default 2) runs N trainings or measurements at a time, each in a spawned process with its share of
+the CPUs; every run seeds itself, so the table does not depend on N. The CLIP and the clean model are cached: a
+later call reuses ``<out>/judge/latest_export`` and ``<out>/clean/latest_export`` (or ``--judge`` /
+``--clean-export``) unless ``--retrain-clean``. Writes
 ``<out>/study.md``, ``<out>/results-<time>.json`` (rows, KS, clean-model metrics, timings, environment),
 ``<out>/asr_g.png`` (heat maps of ASR-G and ASR_tgt, attack x shift); with ``--logger wandb`` every training is a
 W&B run and the table and heat map go to a run of their own, all in one group.
@@ -307,9 +308,10 @@ def main(argv: list[str] | None = None) -> dict:
         clean_measure = pool.submit(
             measure, base_config, clean, out / "measure" / "clean", *base_overrides, *measured
         )
-        jobs = {}
-        for attack in sorted(args.attacks, key=lambda a: -max_epochs(attack_stage(args.family, a)[0])):
-            config, trigger = attack_stage(args.family, attack)
+        stages = {attack: attack_stage(args.family, attack) for attack in args.attacks}
+        jobs = {}  # future -> attack
+        for attack in sorted(args.attacks, key=lambda a: -max_epochs(stages[a][0])):
+            config, trigger = stages[attack]
             placed = [shifts] if attack in MABA_BASE else []  # MABA places the shifted test images too
             fit = [
                 f"--model.init_args.init_from={clean}", *trigger, *artifacts[attack],
@@ -321,11 +323,11 @@ def main(argv: list[str] | None = None) -> dict:
                 "logger": args.logger, "measure_dir": str(out / "measure" / attack),
                 "trigger": [*trigger, *artifacts[attack]], "measured": measured,
             }  # fmt: skip
-            jobs[attack] = pool.submit(poison_job, job)
+            jobs[pool.submit(poison_job, job)] = attack
         clean_metrics, timings["clean_measure_s"] = clean_measure.result()
         done = {}
-        for future in as_completed(jobs.values()):
-            attack = next(a for a, f in jobs.items() if f is future)
+        for future in as_completed(jobs):
+            attack = jobs[future]
             done[attack] = future.result()
             print(
                 f"[{attack}] trained in {done[attack]['train_s'] / 60:.1f} min, "
