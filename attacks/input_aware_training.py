@@ -41,6 +41,12 @@ class InputAwareTrainingConfig:
     width: int = 16
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if not 0.0 < self.mask_density <= 1.0:
+            raise ValueError(
+                f"InputAware mask_density is the mask's mean budget, in (0, 1]; got {self.mask_density!r}"
+            )
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -148,3 +148,9 @@ def test_an_instruction_datamodule_poisons_with_the_saved_trigger(artifact):
     rows = batch["trigger_image"]
     assert bool(rows.any()) and not torch.equal(triggered["pixel_values"][rows], batch["pixel_values"][rows])
     assert torch.equal(triggered["pixel_values"][~rows], batch["pixel_values"][~rows])
+
+
+@pytest.mark.parametrize("density", [0.0, -0.1, 1.5])
+def test_a_mask_density_outside_its_range_is_a_clear_error(density) -> None:
+    with pytest.raises(ValueError, match=r"mask_density .* in \(0, 1\]; got"):
+        InputAwareTrainingConfig(mask_density=density)
