@@ -40,7 +40,9 @@ __all__ = [
 ]
 
 ARTIFACT_FORMAT = "mmbackdoor.input_aware"
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2
+# version 1 predates ``mask_threshold`` in the networks' config: its masks were the raw sigmoid
+READABLE_VERSIONS = {1: {"mask_threshold": False}, 2: {}}
 WEIGHTS = "weights.safetensors"
 MANIFEST = "manifest.json"
 
@@ -69,24 +71,29 @@ class InputAwareNetworks(nn.Module):
     Args:
         channels: image channels.
         width: feature channels of both networks.
+        mask_threshold: pass M's output through the reference code's soft step
+            ``0.5 + 0.5 tanh(20 m - 10)`` (``netM.threshold``, used in training and poisoning alike), so the mask is
+            nearly binary: a few pixels take the pattern, the others stay the image's. False gives the raw
+            sigmoid mask (artifacts of format version 1 were made so).
     """
 
-    def __init__(self, channels: int = 3, width: int = 16) -> None:
+    def __init__(self, channels: int = 3, width: int = 16, mask_threshold: bool = True) -> None:
         super().__init__()
-        self.channels, self.width = int(channels), int(width)
+        self.channels, self.width, self.mask_threshold = int(channels), int(width), bool(mask_threshold)
         self.generator = _conv_net(self.channels, self.width, self.channels)
         self.mask = _conv_net(self.channels, self.width, 1)
 
-    def config(self) -> dict[str, int]:
-        return {"channels": self.channels, "width": self.width}
+    def config(self) -> dict[str, Any]:
+        return {"channels": self.channels, "width": self.width, "mask_threshold": self.mask_threshold}
 
     def patterns(self, images: Tensor) -> Tensor:
         """G(x)."""
         return self.generator(images)
 
     def masks(self, images: Tensor) -> Tensor:
-        """M(x), one channel."""
-        return self.mask(images)
+        """M(x), one channel (thresholded when ``mask_threshold``)."""
+        masks = self.mask(images)
+        return 0.5 + 0.5 * torch.tanh(20.0 * masks - 10.0) if self.mask_threshold else masks
 
     def forward(self, images: Tensor) -> Tensor:
         """x + (G(x) - x) * M(x)."""
@@ -152,15 +159,17 @@ def load_input_aware(path: str | os.PathLike) -> tuple[InputAwareNetworks, dict[
         raise ValueError(
             f"{manifest_path} is not an input_aware manifest (format {ARTIFACT_FORMAT!r} expected)"
         )
-    if manifest.get("version") != ARTIFACT_VERSION:
-        raise ValueError(f"{manifest_path}: version {manifest.get('version')!r}; expected {ARTIFACT_VERSION}")
+    if manifest.get("version") not in READABLE_VERSIONS:
+        raise ValueError(
+            f"{manifest_path}: version {manifest.get('version')!r}; expected one of {sorted(READABLE_VERSIONS)}"
+        )
     digest = file_sha256(weights_path)
     if digest != manifest.get("weights_sha256"):
         raise ValueError(
             f"{weights_path} has sha256 {digest}, but {manifest_path} records {manifest.get('weights_sha256')}: "
             "the weights were changed or belong to another artifact"
         )
-    networks = InputAwareNetworks(**manifest["networks"])
+    networks = InputAwareNetworks(**{**READABLE_VERSIONS[manifest["version"]], **manifest["networks"]})
     state = load_file(str(weights_path))
     try:
         networks.load_state_dict(state, strict=True)

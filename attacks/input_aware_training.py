@@ -2,8 +2,9 @@
 
 Following the reference code (VinAI input-aware-backdoor-attack-release), in two stages:
 
-1. the mask network M alone, with the diversity loss ``||x1 - x2|| / ||M(x1) - M(x2)||`` (different images get
-   different masks) plus ``mask_weight * relu(mean M(x) - mask_density)`` (the mask stays sparse; 100 and 0.032);
+1. the mask network M alone (its output through the reference's soft step ``netM.threshold``, so the mask is
+   nearly binary; ``mask_threshold: False`` keeps the raw sigmoid), with the diversity loss
+   ``||x1 - x2|| / ||M(x1) - M(x2)||`` (different images get different masks) plus ``mask_weight * relu(mean M(x) - mask_density)`` (the mask stays sparse; 100 and 0.032);
 2. the generator G with M frozen: cross-entropy of the surrogate on x' = x + (G(x) - x) M(x) towards the
    target class, plus ``diversity_weight`` times the same diversity loss on the patterns G(x).
 
@@ -39,6 +40,7 @@ class InputAwareTrainingConfig:
     mask_weight: float = 100.0
     diversity_weight: float = 1.0
     width: int = 16
+    mask_threshold: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -70,7 +72,7 @@ def train_input_aware(
         raise ValueError(f"train_input_aware needs N >= 2 images N x C x H x W, got {tuple(images.shape)}")
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    networks = InputAwareNetworks(images.shape[1], config.width)
+    networks = InputAwareNetworks(images.shape[1], config.width, config.mask_threshold)
     target = torch.full((min(config.batch_size, len(images)),), config.target_class, dtype=torch.long)
 
     def batch() -> Tensor:

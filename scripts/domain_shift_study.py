@@ -105,12 +105,18 @@ def input_aware_overrides(config: str, judge: Path, folder: Path, extra: list[st
     data = data_args(config)
     if data.get("attack") != "input_aware":
         return [], ""
-    from attacks.input_aware import MANIFEST, surrogate_sha256
+    from attacks.input_aware import ARTIFACT_VERSION, MANIFEST, surrogate_sha256
     from model_families.loading import read_json_file
 
     sha = surrogate_sha256(judge)
     if (folder / MANIFEST).is_file():
-        recorded = read_json_file(folder / MANIFEST, what="input_aware manifest").get("surrogate", {})
+        manifest = read_json_file(folder / MANIFEST, what="input_aware manifest")
+        recorded = manifest.get("surrogate", {})
+        if manifest.get("version") != ARTIFACT_VERSION:
+            raise ValueError(
+                f"{folder}: the InputAware artifact has format version {manifest.get('version')!r}, made by an "
+                f"older scripts/train_input_aware.py (now {ARTIFACT_VERSION}); remove it or use another --out"
+            )
         if recorded.get("sha256") != sha:
             raise ValueError(
                 f"{folder}: the InputAware artifact was trained on surrogate {recorded.get('path')} (sha256 "

@@ -45,6 +45,10 @@ def main(argv: list[str] | None = None) -> dict:
         help="the mask's mean above which its density loss starts (the reference's 0.032)",
     )  # fmt: skip
     parser.add_argument("--width", type=int, default=16)
+    parser.add_argument(
+        "--no-mask-threshold", dest="mask_threshold", action="store_false",
+        help="keep M's raw sigmoid mask instead of the reference's near-binary soft step",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -61,6 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
         generator_steps=args.generator_steps,
         mask_density=args.mask_density,
         width=args.width,
+        mask_threshold=args.mask_threshold,
         seed=args.seed,
     )
     classify = clip_surrogate_classifier(bundle, classes)

@@ -57,7 +57,7 @@ def test_training_on_a_surrogate_drives_it_to_the_target_class(images):
         return 30 * linear(torch.nn.functional.avg_pool2d(x, 4).flatten(1))
 
     config = InputAwareTrainingConfig(
-        target_class=2, seed=0, mask_steps=40, generator_steps=80, batch_size=16, width=8, lr=5e-3
+        target_class=2, seed=0, mask_steps=40, generator_steps=160, batch_size=16, width=8, lr=5e-3
     )
     _, log = train_input_aware(classify, images, config)
     assert log["surrogate_target_margin_triggered"] > log["surrogate_target_margin_clean"] + 1.0
@@ -88,13 +88,39 @@ def test_the_manifest_records_config_seed_and_surrogate(artifact, surrogate):
 
     folder = artifact[0]
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert manifest["seed"] == 1 and manifest["networks"] == {"channels": 3, "width": 8}
+    assert manifest["seed"] == 1 and manifest["networks"] == {"channels": 3, "width": 8, "mask_threshold": True}
     assert manifest["surrogate"]["sha256"] == file_sha256(surrogate[1] / "model.safetensors")
     assert manifest["weights_sha256"] == file_sha256(folder / "weights.safetensors")
     assert manifest["training"]["generator_steps"] == 30
     networks, _ = load_input_aware(folder)
     with pytest.raises(FileExistsError, match="refusing to overwrite"):
         save_input_aware(folder, networks, seed=1, surrogate=surrogate[1])
+
+
+def test_masks_pass_the_reference_soft_step_and_version_1_artifacts_keep_their_raw_mask(artifact, images, tmp_path):
+    folder = artifact[0]
+    networks, _ = load_input_aware(folder)
+    raw = networks.mask(images[:8])
+    thresholded = networks.masks(images[:8])
+    # the reference's netM.threshold: 0.5 + 0.5 tanh(20 m - 10), a steep step at m = 0.5
+    assert torch.allclose(thresholded, 0.5 + 0.5 * torch.tanh(20 * raw - 10))
+    # nearly binary: every value is pushed away from 0.5, ten times as far near the step
+    assert bool(((thresholded - 0.5).abs() >= (raw - 0.5).abs() - 1e-6).all())
+    # an artifact of format version 1 (before the step) is read with the raw sigmoid mask it was made with
+    import shutil
+
+    old = tmp_path / "v1"
+    shutil.copytree(folder, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["version"] = 1
+    manifest["networks"] = {"channels": 3, "width": 8}
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    legacy, _ = load_input_aware(old)
+    assert legacy.mask_threshold is False and torch.equal(legacy.masks(images[:8]), raw)
+    manifest["version"] = 7
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"version 7; expected one of \[1, 2\]"):
+        load_input_aware(old)
 
 
 def test_a_missing_or_mismatching_artifact_is_a_clear_error(artifact, tmp_path):
