@@ -88,7 +88,11 @@ def test_the_manifest_records_config_seed_and_surrogate(artifact, surrogate):
 
     folder = artifact[0]
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert manifest["seed"] == 1 and manifest["networks"] == {"channels": 3, "width": 8, "mask_threshold": True}
+    assert manifest["seed"] == 1 and manifest["networks"] == {
+        "channels": 3,
+        "width": 8,
+        "mask_threshold": True,
+    }
     assert manifest["surrogate"]["sha256"] == file_sha256(surrogate[1] / "model.safetensors")
     assert manifest["weights_sha256"] == file_sha256(folder / "weights.safetensors")
     assert manifest["training"]["generator_steps"] == 30
@@ -97,7 +101,9 @@ def test_the_manifest_records_config_seed_and_surrogate(artifact, surrogate):
         save_input_aware(folder, networks, seed=1, surrogate=surrogate[1])
 
 
-def test_masks_pass_the_reference_soft_step_and_version_1_artifacts_keep_their_raw_mask(artifact, images, tmp_path):
+def test_masks_pass_the_reference_soft_step_and_version_1_artifacts_keep_their_raw_mask(
+    artifact, images, tmp_path
+):
     folder = artifact[0]
     networks, _ = load_input_aware(folder)
     raw = networks.mask(images[:8])
