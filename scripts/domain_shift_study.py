@@ -316,14 +316,16 @@ def main(argv: list[str] | None = None) -> dict:
         )
         stages = {attack: attack_stage(args.family, attack) for attack in args.attacks}
         jobs = {}  # future -> attack
-        for attack in sorted(args.attacks, key=lambda a: -max_epochs(stages[a][0])):
+        # longest first; at equal epochs MABA first (its run also computes the attributions of its placements)
+        order = sorted(args.attacks, key=lambda a: (-max_epochs(stages[a][0]), a not in MABA_BASE))
+        for attack in order:
             config, trigger = stages[attack]
             placed = [shifts] if attack in MABA_BASE else []  # MABA places the shifted test images too
             fit = [
                 f"--model.init_args.init_from={clean}", *trigger, *artifacts[attack],
                 f"--data.init_args.poison_rate={args.rate}", "--data.init_args.poison_count=null", *sizes,
-                *placed, *args.poison_overrides,
-            ]  # fmt: skip
+                *placed, "--trainer.limit_val_batches=0", *args.poison_overrides,
+            ]  # fmt: skip  (no validation: the measurement below is on the test split)
             job = {
                 "attack": attack, "config": config, "run_dir": str(out / attack), "fit": fit,
                 "logger": args.logger, "measure_dir": str(out / "measure" / attack),
