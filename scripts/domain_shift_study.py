@@ -321,11 +321,12 @@ def main(argv: list[str] | None = None) -> dict:
         for attack in order:
             config, trigger = stages[attack]
             placed = [shifts] if attack in MABA_BASE else []  # MABA places the shifted test images too
+            # no in-training validation: the measurement after the run is on the test split
             fit = [
                 f"--model.init_args.init_from={clean}", *trigger, *artifacts[attack],
                 f"--data.init_args.poison_rate={args.rate}", "--data.init_args.poison_count=null", *sizes,
                 *placed, "--trainer.limit_val_batches=0", *args.poison_overrides,
-            ]  # fmt: skip  (no validation: the measurement below is on the test split)
+            ]  # fmt: skip
             job = {
                 "attack": attack, "config": config, "run_dir": str(out / attack), "fit": fit,
                 "logger": args.logger, "measure_dir": str(out / "measure" / attack),
