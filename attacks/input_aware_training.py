@@ -4,7 +4,8 @@ Following the reference code (VinAI input-aware-backdoor-attack-release), in two
 
 1. the mask network M alone (its output through the reference's soft step ``netM.threshold``, so the mask is
    nearly binary; ``mask_threshold: False`` keeps the raw sigmoid), with the diversity loss
-   ``||x1 - x2|| / ||M(x1) - M(x2)||`` (different images get different masks) plus ``mask_weight * relu(mean M(x) - mask_density)`` (the mask stays sparse; 100 and 0.032);
+   ``||x1 - x2|| / ||M(x1) - M(x2)||`` (different images get different masks) plus
+   ``mask_weight * relu(mean M(x) - mask_density)`` (the mask stays sparse; 100 and 0.032);
 2. the generator G with M frozen: cross-entropy of the surrogate on x' = x + (G(x) - x) M(x) towards the
    target class, plus ``diversity_weight`` times the same diversity loss on the patterns G(x).
 
