@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -138,6 +139,13 @@ def test_maba_is_measured_with_its_training_placements_and_input_aware_gets_a_ca
     other = save_clip_export(create_clip("tiny-vit-shapes"), tmp_path / "other")
     with pytest.raises(ValueError, match=r"trained on surrogate .* not on the judge"):
         study.input_aware_overrides(config, other, artifact, [])
+    # an artifact of the older format (its mask without the reference's step) is not reused
+    older = tmp_path / "older"
+    shutil.copytree(artifact, older)
+    recorded = json.loads((older / "manifest.json").read_text())
+    (older / "manifest.json").write_text(json.dumps({**recorded, "version": 1}))
+    with pytest.raises(ValueError, match=r"format version 1, made by an older scripts/train_input_aware.py"):
+        study.input_aware_overrides(config, judge, older, [])
 
 
 def test_maba_rows_on_a_family_without_a_maba_scorer_are_an_error_and_not_in_its_default(capsys) -> None:
