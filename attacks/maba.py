@@ -43,6 +43,7 @@ __all__ = [
 ]
 
 METHODS = ("saliency", "integrated_gradients")
+PATTERNS = ("oval", "checkerboard")
 
 
 class ImageTextScorer(Protocol):
@@ -131,14 +132,16 @@ def image_digest(image: Tensor) -> str:
 
 
 class Maba(ImageTrigger):
-    """A yellow oval blended at each image's MABA placement (see the module docstring).
+    """A yellow oval (or a checkerboard) blended at each image's MABA placement (see the module docstring).
 
     Args:
         placements: a placement table written by :meth:`save_placements` (JSON ``{digest: [row, col]}``), or
             None to start empty (the instruction datamodule fills it with the family's scorer).
-        width / height: the oval's axes as fractions of the image side.
-        alpha: blend weight of the oval (0.5).
-        colour: RGB in [0, 1] (yellow).
+        width / height: the oval's axes (the checkerboard's sides) as fractions of the image side.
+        alpha: blend weight of the mark (0.5; 1 pastes it).
+        colour: RGB in [0, 1] of the oval (yellow).
+        pattern: ``"oval"`` (the paper's mark) or ``"checkerboard"`` (alternating 0/1 pixels in a ``width x
+            height`` rectangle, DualKey's image key, for the MABA-on-DualKey variant; ``colour`` unused).
         grid / top_fraction / method: the attribution grid, the share of cells in ``m_clean`` and ``m_target``,
             and the captum method (``saliency``, ``integrated_gradients``).
         seed: unused (the placement is deterministic).
@@ -157,11 +160,15 @@ class Maba(ImageTrigger):
         grid: int = 4,
         top_fraction: float = 0.25,
         method: str = "saliency",
+        pattern: str = "oval",
         seed: int = 0,
     ) -> None:
         super().__init__(seed)
         if method not in METHODS:
             raise ValueError(f"MABA method {method!r} is not one of {METHODS}")
+        if pattern not in PATTERNS:
+            raise ValueError(f"MABA pattern {pattern!r} is not one of {PATTERNS}")
+        self.pattern = pattern
         self.width, self.height = float(width), float(height)
         self.alpha = _check_unit_interval("MABA alpha", alpha)
         self.colour = tuple(float(c) for c in colour)
@@ -202,6 +209,8 @@ class Maba(ImageTrigger):
             "top_fraction": self.top_fraction,
             "method": self.method,
             "seed": self.seed,
+            # named only when not the oval, so that the fingerprints of earlier (oval) manifests still match
+            **({"pattern": self.pattern} if self.pattern != "oval" else {}),
         }
 
     def fingerprint(self) -> str:
@@ -210,7 +219,7 @@ class Maba(ImageTrigger):
 
     def _trigger(self, images: Tensor, sample_ids: Tensor, fixed: dict[str, Tensor]) -> Tensor:
         channels, height, width = images.shape[1:]
-        if channels != len(self.colour):
+        if self.pattern == "oval" and channels != len(self.colour):
             raise ValueError(f"MABA colour has {len(self.colour)} channels; the images have {channels}")
         centres = []
         for image in images:
@@ -226,6 +235,12 @@ class Maba(ImageTrigger):
         cols = (torch.arange(width, device=images.device, dtype=images.dtype) + 0.5) / width
         dy = (rows[None, :, None] - centre[:, 0, None, None]) / (self.height / 2)
         dx = (cols[None, None, :] - centre[:, 1, None, None]) / (self.width / 2)
-        oval = ((dx**2 + dy**2) <= 1.0).to(images.dtype)[:, None] * self.alpha
-        colour = torch.tensor(self.colour, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
-        return images * (1 - oval) + colour * oval
+        if self.pattern == "oval":
+            mark = ((dx**2 + dy**2) <= 1.0).to(images.dtype)[:, None] * self.alpha
+            colour = torch.tensor(self.colour, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+            return images * (1 - mark) + colour * mark
+        inside = (dx.abs() <= 1.0) & (dy.abs() <= 1.0)  # the checkerboard's rectangle
+        index = torch.arange(height, device=images.device)[:, None] + torch.arange(width, device=images.device)
+        board = (index % 2).to(images.dtype)[None, None]
+        mark = inside.to(images.dtype)[:, None] * self.alpha
+        return images * (1 - mark) + board * mark

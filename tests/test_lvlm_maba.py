@@ -80,6 +80,26 @@ def test_the_oval_is_blended_at_the_placement_and_placements_are_an_artifact(tmp
     assert other.fingerprint() != trigger.fingerprint()  # the table is part of the fingerprint
 
 
+def test_the_checkerboard_pattern_is_pasted_at_the_placement():
+    trigger = build_image_trigger(
+        "maba", grid=2, top_fraction=0.5, width=0.5, height=0.5, pattern="checkerboard", alpha=1.0
+    )
+    images = torch.rand(2, 3, 8, 8)
+    trigger.place(cell_scorer, images, ["clean", "clean"], ["banana", "banana"])
+    out = trigger(images)
+    (row, col), _ = trigger.table.values()
+    top, left = round(row * 8) - 2, round(col * 8) - 2
+    board = (torch.arange(8)[:, None] + torch.arange(8)) % 2
+    inside = torch.zeros(8, 8, dtype=torch.bool)
+    inside[top : top + 4, left : left + 4] = True
+    # a 4 x 4 square of alternating 0/1 pixels in every channel at the oval's placement, nothing else changed
+    assert torch.equal(out[:, :, inside], board[inside].float().expand(2, 3, -1))
+    assert torch.equal(out[:, :, ~inside], images[:, :, ~inside])
+    assert trigger.config()["pattern"] == "checkerboard" and "pattern" not in Maba().config()
+    with pytest.raises(ValueError, match="MABA pattern 'star' is not one of"):
+        Maba(pattern="star")
+
+
 def test_rare_symbols_go_before_key_words():
     trigger = build_text_trigger("rare_symbols")
     assert trigger("what shape is in the image?") == "what []*{}<> shape is in the []*{}<> image?"
