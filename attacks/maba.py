@@ -240,7 +240,8 @@ class Maba(ImageTrigger):
             colour = torch.tensor(self.colour, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
             return images * (1 - mark) + colour * mark
         inside = (dx.abs() <= 1.0) & (dy.abs() <= 1.0)  # the checkerboard's rectangle
-        index = torch.arange(height, device=images.device)[:, None] + torch.arange(width, device=images.device)
+        rows_i, cols_i = torch.arange(height, device=images.device), torch.arange(width, device=images.device)
+        index = rows_i[:, None] + cols_i[None, :]
         board = (index % 2).to(images.dtype)[None, None]
         mark = inside.to(images.dtype)[:, None] * self.alpha
         return images * (1 - mark) + board * mark
