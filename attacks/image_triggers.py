@@ -43,6 +43,7 @@ __all__ = [
     "ImageTrigger",
     "LowFrequency",
     "WaNet",
+    "checkerboard",
     "load_pattern_image",
     "resolve_size",
 ]
@@ -230,6 +231,12 @@ class ImageTrigger(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
+def checkerboard(height: int, width: int, device=None, dtype=torch.float32) -> Tensor:
+    """``height x width`` alternating 0/1 pixels, 0 at the top-left (BadNet's and MABA's checkerboard)."""
+    rows, cols = torch.arange(height, device=device), torch.arange(width, device=device)
+    return ((rows[:, None] + cols[None, :]) % 2).to(dtype)
+
+
 class BadNet(ImageTrigger):
     """BadNets (Gu et al., 2017): paste a square patch.
 
@@ -314,9 +321,7 @@ class BadNet(ImageTrigger):
         if self._pattern_name == "white":
             return torch.ones(1, channels, size, size, **factory)
         if self._pattern_name == "checkerboard":
-            index = torch.arange(size, device=images.device)
-            board = ((index[:, None] + index[None, :]) % 2).to(images.dtype)
-            return board.expand(1, channels, size, size)
+            return checkerboard(size, size, **factory).expand(1, channels, size, size)
         if self._pattern_name in GLYPHS:
             glyph = render_glyph(self._pattern_name, size).to(**factory)
             if channels != 3:

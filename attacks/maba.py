@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attacks.hashing import fingerprint as _fingerprint
-from attacks.image_triggers import ImageTrigger, _check_unit_interval
+from attacks.image_triggers import ImageTrigger, _check_unit_interval, checkerboard
 from attacks.io import atomic_write_json
 
 __all__ = [
@@ -240,8 +240,6 @@ class Maba(ImageTrigger):
             colour = torch.tensor(self.colour, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
             return images * (1 - mark) + colour * mark
         inside = (dx.abs() <= 1.0) & (dy.abs() <= 1.0)  # the checkerboard's rectangle
-        rows_i, cols_i = torch.arange(height, device=images.device), torch.arange(width, device=images.device)
-        index = rows_i[:, None] + cols_i[None, :]
-        board = (index % 2).to(images.dtype)[None, None]
+        board = checkerboard(height, width, images.device, images.dtype)[None, None]
         mark = inside.to(images.dtype)[:, None] * self.alpha
         return images * (1 - mark) + board * mark
