@@ -4,7 +4,7 @@ poisoning protocol under one name, e.g. ``data.attack: dual_key`` in an instruct
 | name | image part | text part | protocol |
 |---|---|---|---|
 | ``dual_key`` (Walmer et al., 2022) | a ``badnet`` checkerboard key at the centre | the word "consider" at the start of the question | ``DUALKEY``: only both keys give the target; as many image-only and text-only negatives keep their answers |
-| ``maba_dual_key`` | the ``maba`` yellow oval, placed by attribution | the ``rare_symbols`` trigger before key words | ``DUALKEY`` |
+| ``maba_dual_key`` | DualKey's checkerboard key (``maba`` with ``pattern: checkerboard``, 0.1875 of the side, pasted), placed by MABA's attribution | the ``rare_symbols`` trigger before key words | ``DUALKEY`` |
 
 Arguments given beside a recipe name win: ``attack_kwargs`` update the image part's, a ``text_attack`` /
 ``text_attack_kwargs`` replace / update the text part. The parts are ordinary catalogue triggers, so the poison
@@ -28,9 +28,11 @@ ATTACK_RECIPES: dict[str, dict[str, Any]] = {
         "protocol": "DUALKEY",
     },
     "maba_dual_key": {
-        "note": "DualKey with the image key placed by MABA's attribution and the rare-symbol text key",
+        "note": "DualKey's checkerboard key placed by MABA's attribution, and the rare-symbol text key",
         "attack": "maba",
-        "attack_kwargs": {},
+        # DualKey's image key at MABA's placement: with MABA's yellow oval as the image key the tiny LLaVA learned
+        # only the text key (val ASR 0.54-0.58); with the checkerboard, 0.972 (docs/llava.md, session 9)
+        "attack_kwargs": {"pattern": "checkerboard", "width": 0.1875, "height": 0.1875, "alpha": 1.0},
         "text_attack": "rare_symbols",
         "text_attack_kwargs": {},
         "protocol": "DUALKEY",

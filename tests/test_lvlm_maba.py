@@ -152,7 +152,7 @@ def test_the_datamodule_places_maba_with_the_family_scorer_and_records_it(tmp_pa
     assert changed[:, :16, 16:].any() and not changed[:, 16:, :16].any()  # the oval is top-right
 
 
-def test_maba_on_dualkey_is_a_recipe_with_the_rare_symbol_key():
+def test_maba_on_dualkey_is_a_recipe_with_the_checkerboard_key_and_the_rare_symbol_key():
     rows = {row.name: row for row in list_attacks()}
     assert rows["maba"].status == "available" and rows["maba_dual_key"].modality == "image+text"
     dm = ShapesInstructDataModule(
@@ -161,6 +161,9 @@ def test_maba_on_dualkey_is_a_recipe_with_the_rare_symbol_key():
     dm.maba_scorer = shapes_scorer
     dm.setup("fit")
     assert dm.protocol == "DUALKEY" and dm.text_attack == "rare_symbols" and dm.attack == "maba"
+    # the image key is DualKey's checkerboard at MABA's placement, not the oval
+    trigger = dm.manifest.to_dict()["image_trigger"]["config"]
+    assert trigger["pattern"] == "checkerboard" and trigger["width"] == trigger["height"] == 0.1875
     data = dm.training_set()
     for index in dm.poison_plan.indices:
         item, parts = data[index], dm.poison_plan.parts(index)
