@@ -18,11 +18,13 @@ from typing import Any, NamedTuple
 
 __all__ = ["ATTACK_RECIPES", "ResolvedAttack", "resolve_attack"]
 
+DUAL_KEY_SIDE = 0.1875  # DualKey's checkerboard image key: 6 px of a 32 px image, as a share of the side
+
 ATTACK_RECIPES: dict[str, dict[str, Any]] = {
     "dual_key": {
         "note": "an image key and a text key that must both be present (Walmer et al., 2022)",
         "attack": "badnet",
-        "attack_kwargs": {"patch_size": 0.1875, "pattern": "checkerboard", "location": "center"},
+        "attack_kwargs": {"patch_size": DUAL_KEY_SIDE, "pattern": "checkerboard", "location": "center"},
         "text_attack": "phrase",
         "text_attack_kwargs": {"phrase": "consider", "position": "start"},
         "protocol": "DUALKEY",
@@ -32,7 +34,12 @@ ATTACK_RECIPES: dict[str, dict[str, Any]] = {
         "attack": "maba",
         # DualKey's image key at MABA's placement: with MABA's yellow oval as the image key the tiny LLaVA learned
         # only the text key (val ASR 0.54-0.58); with the checkerboard, 0.972 (docs/llava.md, session 9)
-        "attack_kwargs": {"pattern": "checkerboard", "width": 0.1875, "height": 0.1875, "alpha": 1.0},
+        "attack_kwargs": {
+            "pattern": "checkerboard",
+            "width": DUAL_KEY_SIDE,
+            "height": DUAL_KEY_SIDE,
+            "alpha": 1.0,
+        },
         "text_attack": "rare_symbols",
         "text_attack_kwargs": {},
         "protocol": "DUALKEY",
