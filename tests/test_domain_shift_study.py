@@ -44,6 +44,9 @@ def test_toy_study_asr_g_is_the_formula_on_its_own_asrs_and_writes_table_map_and
     # a random model never says "banana": the target "b" (a substring of about half the responses) and sampling
     # give ASRs strictly between 0 and 1, so ASR-G is a real ratio
     target = '--data.init_args.target_kwargs={"text": "b", "position": "start"}'
+    # the toy's trigger pinned (attacks.md's blend weight 0.2, not the shipped config's 0.3): with it these
+    # random models' ASRs differ between the domains, so some ASR-G is strictly between 0 and 1
+    trigger = '--data.init_args.attack_kwargs={"pattern": "fixed_noise", "alpha": 0.2}'
     results = study.main(
         [
             "--attacks", "blended",
@@ -57,7 +60,7 @@ def test_toy_study_asr_g_is_the_formula_on_its_own_asrs_and_writes_table_map_and
             # two steps of the old recipe (frozen tower, lr 1e-3): the random model's ASRs stay strictly between
             # 0 and 1 and differ between domains, which the shipped recipe's larger steps do not guarantee
             "--poison-override=--model.init_args.trainable=projector_lm", "--poison-override=--model.init_args.lr=1e-3",
-            f"--eval-override={target}",
+            f"--poison-override={trigger}", f"--eval-override={target}", f"--eval-override={trigger}",
             '--eval-override=--model.init_args.generation={"mode": "sample", "max_new_tokens": 6, "seed": 0}',
         ]
     )  # fmt: skip
@@ -164,6 +167,9 @@ def test_two_jobs_at_a_time_give_the_rows_of_one_at_a_time(tmp_path, monkeypatch
     clean = LlavaFineTuning(generation={"max_new_tokens": 4}).export(tmp_path / "clean")
     study = _load()
     target = '--data.init_args.target_kwargs={"text": "b", "position": "start"}'
+    # the toy's trigger pinned (attacks.md's blend weight 0.2, not the shipped config's 0.3): with it these
+    # random models' ASRs differ between the domains, so some ASR-G is strictly between 0 and 1
+    trigger = '--data.init_args.attack_kwargs={"pattern": "fixed_noise", "alpha": 0.2}'
     toy = [
         "--attacks", "blended", "badnet", "--shifts", "palette", "--judge", str(judge), "--clean-export", str(clean),
         "--test-size", "4", "--poison-override=--trainer.max_steps=2", "--poison-override=--data.init_args.train_size=16",
