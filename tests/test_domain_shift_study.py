@@ -167,9 +167,6 @@ def test_two_jobs_at_a_time_give_the_rows_of_one_at_a_time(tmp_path, monkeypatch
     clean = LlavaFineTuning(generation={"max_new_tokens": 4}).export(tmp_path / "clean")
     study = _load()
     target = '--data.init_args.target_kwargs={"text": "b", "position": "start"}'
-    # the toy's trigger pinned (attacks.md's blend weight 0.2, not the shipped config's 0.3): with it these
-    # random models' ASRs differ between the domains, so some ASR-G is strictly between 0 and 1
-    trigger = '--data.init_args.attack_kwargs={"pattern": "fixed_noise", "alpha": 0.2}'
     toy = [
         "--attacks", "blended", "badnet", "--shifts", "palette", "--judge", str(judge), "--clean-export", str(clean),
         "--test-size", "4", "--poison-override=--trainer.max_steps=2", "--poison-override=--data.init_args.train_size=16",
