@@ -41,7 +41,7 @@ WORLDS = {
     "shapes": {
         "attacks": ATTACKS,
         "title": "Attacks on the embedded world (tiny-rn-shapes, target 'star', 10% poison (badclip 5%), 4 epochs "
-        "(wanet, badclip 6), test split, exclude-target ASR)",
+        "(wanet 6, badclip 10), test split, exclude-target ASR)",
     },
     "fmnist": {
         "attacks": ("badnet", "blended", "sig", "badclip"),
