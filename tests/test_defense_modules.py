@@ -332,6 +332,7 @@ def test_invertune_end_to_end_restricted_updates(victim, tmp_path) -> None:
         "--model.tuning_batch_size=32",
         "--model.iterations=3",
         "--model.lr=0.01",
+        "--model.update_scope=neurons",  # the paper's restricted updates (the config ships model_code)
         "--trainer.callbacks.init_args.uap_epochs=1",
         "--trainer.callbacks.init_args.epochs=1",
     )
