@@ -367,6 +367,33 @@ def test_invertune_end_to_end_restricted_updates(victim, tmp_path) -> None:
     assert changed or result.best_iteration == 0
 
 
+def test_the_shipped_invertune_config_updates_the_whole_image_tower_and_no_text_weights(
+    victim, tmp_path
+) -> None:
+    # the tiny-model configs ship update_scope: model_code (the authors' code; ninth sweep): the neuron masks
+    # act inside the loss, AdamW moves the image tower outside the selected writers too, never the text side
+    cli = run_cli(
+        "invertune_clip_shapes.yaml",
+        victim,
+        tmp_path,
+        "--model.tuning_batch_size=32",
+        "--model.iterations=3",
+        "--model.lr=0.01",
+        "--trainer.callbacks.init_args.uap_epochs=1",
+        "--trainer.callbacks.init_args.epochs=1",
+    )
+    assert cli.model.hparams.update_scope == "model_code"
+    masks = cli.model.tuning_result.parameter_masks
+    tower = {name for name, _ in cli.model.model.named_parameters() if name.startswith("visual.")}
+    assert set(masks) == tower and all(mask is None for mask in masks.values())  # the stem included
+    assert "visual.conv1.weight" in masks  # no residual writer: only model_code trains it
+    before = load_file(str(victim / "model.safetensors"))
+    after = load_file(str(Path(cli.trainer.mmbackdoor_export) / "model.safetensors"))
+    for name, tensor in after.items():
+        if not name.startswith("visual."):
+            assert torch.equal(tensor, before[name]), f"{name} (outside the image tower) changed"
+
+
 @pytest.mark.parametrize("config", ["cleanclip_clip_shapes.yaml", "par_clip_shapes.yaml"])
 def test_baselines_fit_and_export(config, victim, tmp_path) -> None:
     cli = run_cli(
