@@ -324,17 +324,23 @@ def test_tuning_without_inversion_is_an_error(victim, tmp_path) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
+QUICK_TUNING = (
+    "--model.tuning_batch_size=32",
+    "--model.iterations=3",
+    "--model.lr=0.01",
+    "--trainer.callbacks.init_args.uap_epochs=1",
+    "--trainer.callbacks.init_args.epochs=1",
+)
+"""A three-step InverTune run of the shipped config through train.py (one epoch per inversion stage)."""
+
+
 def test_invertune_end_to_end_restricted_updates(victim, tmp_path) -> None:
     cli = run_cli(
         "invertune_clip_shapes.yaml",
         victim,
         tmp_path,
-        "--model.tuning_batch_size=32",
-        "--model.iterations=3",
-        "--model.lr=0.01",
+        *QUICK_TUNING,
         "--model.update_scope=neurons",  # the paper's restricted updates (the config ships model_code)
-        "--trainer.callbacks.init_args.uap_epochs=1",
-        "--trainer.callbacks.init_args.epochs=1",
     )
     metrics = cli.trainer.callback_metrics
     for key in ("before/ca", "before/asr", "val/ca", "val/asr", "val/inverted_asr", "invert/asr"):
@@ -376,11 +382,7 @@ def test_the_shipped_invertune_config_updates_the_whole_image_tower_and_no_text_
         "invertune_clip_shapes.yaml",
         victim,
         tmp_path,
-        "--model.tuning_batch_size=32",
-        "--model.iterations=3",
-        "--model.lr=0.01",
-        "--trainer.callbacks.init_args.uap_epochs=1",
-        "--trainer.callbacks.init_args.epochs=1",
+        *QUICK_TUNING,
     )
     assert cli.model.hparams.update_scope == "model_code"
     masks = cli.model.tuning_result.parameter_masks
